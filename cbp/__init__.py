@@ -1,0 +1,23 @@
+"""cbp: constrained backpropagation (Kim & Jeong, NeurIPS 2021) for any PyTorch model.
+
+    model = cbp.prepare(model, cbp.CBPConfig(levels="binary"))   # quantized forward, STE backward
+    lagrangian = cbp.Lagrangian(model, config, optimizer)          # lambda, g, p, L_sum_pre
+    ... loss.backward(); lagrangian.step(loss) ... lagrangian.end_epoch()
+    cbp.cfs(model)                                                 # paper Eq. 19
+    plain = cbp.convert(model)                                     # weights on the levels
+"""
+
+from .config import CBPConfig
+from .constraint import constraint, constrained_mask, quantize, sawtooth
+from .lagrangian import EpochEnd, Lagrangian, param_groups
+from .layers import QuantizedLayer, convert, prepare, quantized_layers, select_layers
+from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
+from .metrics import cfs, fraction_on_levels, layer_stats
+
+__all__ = [
+    "CBPConfig", "EpochEnd", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
+    "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
+    "param_groups", "prepare", "quantize", "quantized_layers", "resolve_factors", "sawtooth",
+    "select_layers",
+]
+__version__ = "0.1.0"

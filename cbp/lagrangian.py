@@ -1,0 +1,224 @@
+"""The multipliers and the schedule: everything CBP adds to an ordinary training loop.
+
+One object holds the state of paper Algorithm 1 - a multiplier ``lambda_i >= 0`` per quantized
+weight, the window variable ``g``, the epoch counter ``p`` and ``L_sum_pre`` - and
+``state_dict()`` / ``load_state_dict()`` round-trip all of it, so resuming is free. A training loop
+calls :meth:`Lagrangian.step` in place of ``optimizer.step()`` and :meth:`Lagrangian.end_epoch`
+after every epoch::
+
+    model = cbp.prepare(model, config)
+    optimizer = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
+    lagrangian = cbp.Lagrangian(model, config, optimizer)
+    for epoch in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            lagrangian.step(loss)
+        lagrangian.end_epoch()
+        if lagrangian.finished:
+            break
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import CBPConfig
+from .constraint import constraint, constraint_and_grad
+from .layers import quantized_layers
+
+
+@dataclass
+class EpochEnd:
+    """What :meth:`Lagrangian.end_epoch` decided."""
+
+    lagrangian_sum: float     # L_sum of the epoch just ended (averaged over processes)
+    updated: bool             # g increased and lambda updated
+    g: float                  # g after the decision
+    lr_dropped: bool          # the weight learning rate was multiplied by lr_drop_factor now
+
+
+class Lagrangian:
+    """Multipliers, window schedule and the constrained step for a prepared model."""
+
+    def __init__(self, model: nn.Module, config: CBPConfig,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.config = config
+        self.optimizer = optimizer
+        self.layers = quantized_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no quantized layer; call cbp.prepare(model, config) first")
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.multipliers = {name: torch.zeros_like(layer.weight, dtype=torch.float32)
+                            for name, layer in self.layers.items()}
+        self._ascent = None
+        if config.multiplier_rule == "adam":
+            # maximize=True: Adam climbs L in lambda, whose gradient is cs (>= 0).
+            self._ascent = torch.optim.Adam(list(self.multipliers.values()),
+                                            lr=config.multiplier_lr, maximize=True)
+        self.g = float(config.g_init)
+        self.p = 0
+        self.lagrangian_sum_pre = math.inf
+        self.lr_dropped = False
+        self.epoch = 0
+        device = next(iter(self.layers.values())).weight.device
+        self._epoch_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if config.use_constraint and config.initial_multiplier_update:
+            self.update_multipliers()
+
+    # ---- per step -------------------------------------------------------------------------------
+
+    def penalty(self) -> torch.Tensor:
+        """``sum_i lambda_i cs(w_i; g)`` as a differentiable tensor: the reference form.
+
+        :meth:`step` adds the same gradient in closed form, which is cheaper; use this to add the
+        term to your own loss and call ``backward`` on the sum.
+        """
+        return sum((lam * constraint(layer.weight, layer.levels, self.g)).sum()
+                   for layer, lam in zip(self.layers.values(), self.multipliers.values()))
+
+    @torch.no_grad()
+    def add_penalty_grad(self) -> torch.Tensor:
+        """Add ``lambda * d cs / d w`` to each quantized weight's ``.grad``; return the penalty value.
+
+        Closed-form gradient of :meth:`penalty` (see ``constraint_and_grad``), with no autograd
+        graph and no device synchronisation.
+        """
+        total = torch.zeros((), dtype=torch.float64, device=self._epoch_sum.device)
+        for name, layer in self.layers.items():
+            lam = self.multipliers[name]
+            w = layer.weight
+            cs, slope = constraint_and_grad(w.detach(), layer.levels, self.g)
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.addcmul_(lam, slope)
+            total += torch.dot(lam.flatten(), cs.flatten())
+        return total
+
+    @torch.no_grad()
+    def step(self, loss: torch.Tensor) -> None:
+        """One constrained weight update after ``loss.backward()``.
+
+        Adds the penalty gradient (unless ``use_constraint`` is off), clips gradient values, steps
+        the weight optimizer, clamps the quantized weights, and adds ``L = loss + penalty`` to the
+        epoch's ``L_sum``.
+        """
+        cfg = self.config
+        lagrangian = loss.detach().to(torch.float64)
+        if cfg.use_constraint:
+            lagrangian = lagrangian + self.add_penalty_grad()
+        if cfg.grad_clip_value is not None:
+            grads = [p.grad for p in self.parameters if p.grad is not None]
+            if grads:
+                torch._foreach_clamp_min_(grads, -cfg.grad_clip_value)
+                torch._foreach_clamp_max_(grads, cfg.grad_clip_value)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        if cfg.weight_clamp is not None:
+            weights = [layer.weight for layer in self.layers.values()]
+            torch._foreach_clamp_min_(weights, -cfg.weight_clamp)
+            torch._foreach_clamp_max_(weights, cfg.weight_clamp)
+        self._epoch_sum += lagrangian
+
+    # ---- per epoch ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_multipliers(self) -> None:
+        """One ascent step on lambda with gradient ``cs(w; g)`` at the current ``g``."""
+        for name, layer in self.layers.items():
+            cs = constraint(layer.weight.detach(), layer.levels, self.g).float()
+            lam = self.multipliers[name]
+            if self._ascent is None:
+                lam.add_(cs, alpha=self.config.multiplier_lr)
+            else:
+                lam.grad = cs
+        if self._ascent is not None:
+            self._ascent.step()
+            for lam in self.multipliers.values():
+                lam.grad = None
+
+    def end_epoch(self) -> EpochEnd:
+        """The paper's end-of-epoch rule; call once after every epoch (on every process).
+
+        ``p += 1``; if ``L_sum >= L_sum_pre`` or ``p == p_max``: increase g, update lambda with the
+        new g, reset ``L_sum_pre`` and ``p`` (and drop the weight lr once g reaches
+        ``lr_drop_at_g``); else ``L_sum_pre = L_sum``.
+        """
+        cfg = self.config
+        epoch_sum = self._epoch_sum.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(epoch_sum, op=dist.ReduceOp.SUM)
+            epoch_sum /= dist.get_world_size()
+        lagrangian_sum = float(epoch_sum)
+        self._epoch_sum.zero_()
+        self.epoch += 1
+        self.p += 1
+        updated = lr_dropped = False
+        if cfg.use_constraint and (lagrangian_sum >= self.lagrangian_sum_pre or self.p >= cfg.p_max):
+            self.g += cfg.g_increment(self.g)
+            self.update_multipliers()
+            self.lagrangian_sum_pre = math.inf
+            self.p = 0
+            updated = True
+            if (cfg.lr_drop_at_g is not None and not self.lr_dropped
+                    and self.g >= cfg.lr_drop_at_g):
+                self._drop_lr()
+                self.lr_dropped = lr_dropped = True
+        else:
+            self.lagrangian_sum_pre = lagrangian_sum
+        return EpochEnd(lagrangian_sum, updated, self.g, lr_dropped)
+
+    def _drop_lr(self) -> None:
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.config.lr_drop_factor
+
+    @property
+    def finished(self) -> bool:
+        """True once g has passed ``config.g_final`` (never when it is None)."""
+        return self.config.g_final is not None and self.g > self.config.g_final
+
+    # ---- checkpointing --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "multipliers": {k: v.clone() for k, v in self.multipliers.items()},
+            "ascent": self._ascent.state_dict() if self._ascent is not None else None,
+            "g": self.g, "p": self.p, "lagrangian_sum_pre": self.lagrangian_sum_pre,
+            "lr_dropped": self.lr_dropped, "epoch": self.epoch,
+            "epoch_sum": self._epoch_sum.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["multipliers"]) != set(self.multipliers):
+            raise ValueError("CBP state does not match the model's quantized layers")
+        for name, lam in self.multipliers.items():
+            if state["multipliers"][name].shape != lam.shape:
+                raise ValueError(f"CBP state for layer {name!r} has the wrong shape")
+            lam.copy_(state["multipliers"][name])
+        if self._ascent is not None and state["ascent"] is not None:
+            self._ascent.load_state_dict(state["ascent"])
+        self.g, self.p = float(state["g"]), int(state["p"])
+        self.lagrangian_sum_pre = float(state["lagrangian_sum_pre"])
+        self.lr_dropped, self.epoch = bool(state["lr_dropped"]), int(state["epoch"])
+        self._epoch_sum.copy_(state["epoch_sum"])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups with weight decay on Conv/Linear weights only, not on BatchNorm or biases."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_weight = pname == "weight" and isinstance(
+                module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+            (decay if is_weight else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,150 @@
+"""Preparing a model: quantized Conv/Linear layers with a straight-through forward.
+
+``prepare`` swaps the selected ``nn.Conv*d`` / ``nn.Linear`` modules for subclasses that keep the
+same ``weight`` and ``bias`` Parameters (optimizers built before still work, ``state_dict`` keys
+stay) and add two buffers: ``cbp_factors`` and the fixed scale ``cbp_scale = mean|W|`` taken from the
+pretrained weights. Their forward uses the nearest level; the backward passes the gradient to the
+real-valued weight unchanged (straight-through estimator). ``convert`` turns them back into plain
+layers whose weights sit exactly on the levels.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import CBPConfig
+from .constraint import quantize
+
+_FLOAT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: nearest level. Backward: identity (dL/dw = dL/dw_q, unclipped)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        return quantize(w, levels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class QuantizedLayer:
+    """Mixin for a layer whose forward weight is quantized to ``cbp_factors * cbp_scale``."""
+
+    cbp_factors: torch.Tensor
+    cbp_scale: torch.Tensor
+    weight: nn.Parameter
+
+    @property
+    def levels(self) -> torch.Tensor:
+        return (self.cbp_factors * self.cbp_scale).to(self.weight.dtype)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _StraightThrough.apply(self.weight, self.levels)
+
+
+class QuantConv1d(QuantizedLayer, nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantizedLayer, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv3d(QuantizedLayer, nn.Conv3d):
+    def forward(self, x):
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+_QUANT_OF = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
+             nn.Linear: QuantLinear}
+_FLOAT_OF = {q: f for f, q in _QUANT_OF.items()}
+
+
+def select_layers(model: nn.Module, config: CBPConfig) -> list[str]:
+    """Names of the layers ``prepare`` quantizes, in module order."""
+    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _QUANT_OF]
+    if config.skip_first_last:
+        candidates = candidates[1:-1]
+    chosen = []
+    for name, module in candidates:
+        if config.filter_fn is not None and not config.filter_fn(module, name):
+            continue
+        if config.include and not any(re.search(p, name) for p in config.include):
+            continue
+        if any(re.search(p, name) for p in config.exclude):
+            continue
+        chosen.append(name)
+    return chosen
+
+
+def _swap_class(module: nn.Module, cls: type) -> nn.Module:
+    """A new module of type ``cls`` sharing ``module``'s parameters, buffers and settings."""
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()  # shares the Parameter objects: optimizers still work
+    new._buffers = dict(module._buffers)
+    return new
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def prepare(model: nn.Module, config: CBPConfig | None = None) -> nn.Module:
+    """Quantize the selected layers of ``model`` in place and return it.
+
+    Each quantized layer gets its scale ``a = mean|W|`` now, from the weights it has, and keeps it
+    fixed: prepare a pretrained model, not a random one you are about to train.
+    """
+    config = config or CBPConfig()
+    if quantized_layers(model):
+        raise ValueError("this model is already prepared; prepare a fresh float model")
+    names = select_layers(model, config)
+    if not names:
+        raise ValueError("no layer left to quantize: the model has no Conv/Linear layer that passes "
+                         "the selection (the first and last are skipped by default)")
+    factors = torch.tensor(config.factors, dtype=torch.float32)
+    for name in names:
+        module = model.get_submodule(name)
+        quant = _swap_class(module, _QUANT_OF[type(module)])
+        w = module.weight.detach()
+        quant.register_buffer("cbp_factors", factors.to(w.device))
+        quant.register_buffer("cbp_scale", w.abs().mean().float().reshape(()))
+        _set_submodule(model, name, quant)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The prepared layers of ``model`` by name (empty if it was never prepared)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Plain ``nn.Conv*d`` / ``nn.Linear`` layers with weights snapped to their levels.
+
+    The result needs no ``cbp`` code to run and computes exactly what the prepared model computes.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, layer in quantized_layers(model).items():
+        with torch.no_grad():
+            layer.weight.copy_(quantize(layer.weight, layer.levels))
+        plain = _swap_class(layer, _FLOAT_OF[type(layer)])
+        del plain._buffers["cbp_factors"], plain._buffers["cbp_scale"]
+        _set_submodule(model, name, plain)
+    return model

@@ -1,0 +1,48 @@
+"""Level sets: the values a quantized weight may take, as factors of a per-layer scale.
+
+A layer's levels are ``factors * a`` with ``a = mean(|W|)`` of its pretrained weights (paper §4).
+The four published sets have short names; any sorted, finite set of at least two distinct factors
+is accepted too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+LEVEL_SETS: dict[str, tuple[float, ...]] = {
+    "binary": (-1.0, 1.0),
+    "ternary": (-1.0, 0.0, 1.0),
+    "shift1": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "shift2": (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0),
+}
+
+
+def resolve_factors(levels: str | Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    """Return the level factors for an alias or a custom set, or raise ``ValueError`` saying why."""
+    if isinstance(levels, str):
+        if levels not in LEVEL_SETS:
+            names = ", ".join(LEVEL_SETS)
+            raise ValueError(f"unknown level set {levels!r}; choose one of {names} or give factors")
+        return LEVEL_SETS[levels]
+    if isinstance(levels, torch.Tensor):
+        levels = levels.detach().flatten().tolist()
+    try:
+        factors = tuple(float(f) for f in levels)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"level factors must be numbers, got {levels!r}") from err
+    if len(factors) < 2:
+        raise ValueError(f"a level set needs at least two levels, got {len(factors)}")
+    if not all(math.isfinite(f) for f in factors):
+        raise ValueError(f"level factors must be finite, got {factors}")
+    if any(b <= a for a, b in zip(factors, factors[1:])):
+        raise ValueError(f"level factors must be strictly increasing (sorted, no duplicates), "
+                         f"got {factors}")
+    return factors
+
+
+def bits_per_weight(n_levels: int) -> int:
+    """Bits needed to store one index into ``n_levels`` levels: ceil(log2 n)."""
+    return max(1, math.ceil(math.log2(n_levels)))

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian's Fashion-MNIST package, a virtual environment in .venv, cbp installed
+# into it in editable mode with its dev extras. Safe to run again; does nothing that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import cbp, torch, torchvision, pytest, ruff" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+fi
