@@ -1,0 +1,202 @@
+"""Models of the paper (AlexNet-BN, ResNet-18/50, GoogLeNet) and a small ResNet-20, plus weights.
+
+``cbp.prepare`` leaves the first and the last Conv/Linear in ``named_modules()`` order at full
+precision, so every model here registers its stem first and its classifier last.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+
+class ModelError(ValueError):
+    """Unknown model or unusable weights; the message is one line meant for the user."""
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He (Kaiming) normal init for Conv/Linear weights, BN as identity, biases zero."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 conv+BN; the shortcut is a 1×1 conv+BN when the shape changes (option B)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet-20 (He et al. 2016, Sec. 4.2): 3×3 stem, 3 stages of 3 blocks, fc."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages, in_planes = [], width
+        for i, stride in enumerate((1, 2, 2)):
+            planes = width * 2 ** i
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride),
+                                        BasicBlock(planes, planes), BasicBlock(planes, planes)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
+    return ResNet20(num_classes, in_channels, width)
+
+
+def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int, padding: int) -> list:
+    return [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(out_ch, eps=1e-4), nn.ReLU(inplace=True)]
+
+
+def _linear_bn_relu(in_f: int, out_f: int) -> list:
+    return [nn.Linear(in_f, out_f, bias=False), nn.BatchNorm1d(out_f, eps=1e-4),
+            nn.ReLU(inplace=True)]
+
+
+class AlexNetBN(nn.Module):
+    """The paper's AlexNet with BatchNorm after every hidden layer and no dropout.
+
+    torchvision AlexNet geometry; layers followed by BN have no bias and BN uses eps 1e-4, as in
+    the authors' reference code.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3):
+        super().__init__()
+        pool = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, 64, 11, 4, 2), pool,
+            *_conv_bn_relu(64, 192, 5, 1, 2), pool,
+            *_conv_bn_relu(192, 384, 3, 1, 1),
+            *_conv_bn_relu(384, 256, 3, 1, 1),
+            *_conv_bn_relu(256, 256, 3, 1, 1), pool)
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            *_linear_bn_relu(256 * 6 * 6, 4096), *_linear_bn_relu(4096, 4096),
+            nn.Linear(4096, num_classes))
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def alexnet_bn(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+    return AlexNetBN(num_classes, in_channels)
+
+
+MODEL_NAMES = ("resnet20", "resnet18", "resnet50", "googlenet", "alexnet_bn")
+_TORCHVISION = ("resnet18", "resnet50", "googlenet")
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int,
+                       published: bool) -> nn.Module:
+    """A torchvision model; its stem conv is rebuilt when the input is not RGB."""
+    import torchvision.models as tvm
+
+    if published:  # googlenet's builder then drops its auxiliary heads itself
+        if num_classes != 1000 or in_channels != 3:
+            raise ModelError(f"torchvision's {name} weights are for 1000 classes and RGB input, "
+                             f"not {num_classes} classes and {in_channels} channels")
+        try:
+            return tvm.get_model(name, weights="DEFAULT")
+        except Exception as e:  # network and cache errors come in many types
+            raise ModelError(f"cannot get torchvision's {name} weights: {e}") from e
+    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = tvm.get_model(name, weights=None, num_classes=num_classes, **extra)
+    if in_channels != 3:
+        owner, attr = (model.conv1, "conv") if name == "googlenet" else (model, "conv1")
+        old = getattr(owner, attr)
+        stem = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                         bias=False)
+        nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+        setattr(owner, attr, stem)  # same name, so the same registration position
+    return model
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch file (never executing pickled code)."""
+    if not os.path.isfile(path):
+        raise ModelError(f"weights file {path} not found")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling/safetensors raise many types; all mean "unusable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot read weights {path}: {reason}") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelError(f"{path} holds no state_dict (a dict of tensors, or one under 'model')")
+    return state
+
+
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load a local weights file into ``model``; keys and shapes must match exactly."""
+    state = _read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        problems = [f"{len(keys)} {what} (first: {keys[0]})" for what, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected),
+                     ("shape mismatches", reshaped)) if keys]
+        raise ModelError(f"weights {path} do not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state)
+    return model
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3,
+                weights: str | None = None) -> nn.Module:
+    """A model by name; ``weights`` is None (random init), "torchvision" or a local file."""
+    if name not in MODEL_NAMES:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name in _TORCHVISION:
+        model = _torchvision_model(name, num_classes, in_channels, weights == "torchvision")
+    elif weights == "torchvision":
+        raise ModelError(f"torchvision publishes no weights for {name}; pass a weights file")
+    elif name == "resnet20":
+        model = resnet20(num_classes, in_channels)
+    else:
+        model = alexnet_bn(num_classes, in_channels)
+    if weights not in (None, "torchvision"):
+        load_weights(model, weights)
+    return model
