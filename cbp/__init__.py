@@ -8,7 +8,7 @@
 """
 
 from .config import CBPConfig
-from .constraint import constraint, constrained_mask, quantize, sawtooth
+from .constraint import constrained_mask, constraint, quantize, sawtooth
 from .lagrangian import EpochEnd, Lagrangian, param_groups
 from .layers import QuantizedLayer, convert, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors

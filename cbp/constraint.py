@@ -4,7 +4,7 @@ All functions take real-valued weights ``w`` and a sorted 1-D tensor ``levels`` 
 factors times scale) and work elementwise. With ``lo, hi`` the levels around ``w`` and ``m`` their
 midpoint:
 
-* ``Y(w) = 2 |w - Q(w)|`` inside ``[q_1, q_n]`` (a tent ``(hi - lo) - 2|w - m|``), and the outer
+* ``Y(w) = 2 |w - Q(w)|`` inside ``[q_1, q_n]`` (a tent ``2 min(w - lo, hi - w)``), and the outer
   arms ``2 (q_1 - w)`` below and ``2 (w - q_n)`` above;
 * the unconstrained-weight window is ``m - h/(2g) <= w < m + h/(2g)`` with ``h = hi - lo``
   (the paper's ``|w - m + eps| < h/(2g)``, ``eps -> 0+``); the outer arms are never windowed;
@@ -31,10 +31,10 @@ def quantize(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 def sawtooth(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """``Y(w)`` of paper Eq. 8: twice the distance to the nearest level, linear outside the range.
 
-    Written with ``abs`` so that autograd gives the paper's slopes (+-2, 0 at a midpoint).
+    Autograd gives the paper's slopes: +-2, and 0 at a midpoint where ``minimum`` splits its tie.
     """
     lo, hi = _interval(w, levels)
-    tent = (hi - lo) - 2 * (w - (lo + hi) / 2).abs()
+    tent = 2 * torch.minimum(w - lo, hi - w)  # exactly 0 on a level: no rounding below zero
     below, above = 2 * (levels[0] - w), 2 * (w - levels[-1])
     return torch.where(w < levels[0], below, torch.where(w > levels[-1], above, tent))
 
@@ -69,6 +69,6 @@ def constraint_and_grad(
     window = (offset >= -half_width / g) & (offset < half_width / g) & ~(below | above)
     slope = torch.where(below, -2.0, torch.where(above, 2.0, -2 * torch.sign(offset)))
     y = torch.where(below, 2 * (levels[0] - w),
-                    torch.where(above, 2 * (w - levels[-1]), 2 * (half_width - offset.abs())))
+                    torch.where(above, 2 * (w - levels[-1]), 2 * torch.minimum(w - lo, hi - w)))
     keep = ~window
     return y * keep, slope * keep

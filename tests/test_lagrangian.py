@@ -1,0 +1,166 @@
+"""The multiplier/schedule object as a state machine, its updates, and resume."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cbp
+from cbp.constraint import constraint
+
+
+def three_linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def epoch_with_sum(lagrangian, value):
+    """One 'epoch' whose L_sum is exactly `value` (the multipliers are zero, so no penalty)."""
+    lagrangian.step(torch.tensor(value))
+    return lagrangian.end_epoch()
+
+
+def test_g_increments_follow_the_paper():
+    config = cbp.CBPConfig()
+    assert [config.g_increment(g) for g in (1, 9, 10, 90, 100, 1000)] == [1, 1, 10, 10, 100, 100]
+
+
+def test_schedule_state_machine_with_hand_written_l_sums():
+    config = cbp.CBPConfig(p_max=3, lr_drop_at_g=3, multiplier_lr=0.0,
+                           initial_multiplier_update=False)
+    model = cbp.prepare(three_linear(), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    lagrangian = cbp.Lagrangian(model, config, optimizer)
+    sums = [10, 9, 9.5, 8, 7, 6, 5, 5, 4]
+    # epoch 3: 9.5 >= 9 -> update; epoch 6: p reaches p_max -> update (g = 3: lr drop);
+    # epoch 8: 5 >= 5 -> update.
+    events = [epoch_with_sum(lagrangian, s) for s in sums]
+    assert [e.updated for e in events] == [0, 0, 1, 0, 0, 1, 0, 1, 0]
+    assert [e.g for e in events] == [1, 1, 2, 2, 2, 3, 3, 4, 4]
+    assert [e.lr_dropped for e in events] == [0, 0, 0, 0, 0, 1, 0, 0, 0]
+    assert [e.lagrangian_sum for e in events] == sums
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert lagrangian.p == 1 and lagrangian.lagrangian_sum_pre == 4
+
+
+def test_schedule_crosses_ten_and_hundred_and_finishes():
+    config = cbp.CBPConfig(p_max=1, g_final=100, multiplier_lr=0.0, lr_drop_at_g=None)
+    lagrangian = cbp.Lagrangian(cbp.prepare(three_linear(), config), config)
+    gs = []
+    while not lagrangian.finished:
+        gs.append(epoch_with_sum(lagrangian, 1.0).g)
+    assert gs == [2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200]
+
+
+def test_no_window_and_no_constraint_modes_never_update():
+    config = cbp.CBPConfig(use_constraint=False, p_max=1)
+    lagrangian = cbp.Lagrangian(cbp.prepare(three_linear(), config), config)
+    assert all(not epoch_with_sum(lagrangian, 1.0).updated for _ in range(3))
+    assert lagrangian.g == 1
+    assert all(float(lam.abs().sum()) == 0 for lam in lagrangian.multipliers.values())
+    assert cbp.Lagrangian(cbp.prepare(three_linear()), cbp.CBPConfig(g_init=math.inf)).g == math.inf
+
+
+def test_plain_rule_adds_eta_times_cs_at_the_new_g():
+    config = cbp.CBPConfig(multiplier_rule="plain", multiplier_lr=0.5, p_max=1)
+    model = cbp.prepare(three_linear(), config)
+    layer = model[2]
+    with torch.no_grad():  # one weight in each region: outer arm, g=1 window, on a level
+        a = float(layer.cbp_scale)
+        layer.weight.view(-1)[:3] = torch.tensor([1.5 * a, 0.75 * a, a])
+    w = layer.weight.detach().clone()
+    lagrangian = cbp.Lagrangian(model, config)
+    lam0 = lagrangian.multipliers["2"].clone()
+    assert torch.allclose(lam0, 0.5 * constraint(w, layer.levels, 1.0))  # initial update at g=1
+    assert lam0.view(-1)[:3].tolist() == pytest.approx([0.5 * a, 0.0, 0.0])
+    epoch_with_sum(lagrangian, 0.0)  # p_max = 1: update with g = 2
+    lam1 = lagrangian.multipliers["2"]
+    assert torch.allclose(lam1, lam0 + 0.5 * constraint(w, layer.levels, 2.0))
+    assert lam1.view(-1)[1].item() == pytest.approx(0.25 * a)  # 0.75a is outside the g=2 window
+
+
+def test_adam_rule_raises_lambda_by_about_eta_where_constrained_and_never_lowers_it():
+    config = cbp.CBPConfig(multiplier_lr=1e-3, p_max=1, g_init=math.inf)
+    model = cbp.prepare(three_linear(), config)
+    lagrangian = cbp.Lagrangian(model, config)
+    for name, lam in lagrangian.multipliers.items():
+        layer = model.get_submodule(name)
+        off_level = constraint(layer.weight.detach(), layer.levels, math.inf) > 0
+        assert torch.allclose(lam[off_level], torch.full_like(lam[off_level], 1e-3), rtol=1e-4)
+        assert torch.all(lam[~off_level] == 0)
+    before = {k: v.clone() for k, v in lagrangian.multipliers.items()}
+    epoch_with_sum(lagrangian, 0.0)
+    assert all(torch.all(lagrangian.multipliers[k] >= before[k]) for k in before)
+
+
+def test_step_adds_lambda_times_slope_clips_and_clamps():
+    config = cbp.CBPConfig(grad_clip_value=0.01, weight_clamp=0.05, g_init=math.inf)
+    model = cbp.prepare(three_linear(), config)
+    lagrangian = cbp.Lagrangian(model, config)  # no optimizer: the step only edits grads/weights
+    layer = model[2]
+    loss = model(torch.randn(5, 4)).sum()
+    loss.backward()
+    layer.weight.data.mul_(100)
+    lagrangian.step(loss)
+    assert all(p.grad.abs().max() <= 0.01 for p in model.parameters())
+    assert layer.weight.abs().max() <= 0.05
+    assert model[0].weight.abs().max() > 0.05  # float layers are not clamped
+
+
+def run_steps(model, optimizer, lagrangian, batches, epoch_len):
+    for i, (x, y) in enumerate(batches):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        lagrangian.step(loss)
+        if (i + 1) % epoch_len == 0:
+            lagrangian.end_epoch()
+
+
+def build(config):
+    model = cbp.prepare(three_linear(), config)
+    optimizer = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=0.05, momentum=0.9)
+    return model, optimizer, cbp.Lagrangian(model, config, optimizer)
+
+
+@pytest.mark.parametrize("rule", ["adam", "plain"])
+def test_state_dict_round_trip_resumes_bit_identically(rule):
+    config = cbp.CBPConfig(levels="ternary", multiplier_lr=1e-2, p_max=2, multiplier_rule=rule)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,), generator=gen))
+               for _ in range(40)]
+    model, optimizer, lagrangian = build(config)
+    run_steps(model, optimizer, lagrangian, batches[:17], epoch_len=4)
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "cbp": lagrangian.state_dict()})
+    run_steps(model, optimizer, lagrangian, batches[17:], epoch_len=4)
+
+    resumed, resumed_opt, resumed_lagr = build(config)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed_lagr.load_state_dict(saved["cbp"])
+    run_steps(resumed, resumed_opt, resumed_lagr, batches[17:], epoch_len=4)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert lagrangian.g == resumed_lagr.g > 1
+    for k in lagrangian.multipliers:
+        assert torch.equal(lagrangian.multipliers[k], resumed_lagr.multipliers[k])
+
+
+def test_load_state_dict_rejects_another_model():
+    config = cbp.CBPConfig()
+    _, _, lagrangian = build(config)
+    other = cbp.Lagrangian(cbp.prepare(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3),
+                                                     nn.Linear(3, 2))), config)
+    with pytest.raises(ValueError, match="does not match|wrong shape"):
+        other.load_state_dict(lagrangian.state_dict())
+
+
+def test_param_groups_decay_only_conv_and_linear_weights():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    decay, no_decay = cbp.param_groups(model, 1e-4)
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0
