@@ -1,0 +1,364 @@
+"""A truly small saved model: quantized weights as bit-packed level indices in one safetensors file.
+
+Layout of a file written by :func:`export` (format ``cbp-packed``, version 1):
+
+* for every quantized layer ``L``: ``L.weight`` holds its level indices, packed by
+  :func:`cbp.packing.pack_indices` (1 bit binary, 2 ternary, 3 shift1/shift2, ceil(log2 n) for a
+  custom set), and ``L.cbp_factors`` / ``L.cbp_scale`` its level factors and scale, exactly as the
+  prepared model holds them, so that the rebuilt weights ``(factors * scale)[index]`` are
+  bit-identical to what the prepared model's forward uses;
+* every other ``state_dict`` entry (first/last layer, biases, BatchNorm and its running stats)
+  as is;
+* the header's metadata key ``"cbp"``: JSON ``{"format", "version", "crc32", "packed": {key:
+  {"shape", "bits", "n_levels", "dtype"}}}``, the only place that says which tensors are packed;
+  ``crc32`` covers the tensor payload: a flipped bit is an error, not a silently worse model.
+
+No pickle anywhere. Files are written atomically, so an existing export is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .constraint import quantize
+from .layers import convert, quantized_layers
+from .levels import bits_per_weight
+from .packing import pack_indices, unpack_indices
+
+FORMAT = "cbp-packed"
+VERSION = 1
+_META_KEY = "cbp"
+_FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+
+
+class ExportError(ValueError):
+    """A file that is not a valid cbp export, or one that does not fit the given model."""
+
+
+class MissingDependencyError(ExportError, ImportError):
+    """An optional dependency (the ``onnx`` extra) is not installed."""
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def _packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Every tensor :func:`export` writes, by key, and the layout of the packed ones."""
+    # Own, contiguous copies: safetensors refuses tensors sharing memory (tied weights).
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+               for k, v in model.state_dict().items()}
+    layout = {}
+    for name, layer in quantized_layers(model).items():
+        key = f"{name}.weight" if name else "weight"
+        weight, levels = layer.weight.detach(), layer.levels.detach()
+        index = torch.searchsorted(levels, quantize(weight, levels))  # the level forward uses
+        bits = bits_per_weight(levels.numel())
+        tensors[key] = pack_indices(index, bits)
+        layout[key] = {"shape": list(weight.shape), "bits": bits, "n_levels": levels.numel(),
+                       "dtype": str(weight.dtype).removeprefix("torch.")}
+    return tensors, layout
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        raise ExportError(f"{path}: cannot write ({err.strerror or err})") from err
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def export(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model`` (prepared or plain) as one packed safetensors file; return its path."""
+    tensors, layout = _packed_tensors(model)
+    crc = zlib.crc32(_payload(st_save(tensors)))  # the payload does not depend on the metadata
+    meta = {"format": FORMAT, "version": VERSION, "crc32": crc, "packed": layout}
+    data = st_save(tensors, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    path = Path(path)
+    _atomic_write(path, data)
+    return path
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def _payload(data: bytes) -> bytes:
+    """The tensor bytes of a safetensors file: everything after the 8-byte length and the header."""
+    return data[8 + int.from_bytes(data[:8], "little") :]
+
+
+def _read_header(data: bytes, where: str) -> dict:
+    """The safetensors header of ``data``, checked just enough to name the fault."""
+    if len(data) < 8:
+        raise ExportError(f"{where}: not a cbp export (only {len(data)} bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ExportError(f"{where}: not a safetensors file, or truncated "
+                          f"(header claims {size} bytes, file has {len(data)})")
+    try:
+        header = json.loads(data[8 : 8 + size])
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        payload_end = max(ends, default=0)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, IndexError,
+            TypeError) as err:
+        raise ExportError(f"{where}: not a safetensors file, or its header is corrupted "
+                          f"({type(err).__name__})") from None
+    if not isinstance(payload_end, int) or payload_end > len(data) - 8 - size:
+        raise ExportError(f"{where}: truncated file (tensor data ends at byte {payload_end} "
+                          f"of the payload, only {len(data) - 8 - size} present)")
+    return header
+
+
+def _read_layout(header: dict, where: str) -> tuple[dict[str, dict], int]:
+    """The ``packed`` part of our metadata, with its fields type-checked, and the payload's CRC."""
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or _META_KEY not in meta:
+        raise ExportError(f"{where}: a safetensors file without cbp metadata; "
+                          f"was it written by cbp.export?")
+    try:
+        info = json.loads(meta[_META_KEY])
+        fmt, version, crc, packed = info["format"], info["version"], info["crc32"], info["packed"]
+    except (TypeError, KeyError, json.JSONDecodeError) as err:
+        raise ExportError(f"{where}: corrupted cbp metadata ({type(err).__name__})") from None
+    if fmt != FORMAT:
+        raise ExportError(f"{where}: unknown format {fmt!r}, expected {FORMAT!r}")
+    if version != VERSION:
+        raise ExportError(f"{where}: format version {version!r} is not supported "
+                          f"(this cbp reads version {VERSION})")
+    if not isinstance(packed, dict) or not isinstance(crc, int):
+        raise ExportError(f"{where}: corrupted cbp metadata (packed table or crc32)")
+    for key, entry in packed.items():
+        try:
+            ok = (all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+                  and isinstance(entry["n_levels"], int) and 2 <= entry["n_levels"] <= 256
+                  and entry["bits"] == bits_per_weight(entry["n_levels"])
+                  and entry["dtype"] in _FLOAT_DTYPES)
+        except (TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise ExportError(f"{where}: corrupted cbp metadata for {key!r}: {entry!r}")
+    return packed, crc
+
+
+def _unpack_weight(key: str, entry: dict, tensors: dict[str, torch.Tensor],
+                   where: str) -> torch.Tensor:
+    """The float weight of one packed layer: its levels indexed by the unpacked indices."""
+    prefix = key.removesuffix("weight")
+    try:
+        packed = tensors.pop(key)
+        factors, scale = tensors.pop(prefix + "cbp_factors"), tensors.pop(prefix + "cbp_scale")
+    except KeyError as err:
+        raise ExportError(f"{where}: tensor {err.args[0]!r} is missing") from None
+    shape, n_levels = entry["shape"], entry["n_levels"]
+    if factors.shape != (n_levels,) or scale.numel() != 1:
+        raise ExportError(f"{where}: levels of {key!r} do not match its layout "
+                          f"({tuple(factors.shape)} factors, {scale.numel()} scales)")
+    try:
+        index = unpack_indices(packed, entry["bits"], math.prod(shape))
+    except ValueError as err:
+        raise ExportError(f"{where}: corrupted {key!r}: {err}") from None
+    if index.numel() and index.max() >= n_levels:
+        raise ExportError(f"{where}: corrupted {key!r}: level index {int(index.max())} "
+                          f"of {n_levels} levels")
+    levels = (factors * scale).to(getattr(torch, entry["dtype"]))  # as QuantizedLayer.levels
+    return levels[index].view(shape)
+
+
+def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The float ``state_dict`` stored in an export: packed weights rebuilt on their levels."""
+    where = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ExportError(f"{where}: cannot read ({err.strerror})") from None
+    layout, crc = _read_layout(_read_header(data, where), where)
+    if zlib.crc32(_payload(data)) != crc:
+        raise ExportError(f"{where}: corrupted file (tensor data fails its CRC-32 check)")
+    try:
+        tensors = st_load(data)
+    except Exception as err:  # safetensors raises its own (Rust) error types for any fault
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExportError(f"{where}: corrupted safetensors file ({reason})") from None
+    weights = {key: _unpack_weight(key, entry, tensors, where) for key, entry in layout.items()}
+    return {**tensors, **weights}
+
+
+def _check_fits(state: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
+    expected = model.state_dict()
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or extra:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", extra)) if keys]
+        raise ExportError(f"{where}: does not fit the model: {'; '.join(parts)}")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise ExportError(f"{where}: does not fit the model: {key} has shape "
+                              f"{tuple(state[key].shape)} in the file, {tuple(tensor.shape)} "
+                              f"in the model")
+
+
+def load_packed(path: str | os.PathLike,
+                model_builder: Callable[[], nn.Module] | nn.Module) -> nn.Module:
+    """A plain float model, in eval mode, computing what the exported prepared model computed.
+
+    ``model_builder`` builds the float architecture (``lambda: build_model(...)``), or is that
+    model itself, which is then filled in place (a prepared one is converted first).
+    """
+    state = read_packed(path)
+    model = model_builder if isinstance(model_builder, nn.Module) else model_builder()
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"model_builder must return an nn.Module, got {type(model).__name__}")
+    convert(model, inplace=True)
+    _check_fits(state, model, str(path))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One module holding state: its size as a float state_dict and as exported."""
+
+    name: str
+    kind: str
+    params: int
+    bits: int  # bits per weight: the packed width if quantized, else the float width
+    float_bytes: int
+    packed_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.float_bytes / self.packed_bytes if self.packed_bytes else 1.0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Per-layer sizes and totals; ``packed_bytes`` is exactly the tensor payload of the export."""
+
+    rows: tuple[LayerRow, ...]
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(r.float_bytes for r in self.rows)
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(r.packed_bytes for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.float_bytes / self.packed_bytes if self.packed_bytes else 1.0
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "params", "bits", "float bytes", "packed bytes", "ratio")
+        body = [(r.name or "(root)", r.kind, f"{r.params:,}", str(r.bits), f"{r.float_bytes:,}",
+                 f"{r.packed_bytes:,}", f"{r.ratio:.1f}x") for r in self.rows]
+        total = ("total", "", f"{self.params:,}", "", f"{self.float_bytes:,}",
+                 f"{self.packed_bytes:,}", f"{self.ratio:.1f}x")
+        table = [head, *body, total]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+                 for row in table]
+        rule = "-" * len(lines[0])
+        return "\n".join([lines[0], rule, *lines[1:-1], rule, lines[-1]])
+
+
+def summary(model: nn.Module) -> Summary:
+    """Sizes per module holding state (in ``state_dict`` order), as float and as :func:`export`."""
+    tensors, layout = _packed_tensors(model)
+    quantized = quantized_layers(model)
+    rows: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        name = key.rpartition(".")[0]
+        row = rows.setdefault(name, {"float": 0, "packed": 0})
+        row["packed"] += tensor.nbytes
+        if name in quantized and key.endswith(("cbp_factors", "cbp_scale")):
+            continue  # not part of the float model
+        row["float"] += model.get_parameter(key).nbytes if key in layout else tensor.nbytes
+    result = []
+    for name, sizes in rows.items():
+        module = model.get_submodule(name)
+        params = list(module.parameters(recurse=False))
+        weight = getattr(module, "weight", None)
+        if name in quantized:
+            bits = layout[f"{name}.weight" if name else "weight"]["bits"]
+        elif isinstance(weight, torch.Tensor):
+            bits = weight.element_size() * 8
+        else:
+            bits = params[0].element_size() * 8 if params else 32
+        result.append(LayerRow(name, type(module).__name__, sum(p.numel() for p in params), bits,
+                               sizes["float"], sizes["packed"]))
+    return Summary(tuple(result))
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+
+def _onnx_runtime():
+    """``onnxruntime``, after checking the whole ``onnx`` extra is importable."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as err:
+        raise MissingDependencyError(f"ONNX support needs the onnx extra ({err.name} is missing): "
+                                     f"pip install cbp[onnx]") from None
+    return onnxruntime
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor) -> Path:
+    """Write ``cbp.convert(model)`` (weights on their levels) as ONNX, batch dimension dynamic."""
+    _onnx_runtime()
+    plain = convert(model).eval()
+    program = torch.onnx.export(plain, (example_input,), dynamo=True, external_data=False,
+                                input_names=["input"], output_names=["output"], verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    path = Path(path)
+    _atomic_write(path, program.model_proto.SerializeToString())
+    return path
+
+
+def check_onnx(path: str | os.PathLike, model: nn.Module, example_input: torch.Tensor,
+               atol: float = 1e-5) -> float:
+    """Largest gap between onnxruntime's and PyTorch's outputs; ExportError above ``atol``."""
+    ort = _onnx_runtime()
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
+        got = torch.from_numpy(session.run(None, feed)[0])
+    except Exception as err:  # onnxruntime raises its own error types for unreadable models
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExportError(f"{path}: onnxruntime cannot run it ({reason})") from None
+    with torch.no_grad():
+        expected = convert(model).eval()(example_input).cpu()
+    if got.shape != expected.shape:
+        raise ExportError(f"{path}: ONNX output shape {tuple(got.shape)}, "
+                          f"PyTorch {tuple(expected.shape)}")
+    diff = (got.to(expected.dtype) - expected).abs().max().item() if got.numel() else 0.0
+    if not diff <= atol:
+        raise ExportError(f"{path}: ONNX output differs from PyTorch by {diff:.3g} (atol {atol})")
+    return diff
