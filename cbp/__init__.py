@@ -5,17 +5,20 @@
     ... loss.backward(); lagrangian.step(loss) ... lagrangian.end_epoch()
     cbp.cfs(model)                                                 # paper Eq. 19
     plain = cbp.convert(model)                                     # weights on the levels
+    cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
 """
 
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
+from .export import ExportError, Summary, check_onnx, export, export_onnx, load_packed, read_packed, summary
 from .lagrangian import EpochEnd, Lagrangian, param_groups
 from .layers import QuantizedLayer, convert, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
 from .metrics import cfs, fraction_on_levels, layer_stats
 
 __all__ = [
-    "CBPConfig", "EpochEnd", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
+    "CBPConfig", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",
+    "load_packed", "read_packed", "summary", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
     "param_groups", "prepare", "quantize", "quantized_layers", "resolve_factors", "sawtooth",
     "select_layers",

@@ -1,23 +1,359 @@
-"""Command-line interface: a thin layer over the library."""
+"""Command-line interface: a thin layer over the library.
+
+    cbp pretrain --model resnet20 --data fashion-mnist --out runs/fp
+    cbp quantize --from runs/fp/checkpoint.pt --constraint binary --out runs/binary
+    cbp evaluate runs/binary/checkpoint.pt
+    cbp plot runs/binary
+    cbp demo
+
+Flags mirror the paper's hyperparameters with its defaults; ``--config FILE.toml`` (or the name of
+a packaged config such as ``demo``) sets the same keys, flags given on the command line win.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from importlib import resources
+
+import torch
+
+from . import distributed, metrics
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import CBPConfig
+from .data import DATASET_NAMES, load_dataset
+from .export import check_onnx, export_onnx, summary
+from .export import export as export_packed
+from .lagrangian import Lagrangian, param_groups
+from .layers import prepare
+from .levels import LEVEL_SETS
+from .models import MODEL_NAMES, build_model
+from .plots import plot_run
+from .train import CHECKPOINT_NAME, Run, evaluate, fit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONSTRAINTS = (*LEVEL_SETS, "custom")
+
+
+def _optional_float(text: str) -> float | None:
+    """A float, or None for "none"/"off" (switches a reference extra off); "inf" is infinity."""
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def _common(p: argparse.ArgumentParser, *, lr: float, weight_decay: float, batch_size: int,
+            epochs: int) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=DATASET_NAMES, default="fashion-mnist")
+    g.add_argument("--data-dir", help="dataset folder (Fashion-MNIST IDX files, or train/ and val/)")
+    g.add_argument("--download", action="store_true", help="fetch Fashion-MNIST if it is missing")
+    g.add_argument("--limit", type=int, help="use only this many training images")
+    g.add_argument("--val-limit", type=int, help="use only this many validation images")
+    g.add_argument("--image-size", type=int, default=224, help="crop size for image folders")
+    g.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--epoch-iters", type=int, help="steps per epoch (default: a full pass)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+    g.add_argument("--lr", type=float, default=lr, help="weight learning rate")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help="on Conv/Linear weights only")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format (faster convolutions on CPU)")
+    g.add_argument("--out", required=True, help="run directory: log, checkpoint, plots")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--config", help="TOML file (or packaged config name) with the same keys")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbp", description=__doc__)
-    parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(prog="cbp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="plain full-precision training; saves a checkpoint")
+    p.add_argument("--model", choices=MODEL_NAMES, default="resnet20")
+    p.add_argument("--weights", help="start from 'torchvision' weights or a local file")
+    _common(p, lr=0.1, weight_decay=5e-4, batch_size=128, epochs=10)
+
+    p = sub.add_parser("quantize", help="CBP from a pretrained checkpoint")
+    src = p.add_argument_group("pretrained model (one of)")
+    src.add_argument("--from", dest="from_checkpoint", help="checkpoint of `cbp pretrain`")
+    src.add_argument("--model", choices=MODEL_NAMES, help="model name, with --weights")
+    src.add_argument("--weights", help="'torchvision' or a local weights file")
+    c = p.add_argument_group("CBP (defaults: the paper's)")
+    c.add_argument("--constraint", choices=CONSTRAINTS, default="binary")
+    c.add_argument("--levels", help="custom level factors, comma separated, e.g. -1,-0.5,0,0.5,1")
+    c.add_argument("--multiplier-lr", type=float, default=1e-4, help="eta_lambda")
+    c.add_argument("--multiplier-rule", choices=("adam", "plain"), default="adam")
+    c.add_argument("--p-max", type=int, default=20)
+    c.add_argument("--g-init", type=float, default=1.0, help="'inf': no window (ablation)")
+    c.add_argument("--g-final", type=_optional_float, help="stop once g passes this")
+    c.add_argument("--lr-drop-at-g", type=_optional_float, default=20.0)
+    c.add_argument("--lr-drop-factor", type=float, default=0.1)
+    c.add_argument("--grad-clip", type=_optional_float, default=1.0, help="'none' to switch off")
+    c.add_argument("--weight-clamp", type=_optional_float, default=1.0, help="'none' to switch off")
+    c.add_argument("--no-constraint", action="store_true", help="STE-only fine-tuning baseline")
+    c.add_argument("--no-initial-update", action="store_true",
+                   help="skip the reference's lambda update right after initialisation")
+    c.add_argument("--include", nargs="*", default=[], help="regexes of layer names to quantize")
+    c.add_argument("--exclude", nargs="*", default=[], help="regexes of layer names to skip")
+    c.add_argument("--quantize-first-last", action="store_true",
+                   help="also quantize the first and last Conv/Linear layers")
+    _common(p, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 and CFS of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data-dir")
+    p.add_argument("--val-limit", type=int)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--device")
+
+    p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--onnx", help="also write an ONNX file here, checked against PyTorch")
+
+    p = sub.add_parser("summary", help="per-layer bits, bytes and compression of a checkpoint")
+    p.add_argument("checkpoint")
+
+    p = sub.add_parser("plot", help="write curves.png and histograms.png of a run directory")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("demo", help="Fashion-MNIST: pretrain ResNet-20, CBP binary, table, plots")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--config", default="demo")
+    p.add_argument("--quiet", action="store_true")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def read_config(name: str, section: str) -> dict:
+    """Keys of a TOML config (its ``[section]`` table if present), as argparse destinations."""
+    if os.path.exists(name):
+        text = open(name, "rb").read()
+    else:
+        packaged = resources.files("cbp") / "configs" / f"{name}.toml"
+        if not packaged.is_file():
+            raise ValueError(f"config {name!r} is neither a file nor a packaged config")
+        text = packaged.read_bytes()
+    try:
+        data = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config {name} is not valid TOML: {err}") from err
+    table = data.get(section, data)
+    return {k.replace("-", "_"): v for k, v in table.items() if not isinstance(v, dict)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) and args.command in ("pretrain", "quantize"):
+        values = read_config(args.config, args.command)
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config {args.config}: unknown key(s) {', '.join(unknown)}")
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+def cbp_config(args: argparse.Namespace) -> CBPConfig:
+    if args.constraint == "custom":
+        if not args.levels:
+            raise ValueError("--constraint custom needs --levels, e.g. --levels -1,0,1")
+        try:
+            levels = [float(x) for x in args.levels.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--levels must be comma-separated numbers, got {args.levels!r}") from err
+    else:
+        levels = args.constraint
+    return CBPConfig(
+        levels=levels, include=args.include, exclude=args.exclude,
+        skip_first_last=not args.quantize_first_last, use_constraint=not args.no_constraint,
+        multiplier_lr=args.multiplier_lr, multiplier_rule=args.multiplier_rule,
+        initial_multiplier_update=not args.no_initial_update, p_max=args.p_max,
+        g_init=args.g_init, g_final=args.g_final, lr_drop_at_g=args.lr_drop_at_g,
+        lr_drop_factor=args.lr_drop_factor, grad_clip_value=args.grad_clip,
+        weight_clamp=args.weight_clamp)
+
+
+def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.nn.Module, str]:
+    """The model to quantize, from `--from CHECKPOINT` or `--model NAME --weights W`."""
+    if args.from_checkpoint:
+        state = load_checkpoint(args.from_checkpoint)
+        meta = state["meta"]
+        if meta.get("mode") != "pretrain":
+            raise CheckpointError(f"{args.from_checkpoint} is not a pretraining checkpoint")
+        if (meta["num_classes"], meta["in_channels"]) != (num_classes, in_channels):
+            raise CheckpointError(
+                f"{args.from_checkpoint} is a {meta['num_classes']}-class, "
+                f"{meta['in_channels']}-channel model; the data has {num_classes} classes and "
+                f"{in_channels} channels")
+        model = build_model(meta["model"], num_classes, in_channels)
+        model.load_state_dict(state["model"])
+        return model, meta["model"]
+    if not args.model:
+        raise ValueError("quantize needs --from CHECKPOINT or --model NAME (with --weights)")
+    return build_model(args.model, num_classes, in_channels, args.weights), args.model
+
+
+def run_training(args: argparse.Namespace) -> list[dict]:
+    """`cbp pretrain` and `cbp quantize`: build data, model, optimizer, then `train.fit`."""
+    ctx = distributed.setup(args.device)
+    train_data, num_classes, in_channels = load_dataset(
+        args.data, args.data_dir, True, args.limit, args.image_size, args.download)
+    val_data, _, _ = load_dataset(args.data, args.data_dir, False, args.val_limit,
+                                  args.image_size, args.download)
+    meta = {"mode": args.command, "dataset": args.data, "num_classes": num_classes,
+            "in_channels": in_channels, "input_size": list(train_data[0][0].shape)}
+    torch.manual_seed(args.seed)
+    lagrangian = scheduler = None
+    if args.command == "pretrain":
+        model = build_model(args.model, num_classes, in_channels, args.weights)
+        meta["model"] = args.model
+    else:
+        config = cbp_config(args)
+        model, meta["model"] = _pretrained_model(args, num_classes, in_channels)
+        prepare(model, config)
+        meta.update(constraint=args.constraint, factors=list(config.factors),
+                    include=list(config.include), exclude=list(config.exclude),
+                    skip_first_last=config.skip_first_last)
+    model.to(ctx.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr,
+                                momentum=args.momentum)
+    if args.command == "pretrain":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    else:
+        lagrangian = Lagrangian(model, config, optimizer)
+    run = Run(model=model, optimizer=optimizer, train_data=train_data, val_data=val_data,
+              out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, ctx=ctx,
+              lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
+              seed=args.seed, workers=args.workers, channels_last=args.channels_last,
+              meta=meta, show_progress=not args.quiet)
+    rows = fit(run, resume=args.resume)
+    if ctx.is_main and rows:
+        plot_run(args.out)
+    distributed.teardown()
+    return rows
+
+
+def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
+    state = load_checkpoint(checkpoint)
+    meta = state["meta"]
+    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
+    if meta["mode"] == "quantize":
+        prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
+                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit its model: "
+                              f"{str(err).splitlines()[0]}") from err
+    return model, meta
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    ctx = distributed.setup(args.device)
+    model, meta = load_model(args.checkpoint)
+    val_data, _, _ = load_dataset(meta["dataset"], args.data_dir, False, args.val_limit,
+                                  args.image_size)
+    result = evaluate(model.to(ctx.device), val_data, ctx)
+    if meta["mode"] == "quantize":
+        result.update(cfs=metrics.cfs(model), on_levels=metrics.fraction_on_levels(model))
+    for key, value in result.items():
+        print(f"{key:>10}  {value:.6g}")
+    return result
+
+
+def run_export(args: argparse.Namespace) -> None:
+    model, meta = load_model(args.checkpoint)
+    model.eval()
+    path = export_packed(model, args.out)
+    print(summary(model))
+    print(f"\nwrote {path} ({os.path.getsize(path):,} bytes)")
+    if args.onnx:
+        example = torch.randn(2, *meta["input_size"])
+        export_onnx(model, args.onnx, example)
+        error = check_onnx(args.onnx, model, example)
+        print(f"wrote {args.onnx} (max |onnxruntime - torch| = {error:.2e})")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Pretrain (cached) and quantize with the demo config; print the table."""
+    tic = time.perf_counter()
+    fp_dir, cbp_dir = os.path.join(args.out, "pretrain"), os.path.join(args.out, "binary")
+    quiet = ["--quiet"] if args.quiet else []
+    fp_ckpt = os.path.join(fp_dir, CHECKPOINT_NAME)
+    if os.path.exists(fp_ckpt):
+        print(f"pretrained model found in {fp_dir}; resuming/skipping pretraining")
+    main_or_raise(["pretrain", "--config", args.config, "--out", fp_dir, "--resume", *quiet])
+    fp_minutes = (time.perf_counter() - tic) / 60
+    main_or_raise(["quantize", "--config", args.config, "--from", fp_ckpt, "--out", cbp_dir,
+                   *quiet])
+    total_minutes = (time.perf_counter() - tic) / 60
+    fp_row = _last_row(fp_dir)
+    cbp_row = _last_row(cbp_dir)
+    model, _ = load_model(os.path.join(cbp_dir, CHECKPOINT_NAME))
+    worst = max(s["mean_distance"] for s in metrics.layer_stats(model))
+    table = [
+        ("full-precision top-1 (%)", f"{fp_row['top1']:.2f}"),
+        ("CBP binary top-1 (%)", f"{cbp_row['top1']:.2f}"),
+        ("CBP binary top-5 (%)", f"{cbp_row['top5']:.2f}"),
+        ("CFS (paper Eq. 19)", f"{cbp_row['cfs']:.2e}"),
+        ("weights on a level (within 1% of a)", f"{100 * cbp_row['on_levels']:.2f}%"),
+        ("worst layer mean |w - Q(w)| / a", f"{100 * worst:.2f}%"),
+        ("final g / CBP epochs", f"{cbp_row['g']:g} / {cbp_row['epoch']}"),
+        ("minutes (pretrain / total)", f"{fp_minutes:.1f} / {total_minutes:.1f}"),
+    ]
+    width = max(len(k) for k, _ in table)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in table))
+    print(f"\nplots: {cbp_dir}/curves.png, {cbp_dir}/histograms.png, {fp_dir}/curves.png")
+
+
+def _last_row(run_dir: str) -> dict:
+    from .train import LOG_NAME, read_jsonl
+    return read_jsonl(os.path.join(run_dir, LOG_NAME))[-1]
+
+
+COMMANDS = {
+    "pretrain": run_training, "quantize": run_training, "evaluate": run_evaluate,
+    "export": run_export, "summary": lambda args: print(summary(load_model(args.checkpoint)[0])),
+    "plot": lambda args: print("\n".join(plot_run(args.run_dir))), "demo": run_demo,
+}
+
+
+def main_or_raise(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        build_parser().print_help()
+        return
+    COMMANDS[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user mistakes and bad files end in one line on stderr and a non-zero exit."""
+    try:
+        main_or_raise(argv)
+    except KeyboardInterrupt:
+        print("cbp: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError) as err:
+        print(f"cbp: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,65 @@
+"""Checkpoints that are never half-written and never execute code when read.
+
+Writes go to a temporary file in the same directory, are flushed and fsync'ed, then renamed over
+the target: a crash or SIGKILL at any moment leaves either the old or the new file, whole. Reads
+use ``torch.load(weights_only=True)``, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+
+import torch
+
+FORMAT = "cbp-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, unsafe or from another run; one-line message."""
+
+
+def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file, fsync it and rename it to ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`, or raise ``CheckpointError``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        raise CheckpointError(f"refusing to load {path}: it is not a plain-data checkpoint "
+                              f"({first_line})") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cbp checkpoint")
+    return state

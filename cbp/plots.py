@@ -1,0 +1,79 @@
+"""Pictures of a run: accuracy, CFS and g over epochs; one layer's weights bifurcating onto levels."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .train import HIST_NAME, LOG_NAME, read_jsonl  # noqa: E402
+
+
+def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
+    """Top-1 accuracy, and for CBP runs the CFS (log scale) and g, against epochs."""
+    epochs = [r["epoch"] for r in rows]
+    cbp_run = "g" in rows[0]
+    fig, axes = plt.subplots(1, 3 if cbp_run else 1, figsize=(13 if cbp_run else 5, 3.6),
+                             squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(epochs, [r["top1"] for r in rows], marker=".")
+    ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="validation accuracy")
+    ax.grid(alpha=0.3)
+    if cbp_run:
+        ax = axes[0, 1]
+        ax.semilogy(epochs, [max(r["cfs"], 1e-12) for r in rows], marker=".", color="C1")
+        ax.set(xlabel="epoch", ylabel="CFS (paper Eq. 19)", title="constraint-failure score")
+        ax.grid(alpha=0.3, which="both")
+        ax = axes[0, 2]
+        ax.semilogy(epochs, [r["g"] for r in rows], marker=".", color="C2", label="g")
+        ax.set(xlabel="epoch", ylabel="g (window 1/g of each interval)", title="window variable g")
+        ax.grid(alpha=0.3, which="both")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_histograms(hists: list[dict], path: str, panels: int = 5) -> None:
+    """The histogram of w / scale for one layer at ``panels`` epochs, levels marked in red."""
+    picks = sorted({hists[round(i * (len(hists) - 1) / (panels - 1))]["epoch"]
+                    for i in range(panels)}) if len(hists) > 1 else [hists[0]["epoch"]]
+    chosen = [h for h in hists if h["epoch"] in picks]
+    fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen), 3), squeeze=False,
+                             sharey=False)
+    for ax, h in zip(axes[0], chosen):
+        edges = np.linspace(-h["range"], h["range"], len(h["counts"]) + 1)
+        ax.bar(edges[:-1], h["counts"], width=np.diff(edges), align="edge", color="C0")
+        ax.set_yscale("log")
+        for f in h["factors"]:
+            ax.axvline(f, color="red", lw=1, ls="--")
+        ax.set(title=f"epoch {h['epoch']}", xlabel="w / a")
+    axes[0, 0].set_ylabel("weights (log)")
+    fig.suptitle(f"layer {chosen[0]['layer']}: weights bifurcate onto the levels (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Write ``curves.png`` (and ``histograms.png`` for CBP runs) into ``run_dir``."""
+    log_path = os.path.join(run_dir, LOG_NAME)
+    if not os.path.exists(log_path):
+        raise ValueError(f"{run_dir} holds no {LOG_NAME}: not a cbp run directory")
+    rows = read_jsonl(log_path)
+    if not rows:
+        raise ValueError(f"{log_path} is empty: the run has not finished an epoch yet")
+    written = [os.path.join(run_dir, "curves.png")]
+    plot_curves(rows, written[0], title=os.path.basename(os.path.abspath(run_dir)))
+    hist_path = os.path.join(run_dir, HIST_NAME)
+    if os.path.exists(hist_path):
+        hists = read_jsonl(hist_path)
+        if hists:
+            written.append(os.path.join(run_dir, "histograms.png"))
+            plot_histograms(hists, written[1])
+    return written
