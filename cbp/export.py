@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .checkpoint import atomic_write
 from .constraint import quantize
 from .layers import convert, quantized_layers
 from .levels import bits_per_weight
@@ -70,22 +70,12 @@ def _packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, layout
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
-    tmp = None
+def _write(path: Path, data: bytes) -> None:
+    """Atomic write (never a half-written file) with the error as an ``ExportError``."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(str(path), lambda f: f.write(data))
     except OSError as err:
         raise ExportError(f"{path}: cannot write ({err.strerror or err})") from err
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def export(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -95,7 +85,7 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
     meta = {"format": FORMAT, "version": VERSION, "crc32": crc, "packed": layout}
     data = st_save(tensors, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
     path = Path(path)
-    _atomic_write(path, data)
+    _write(path, data)
     return path
 
 
@@ -338,7 +328,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
                                 input_names=["input"], output_names=["output"], verbose=False,
                                 dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
     path = Path(path)
-    _atomic_write(path, program.model_proto.SerializeToString())
+    _write(path, program.model_proto.SerializeToString())
     return path
 
 
