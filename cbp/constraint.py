@@ -54,21 +54,56 @@ def constraint(w: torch.Tensor, levels: torch.Tensor, g: float) -> torch.Tensor:
     return sawtooth(w, levels) * constrained_mask(w, levels, g)
 
 
+def _interval_unrolled(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_interval` as one comparison per interior level: no int64 index tensor, so that
+    ``torch.compile`` fuses it with :func:`_cs_and_slope` into a single pass over the weights."""
+    lo, hi = levels[0], levels[1]
+    for k in range(1, levels.shape[0] - 1):
+        up = w >= levels[k]
+        lo, hi = torch.where(up, levels[k], lo), torch.where(up, levels[k + 1], hi)
+    return lo, hi
+
+
+def _cs_and_slope(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor, g: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cs`` and its slope given each weight's interval ``[lo, hi)``; shared by the eager and the
+    fused path so both round exactly alike."""
+    offset = w - (lo + hi) / 2
+    half_width = (hi - lo) / 2
+    below, above = w < levels[0], w > levels[-1]
+    window = (offset >= -half_width / g) & (offset < half_width / g) & ~(below | above)
+    # the slope of 2 min(w - lo, hi - w), 0 on an exact tie: what autograd gives for sawtooth
+    slope = torch.where(below, -2.0, torch.where(above, 2.0, 2 * torch.sign((hi - w) - (w - lo))))
+    y = torch.where(below, 2 * (levels[0] - w),
+                    torch.where(above, 2 * (w - levels[-1]), 2 * torch.minimum(w - lo, hi - w)))
+    keep = ~window
+    return y * keep, slope * keep
+
+
 def constraint_and_grad(
     w: torch.Tensor, levels: torch.Tensor, g: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cs(w; g)`` and ``d cs / d w`` in closed form, without autograd.
 
-    The slope is ``-2 sign(w - m)`` on a tent, ``-2`` below the range, ``+2`` above it, and 0 in the
-    window: exactly what autograd gives for :func:`constraint`, at a fraction of the cost.
+    The slope is ``+2`` on a tent nearer its lower level, ``-2`` nearer its upper one, ``-2`` below
+    the range, ``+2`` above it, and 0 in the window: exactly what autograd gives for
+    :func:`constraint`, at a fraction of the cost.
     """
     lo, hi = _interval(w, levels)
-    offset = w - (lo + hi) / 2
-    half_width = (hi - lo) / 2
-    below, above = w < levels[0], w > levels[-1]
-    window = (offset >= -half_width / g) & (offset < half_width / g) & ~(below | above)
-    slope = torch.where(below, -2.0, torch.where(above, 2.0, -2 * torch.sign(offset)))
-    y = torch.where(below, 2 * (levels[0] - w),
-                    torch.where(above, 2 * (w - levels[-1]), 2 * torch.minimum(w - lo, hi - w)))
-    keep = ~window
-    return y * keep, slope * keep
+    return _cs_and_slope(w, lo, hi, levels, g)
+
+
+def _fused_penalty(w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor, factors: torch.Tensor,
+                   scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``grad += lam * d cs / d w`` for one layer; returns ``sum(lam * cs)``.
+
+    Written for ``torch.compile``: levels, interval, constraint, slope and both updates fuse into
+    one pass that reads ``w``, ``lam`` and ``grad`` once and writes ``grad`` once. ``g`` is a tensor
+    so that a new g does not trigger a recompile.
+    """
+    levels = (factors * scale).to(w.dtype)
+    lo, hi = _interval_unrolled(w, levels)
+    cs, slope = _cs_and_slope(w, lo, hi, levels, g)
+    grad.addcmul_(lam, slope)
+    return (lam * cs).sum()

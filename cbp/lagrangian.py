@@ -23,6 +23,8 @@ after every epoch::
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import CBPConfig
-from .constraint import constraint, constraint_and_grad
+from .constraint import _fused_penalty, constraint, constraint_and_grad
 from .layers import quantized_layers
 
 
@@ -42,6 +44,48 @@ class EpochEnd:
     updated: bool             # g increased and lambda updated
     g: float                  # g after the decision
     lr_dropped: bool          # the weight learning rate was multiplied by lr_drop_factor now
+
+
+_COMPILE_ENV = "CBP_COMPILE"
+_AUTO_COMPILE_AFTER = 200  # steps; short runs and test suites never pay for compiling
+
+
+class _PenaltyKernel:
+    """How :meth:`Lagrangian.add_penalty_grad` computes a layer: eager, or one compiled pass.
+
+    The eager form makes some twenty passes over every weight tensor; ``torch.compile`` fuses them
+    into one that reads ``w``, ``lambda`` and the gradient once, which is what keeps a CBP step
+    within ~2% of an STE step (``benchmarks/step_time.py``). Compiling takes seconds, so by default
+    it happens once a run has made ``_AUTO_COMPILE_AFTER`` steps; ``CBP_COMPILE=1`` compiles at the
+    first step, ``CBP_COMPILE=0`` never. If compiling fails (no C++ compiler, no Triton) the eager
+    form is used from then on; both give the same numbers (tests/test_fast_path.py).
+    """
+
+    compiled: Callable | None = None   # one per process, shared by every Lagrangian
+    failed = False
+
+    def __init__(self) -> None:
+        mode = os.environ.get(_COMPILE_ENV, "auto")
+        after = {"0": math.inf, "1": 0, "auto": _AUTO_COMPILE_AFTER}.get(mode)
+        if after is None:
+            raise ValueError(f"{_COMPILE_ENV} must be 0, 1 or auto, got {mode!r}")
+        self.compile_after, self.calls = after, 0
+        self.g_value: float | None = None
+        self.g_tensor: torch.Tensor | None = None
+
+    def fused(self, g: float, device: torch.device) -> tuple[Callable | None, torch.Tensor | None]:
+        """The compiled per-layer function for this step (None: go eager) and ``g`` as a tensor.
+
+        The tensor is rebuilt only when g changes: a host-to-device copy every step would sync.
+        """
+        self.calls += 1
+        if self.calls <= self.compile_after or _PenaltyKernel.failed:
+            return None, None
+        if _PenaltyKernel.compiled is None:
+            _PenaltyKernel.compiled = torch.compile(_fused_penalty, dynamic=True)
+        if self.g_value != g or self.g_tensor.device != device:
+            self.g_value, self.g_tensor = g, torch.tensor(g, dtype=torch.float32, device=device)
+        return _PenaltyKernel.compiled, self.g_tensor
 
 
 class Lagrangian:
@@ -88,15 +132,26 @@ class Lagrangian:
         """Add ``lambda * d cs / d w`` to each quantized weight's ``.grad``; return the penalty value.
 
         Closed-form gradient of :meth:`penalty` (see ``constraint_and_grad``), with no autograd
-        graph and no device synchronisation.
+        graph and no device synchronisation; one fused pass per layer once compiled (see
+        ``_PenaltyKernel``).
         """
-        total = torch.zeros((), dtype=torch.float64, device=self._epoch_sum.device)
+        kernel = self.__dict__.get("_penalty_kernel")
+        if kernel is None:
+            kernel = self._penalty_kernel = _PenaltyKernel()
+        device = self._epoch_sum.device
+        fused, g = kernel.fused(self.g, device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for name, layer in self.layers.items():
-            lam = self.multipliers[name]
-            w = layer.weight
-            cs, slope = constraint_and_grad(w.detach(), layer.levels, self.g)
+            lam, w = self.multipliers[name], layer.weight
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
+            if fused is not None:
+                try:
+                    total += fused(w.detach(), lam, w.grad, layer.cbp_factors, layer.cbp_scale, g)
+                    continue
+                except Exception:  # compiling failed: the eager form, for good
+                    _PenaltyKernel.failed, fused = True, None
+            cs, slope = constraint_and_grad(w.detach(), layer.levels, self.g)
             w.grad.addcmul_(lam, slope)
             total += torch.dot(lam.flatten(), cs.flatten())
         return total

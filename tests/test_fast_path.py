@@ -1,0 +1,141 @@
+"""The fast penalty gradient equals autograd of the reference penalty, kinks and edges included."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cbp
+from cbp import lagrangian as lagrangian_module
+from cbp.constraint import _fused_penalty, constraint, constraint_and_grad
+
+LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
+GS = [1.0, 3.0, 50.0, math.inf]
+
+
+def special_points(levels: torch.Tensor, g: float) -> torch.Tensor:
+    """Every kink of cs(w; g): levels, midpoints, window edges, range ends, outer arms."""
+    lo, hi = levels[:-1], levels[1:]
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    span = levels[-1] - levels[0]
+    outer = torch.stack([levels[0] - 0.3 * span, levels[-1] + 0.3 * span])
+    return torch.cat([levels, mid, mid - half / g, mid + half / g, outer,
+                      torch.nextafter(levels, levels + 1), torch.nextafter(levels, levels - 1)])
+
+
+def setup(levels, g: float) -> tuple[cbp.Lagrangian, list[nn.Parameter]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 40), nn.Linear(40, 30), nn.Conv1d(30, 20, 3), nn.Linear(5, 2))
+    config = cbp.CBPConfig(levels=levels, initial_multiplier_update=False)
+    cbp.prepare(model, config)
+    lag = cbp.Lagrangian(model, config)
+    lag.g = g
+    weights = []
+    for layer, lam in zip(lag.layers.values(), lag.multipliers.values()):
+        w, lv = layer.weight, layer.levels
+        points = special_points(lv, g)
+        span = float(lv[-1] - lv[0])
+        rand = torch.empty(w.numel() - points.numel()).uniform_(float(lv[0]) - span / 4,
+                                                                float(lv[-1]) + span / 4)
+        with torch.no_grad():
+            w.copy_(torch.cat([points, rand])[torch.randperm(w.numel())].view_as(w))
+            lam.uniform_(0, 2)
+        weights.append(w)
+    return lag, weights
+
+
+def reference(lag: cbp.Lagrangian, weights):
+    penalty = lag.penalty()
+    return penalty.detach(), torch.autograd.grad(penalty, weights)
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+@pytest.mark.parametrize("g", GS)
+def test_add_penalty_grad_equals_autograd_of_penalty(levels, g, monkeypatch):
+    monkeypatch.setenv("CBP_COMPILE", "0")
+    lag, weights = setup(levels, g)
+    penalty, grads = reference(lag, weights)
+    for w in weights:
+        w.grad = torch.full_like(w, 0.25)  # the penalty gradient is added to what is there
+    total = lag.add_penalty_grad()
+    for w, ref in zip(weights, grads):
+        assert torch.equal(w.grad, 0.25 + ref)  # slopes are exactly +-2 or 0: bit for bit
+    assert total.dtype == torch.float64
+    assert float(total) == pytest.approx(float(penalty), rel=1e-5)
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+@pytest.mark.parametrize("g", GS)
+def test_fused_kernel_equals_reference(levels, g):
+    """The function that torch.compile fuses, run eagerly (unrolled interval search, tensor g)."""
+    lag, weights = setup(levels, g)
+    penalty, grads = reference(lag, weights)
+    total = 0.0
+    for (layer, lam), ref in zip(zip(lag.layers.values(), lag.multipliers.values()), grads):
+        grad = torch.zeros_like(layer.weight)
+        total += float(_fused_penalty(layer.weight.detach(), lam, grad, layer.cbp_factors,
+                                      layer.cbp_scale, torch.tensor(g)))
+        assert torch.equal(grad, ref)
+    assert total == pytest.approx(float(penalty), rel=1e-5)
+
+
+def test_penalty_value_is_lambda_times_constraint_by_hand():
+    lag, weights = setup("ternary", 3.0)
+    layer, lam = next(iter(lag.layers.values())), next(iter(lag.multipliers.values()))
+    a = float(layer.cbp_scale)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight.view(-1)[:3] = torch.tensor([1.5 * a, 0.25 * a, 0.45 * a])
+        lam.fill_(0.0)
+        lam.view(-1)[:3] = 1.0
+        for other in list(lag.multipliers.values())[1:]:
+            other.zero_()
+    for w in weights:
+        w.grad = None
+    # 1.5a: outer arm, cs = 2 * 0.5a, slope +2; 0.25a: cs = 0.5a, slope -2 (nearest level 0 below);
+    # 0.45a: in the window of (0, a) at g = 3 (|0.45a - 0.5a| < a / 6), cs = 0, slope 0.
+    total = lag.add_penalty_grad()
+    assert float(total) == pytest.approx(1.0 * a + 0.5 * a, rel=1e-6)
+    assert layer.weight.grad.view(-1)[:3].tolist() == [2.0, 2.0, 0.0]
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(fn, **kwargs):
+        def raise_(*args):
+            raise RuntimeError("no compiler")
+        return raise_
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(lagrangian_module._PenaltyKernel, "compiled", None)
+    monkeypatch.setattr(lagrangian_module._PenaltyKernel, "failed", False)
+    monkeypatch.setenv("CBP_COMPILE", "1")
+    lag, weights = setup("shift2", 3.0)
+    penalty, grads = reference(lag, weights)
+    total = lag.add_penalty_grad()
+    assert lagrangian_module._PenaltyKernel.failed
+    assert all(torch.equal(w.grad, ref) for w, ref in zip(weights, grads))
+    assert float(total) == pytest.approx(float(penalty), rel=1e-5)
+
+
+def test_auto_mode_stays_eager_for_short_runs(monkeypatch):
+    monkeypatch.delenv("CBP_COMPILE", raising=False)
+    kernel = lagrangian_module._PenaltyKernel()
+    assert kernel.fused(3.0, torch.device("cpu")) == (None, None)
+    monkeypatch.setenv("CBP_COMPILE", "0")
+    kernel = lagrangian_module._PenaltyKernel()
+    kernel.calls = 10**9
+    assert kernel.fused(3.0, torch.device("cpu")) == (None, None)
+
+
+def test_bad_compile_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CBP_COMPILE", "yes")
+    with pytest.raises(ValueError, match="CBP_COMPILE must be 0, 1 or auto"):
+        lagrangian_module._PenaltyKernel()
+
+
+def test_constraint_and_grad_matches_constraint():
+    levels = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
+    w = torch.linspace(-1.5, 1.5, 601)
+    for g in GS:
+        cs, _ = constraint_and_grad(w, levels, g)
+        assert torch.allclose(cs, constraint(w, levels, g), atol=1e-6)
