@@ -66,6 +66,8 @@ def _common(p: argparse.ArgumentParser, *, lr: float, weight_decay: float, batch
                    help="on Conv/Linear weights only")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over all processes (GPU only; default: per process)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format (faster convolutions on CPU)")
     g.add_argument("--out", required=True, help="run directory: log, checkpoint, plots")
@@ -228,6 +230,8 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         meta.update(constraint=args.constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
                     skip_first_last=config.skip_first_last)
+    if args.sync_bn:
+        model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

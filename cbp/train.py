@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import make_loader
 from .distributed import Context, all_reduce_sum
@@ -229,6 +229,9 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
             run.scheduler.step()
         if quantized_layers(run.model):
             row.update(cfs=metrics.cfs(run.model), on_levels=metrics.fraction_on_levels(run.model))
+        distributed.broadcast_buffers(run.model)  # all evaluate rank 0's BatchNorm statistics
+        if distributed.debug_enabled():
+            distributed.check_in_sync(run.model, run.optimizer, run.lagrangian, ctx.device)
         row.update(evaluate(run.model, run.val_data, ctx, channels_last=run.channels_last))
         row["seconds"] = time.perf_counter() - tic
         if ctx.is_main:
@@ -237,6 +240,7 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
                 _append_line(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
             save_checkpoint(_state(run, epoch + 1), ckpt_path)
             epochs.set_postfix(top1=f"{row['top1']:.2f}", **({"g": row["g"]} if "g" in row else {}))
+        distributed.barrier()  # none reads the checkpoint while rank 0 still writes it
         rows.append(row)
         if run.lagrangian is not None and run.lagrangian.finished:
             break
