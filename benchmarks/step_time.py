@@ -1,0 +1,258 @@
+"""What does CBP cost per training step? Full precision vs STE-only vs CBP, same model and batch.
+
+    .venv/bin/python benchmarks/step_time.py            # ~5 min on 2 CPU cores
+    .venv/bin/python benchmarks/step_time.py --quick    # ~1 min, noisier
+
+Each model is built three times from the same weights: plain (FP), prepared with
+``use_constraint=False`` (STE: quantized forward, straight-through backward, the same clipping,
+SGD and clamping as CBP) and prepared with CBP on. A CBP step is STE plus
+``Lagrangian.add_penalty_grad``, so the CBP/STE ratio is exactly the price of the constraint term.
+Modes alternate step by step (FP STE CBP ..., rotated each round) after a warm-up, and the median of each is
+reported, so slow drifts (other processes, frequency scaling) hit all modes alike. CBP runs with
+the compiled fused kernel (``CBP_COMPILE=1``, what a long run switches to after 200 steps); the
+eager form is timed too ("CBP eager").
+
+Memory: the persistent bytes CBP adds per quantized weight are counted from the tensors
+(lambda, and Adam's two moments unless ``multiplier_rule="plain"``). The peak of a step is, on
+CUDA, ``torch.cuda.max_memory_allocated`` during the step minus what was allocated before it; on
+CPU, the growth of the peak resident set size (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``) over the resident size just before the step, in a fresh process that
+builds the model and runs steps of one mode only (after one untimed step): activations and
+temporaries of the step, as the OS saw them. "State kept between steps" sums the bytes of the
+weights, buffers, gradients, momentum, lambda and lambda's Adam moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import cbp
+from cbp.models import resnet20
+
+MODES = ("fp", "ste", "cbp", "cbp_eager")
+MODELS = {  # name: (builder, input shape without the batch)
+    "resnet20": (lambda: resnet20(num_classes=10, in_channels=1), (1, 28, 28)),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
+}
+
+
+def build(model_name: str, mode: str, levels: str, rule: str, device: torch.device):
+    """A model and its step function for one mode; the same seed gives the same weights."""
+    torch.manual_seed(0)
+    builder, _ = MODELS[model_name]
+    model = builder().to(device)
+    if mode == "fp":
+        opt = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
+
+        def update(loss: torch.Tensor) -> None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+            opt.step()
+        return model, update, None, opt
+    config = cbp.CBPConfig(levels=levels, use_constraint=mode != "ste", multiplier_rule=rule)
+    cbp.prepare(model, config)
+    opt = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
+    lagrangian = cbp.Lagrangian(model, config, opt)
+    lagrangian.g = 5.0  # mid-schedule: the window is on, and lambda is not all zero
+    if config.use_constraint:  # the kernel choice is read at the first call: make it now
+        os.environ["CBP_COMPILE"] = "0" if mode == "cbp_eager" else "1"
+        lagrangian.add_penalty_grad()  # compiles the fused kernel (once per process)
+        del os.environ["CBP_COMPILE"]
+        model.zero_grad(set_to_none=True)
+    return model, lagrangian.step, lagrangian, opt
+
+
+def make_step(model: nn.Module, update: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    def step() -> None:
+        for p in model.parameters():
+            p.grad = None
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        update(loss)
+    return step
+
+
+def timed(step: Callable, device: torch.device) -> float:
+    """Seconds for one step; on CUDA measured with events after draining the queue."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def check_fast_path(lagrangian: cbp.Lagrangian) -> float:
+    """Largest |difference| between the compiled penalty gradient and autograd of penalty()."""
+    weights = [layer.weight for layer in lagrangian.layers.values()]
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    lagrangian.add_penalty_grad()
+    fast = [w.grad.clone() for w in weights]
+    with torch.enable_grad():
+        reference = torch.autograd.grad(lagrangian.penalty(), weights)
+    for w in weights:
+        w.grad = None
+    return max((a - b).abs().max().item() for a, b in zip(fast, reference))
+
+
+def cbp_bytes_per_weight(lagrangian: cbp.Lagrangian) -> float:
+    """Persistent bytes CBP holds per quantized weight: lambda plus its optimizer state."""
+    n = sum(lam.numel() for lam in lagrangian.multipliers.values())
+    total = sum(lam.nbytes for lam in lagrangian.multipliers.values())
+    if lagrangian._ascent is not None:
+        total += sum(t.nbytes for state in lagrangian._ascent.state.values()
+                     for t in state.values() if torch.is_tensor(t))
+    return total / n
+
+
+def time_model(args, model_name: str, device: torch.device) -> dict:
+    shape = MODELS[model_name][1]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((args.batch, *shape), generator=gen).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    steps, info = {}, {}
+    for mode in MODES:
+        t0 = time.perf_counter()
+        model, update, lagrangian, _ = build(model_name, mode, args.levels, "adam", device)
+        steps[mode] = make_step(model, update, x, y)
+        if mode == "cbp":
+            info["build_s"] = time.perf_counter() - t0
+            cbp_lagrangian = lagrangian
+            info["max_grad_diff"] = check_fast_path(lagrangian)
+            info["bytes_per_weight"] = cbp_bytes_per_weight(lagrangian)
+            info["quantized_weights"] = sum(m.numel() for m in lagrangian.multipliers.values())
+    info["bytes_per_weight_plain"] = cbp_bytes_per_weight(
+        build(model_name, "cbp", args.levels, "plain", device)[2])
+    info["penalty_alone_s"] = statistics.median(timed(cbp_lagrangian.add_penalty_grad, device)
+                                                for _ in range(20))
+    reps = args.reps[model_name]
+    times = {mode: [] for mode in MODES}
+    for i in range(args.warmup + reps):
+        for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:  # rotate: no position bias
+            t = timed(steps[mode], device)
+            if i >= args.warmup:
+                times[mode].append(t)
+    info["median_s"] = {mode: statistics.median(ts) for mode, ts in times.items()}
+    return info
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, lagrangian) -> int:
+    """Bytes of every tensor a training run keeps between steps: weights, buffers, gradients,
+    momentum, and for CBP lambda and its Adam moments (STE's Lagrangian allocates lambda too)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    optimizers = [opt] + ([lagrangian._ascent] if lagrangian and lagrangian._ascent else [])
+    tensors += [t for o in optimizers for st in o.state.values() for t in st.values()
+                if torch.is_tensor(t)]
+    if lagrangian is not None:
+        tensors += list(lagrangian.multipliers.values())
+    return sum(t.nbytes for t in tensors)
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def memory_child(model_name: str, mode: str, rule: str, levels: str, batch: int,
+                 device: torch.device) -> None:
+    """Runs in a fresh process: peak memory of steps of one mode, printed as JSON."""
+    model, update, lagrangian, opt = build(model_name, mode, levels, rule, device)
+    shape = MODELS[model_name][1]
+    x, y = torch.randn((batch, *shape), device=device), torch.randint(0, 10, (batch,), device=device)
+    step = make_step(model, update, x, y)
+    step()  # allocates gradients, optimizer state, compiles
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        before = _proc_status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        for _ in range(2):
+            step()
+        peak = _proc_status_bytes("VmHWM") - before
+    print(json.dumps({"peak_step": peak, "state": state_bytes(model, opt, lagrangian)}))
+
+
+def measure_memory(args, model_name: str, device: torch.device) -> dict:
+    results = {}
+    for mode, rule in [("fp", "adam"), ("ste", "adam"), ("cbp", "adam"), ("cbp", "plain")]:
+        cmd = [sys.executable, __file__, "--_memory-child", model_name, mode, rule,
+               "--levels", args.levels, "--batch", str(args.batch), "--device", str(device)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[f"{mode}/{rule}" if mode == "cbp" else mode] = json.loads(out.splitlines()[-1])
+    return results
+
+
+def report(model_name: str, info: dict, memory: dict | None, args) -> None:
+    med = info["median_s"]
+    n = info["quantized_weights"]
+    print(f"\n== {model_name}, batch {args.batch}, {args.levels}, {n:,} quantized weights ==")
+    for mode in MODES:
+        print(f"  {mode:10s} median step {med[mode] * 1e3:9.2f} ms")
+    print(f"  CBP/STE {med['cbp'] / med['ste']:.4f}   CBP/FP {med['cbp'] / med['fp']:.4f}   "
+          f"STE/FP {med['ste'] / med['fp']:.4f}   CBP eager/STE {med['cbp_eager'] / med['ste']:.4f}")
+    print(f"  add_penalty_grad alone (fused): {info['penalty_alone_s'] * 1e3:.2f} ms = "
+          f"{info['penalty_alone_s'] / med['ste'] * 100:.2f}% of an STE step")
+    print(f"  fused kernel: build + compile {info['build_s']:.1f} s, "
+          f"max |grad - autograd(penalty)| = {info['max_grad_diff']:.2e}")
+    print(f"  CBP state per quantized weight: {info['bytes_per_weight']:.2f} B (adam: lambda + 2 "
+          f"moments), {info['bytes_per_weight_plain']:.2f} B (plain rule: lambda only)")
+    if memory:
+        what = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS growth"
+        for key, m in memory.items():
+            print(f"  memory {key:10s}: state kept between steps {m['state'] / 2**20:7.1f} MiB, "
+                  f"{what} during steps {m['peak_step'] / 2**20:8.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (~1 min)")
+    parser.add_argument("--models", default="resnet20,resnet18")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--levels", default="binary")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args._memory_child:
+        model_name, mode, rule = args._memory_child
+        memory_child(model_name, mode, rule, args.levels, args.batch, device)
+        return
+    args.warmup = 2 if args.quick else 5
+    fast = device.type == "cuda"
+    args.reps = {"resnet20": 200 if fast else (15 if args.quick else 60),
+                 "resnet18": 100 if fast else (6 if args.quick else 25)}
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    for model_name in args.models.split(","):
+        info = time_model(args, model_name, device)
+        memory = None if args.no_memory else measure_memory(args, model_name, device)
+        report(model_name, info, memory, args)
+
+
+if __name__ == "__main__":
+    main()
