@@ -2,7 +2,8 @@
 
 Writes go to a temporary file in the same directory, are flushed and fsync'ed, then renamed over
 the target: a crash or SIGKILL at any moment leaves either the old or the new file, whole. Reads
-use ``torch.load(weights_only=True)``, which refuses pickles that would run code.
+check the zip archive's CRC-32s, then use ``torch.load(weights_only=True)``, which refuses
+pickles that would run code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 FORMAT = "cbp-checkpoint-v1"
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(ValueError):
@@ -26,7 +28,7 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
     """Call ``write(file)`` on a temporary file, fsync it and rename it to ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -44,14 +46,38 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete the temporary files of writes killed half-way (SIGKILL, power loss)."""
+    for name in os.listdir(directory):
+        if name.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(directory, name))
+
+
 def save_checkpoint(state: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def _check_archive(path: str) -> None:
+    """Refuse anything but a whole zip archive whose every member matches its CRC-32.
+
+    ``torch.load`` reads tensor bytes without checking them, so a flipped bit on disk would load
+    as a silently different model; the archive's own checksums catch it (one read of the file).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted, or not a checkpoint "
+                              "at all (not a whole zip archive)") from err
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {bad} fails its checksum")
 
 
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`, or raise ``CheckpointError``."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import tempfile
 import time
 from importlib import resources
 
@@ -26,6 +28,7 @@ from .config import CBPConfig
 from .data import DATASET_NAMES, load_dataset
 from .export import check_onnx, export_onnx, summary
 from .export import export as export_packed
+from .interrupts import Interrupted
 from .lagrangian import Lagrangian, param_groups
 from .layers import prepare
 from .levels import LEVEL_SETS
@@ -46,20 +49,35 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (sizes and counts; 0 or less is a mistake)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return integer
+
+
 def _common(p: argparse.ArgumentParser, *, lr: float, weight_decay: float, batch_size: int,
             epochs: int) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATASET_NAMES, default="fashion-mnist")
     g.add_argument("--data-dir", help="dataset folder (Fashion-MNIST IDX files, or train/ and val/)")
     g.add_argument("--download", action="store_true", help="fetch Fashion-MNIST if it is missing")
-    g.add_argument("--limit", type=int, help="use only this many training images")
-    g.add_argument("--val-limit", type=int, help="use only this many validation images")
-    g.add_argument("--image-size", type=int, default=224, help="crop size for image folders")
-    g.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    g.add_argument("--limit", type=_at_least(1), help="use only this many training images")
+    g.add_argument("--val-limit", type=_at_least(1), help="use only this many validation images")
+    g.add_argument("--image-size", type=_at_least(1), default=224,
+                   help="crop size for image folders")
+    g.add_argument("--workers", type=_at_least(0), default=0, help="data-loading processes")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--epoch-iters", type=int, help="steps per epoch (default: a full pass)")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+    g.add_argument("--epochs", type=_at_least(1), default=epochs)
+    g.add_argument("--epoch-iters", type=_at_least(1),
+                   help="steps per epoch (default: a full pass)")
+    g.add_argument("--batch-size", type=_at_least(1), default=batch_size, help="global batch size")
     g.add_argument("--lr", type=float, default=lr, help="weight learning rate")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=weight_decay,
@@ -72,6 +90,11 @@ def _common(p: argparse.ArgumentParser, *, lr: float, weight_decay: float, batch
                    help="channels-last memory format (faster convolutions on CPU)")
     g.add_argument("--out", required=True, help="run directory: log, checkpoint, plots")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if OUT holds a run (its files are replaced)")
+    g.add_argument("--on-nan", choices=("stop", "lower-lr"), default="stop",
+                   help="when the loss becomes NaN/inf: stop, or go back to the last checkpoint "
+                        "with the learning rate times 0.1 (at most 3 times)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--config", help="TOML file (or packaged config name) with the same keys")
 
@@ -115,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1/top-5 and CFS of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--data-dir")
-    p.add_argument("--val-limit", type=int)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--val-limit", type=_at_least(1))
+    p.add_argument("--image-size", type=_at_least(1), default=224)
     p.add_argument("--device")
 
     p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
@@ -154,18 +177,63 @@ def read_config(name: str, section: str) -> dict:
     return {k.replace("-", "_"): v for k, v in table.items() if not isinstance(v, dict)}
 
 
+def config_argv(values: dict, sub: argparse.ArgumentParser, name: str) -> list[str]:
+    """A config's keys as command-line tokens.
+
+    Placed before the user's own flags, they pass argparse's type and choice checks like any
+    flag, and a flag given on the command line wins. Keys are destinations or option names.
+    """
+    actions = {}
+    for action in sub._actions:
+        if action.dest not in ("help", "config"):
+            names = [opt[2:] for opt in action.option_strings if opt.startswith("--")]
+            actions.update({k.replace("-", "_"): action for k in (action.dest, *names)})
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ValueError(f"config {name}: unknown key(s) {', '.join(unknown)}")
+    tokens = []
+    for key, value in values.items():
+        action = actions[key]
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise ValueError(f"config {name}: {key} must be true or false, got {value!r}")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append(flag if value else f"--no-{flag[2:]}")
+            elif value:
+                tokens.append(flag)
+        elif isinstance(value, list):
+            if action.nargs not in ("*", "+"):
+                raise ValueError(f"config {name}: {key} takes one value, not a list")
+            tokens += [flag, *map(str, value)]
+        else:
+            tokens.append(f"{flag}={value}")
+    return tokens
+
+
+_NUMBER_LIST = re.compile(r"^-[^-].*,")  # "-1,0,1", "-inf,1": no option holds a comma
+
+
+def _glue_number_lists(argv: list[str]) -> list[str]:
+    """``--levels -1,0,1`` as ``--levels=-1,0,1``: argparse takes "-1,0,1" for an option."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER_LIST.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = _glue_number_lists(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and args.command in ("pretrain", "quantize"):
-        values = read_config(args.config, args.command)
         sub = parser._subparsers._group_actions[0].choices[args.command]
-        known = {a.dest for a in sub._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config {args.config}: unknown key(s) {', '.join(unknown)}")
-        sub.set_defaults(**values)
-        args = parser.parse_args(argv)
+        tokens = config_argv(read_config(args.config, args.command), sub, args.config)
+        at = argv.index(args.command) + 1
+        args = parser.parse_args(argv[:at] + tokens + argv[at:])
     return args
 
 
@@ -177,8 +245,16 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
             levels = [float(x) for x in args.levels.split(",")]
         except ValueError as err:
             raise ValueError(f"--levels must be comma-separated numbers, got {args.levels!r}") from err
+    elif args.levels:
+        raise ValueError(f"--levels needs --constraint custom (the constraint is {args.constraint})")
     else:
         levels = args.constraint
+    for pattern in (*args.include, *args.exclude):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"--include/--exclude: {pattern!r} is not a regular expression: "
+                             f"{err}") from err
     return CBPConfig(
         levels=levels, include=args.include, exclude=args.exclude,
         skip_first_last=not args.quantize_first_last, use_constraint=not args.no_constraint,
@@ -196,6 +272,9 @@ def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.n
         meta = state["meta"]
         if meta.get("mode") != "pretrain":
             raise CheckpointError(f"{args.from_checkpoint} is not a pretraining checkpoint")
+        if state["epoch"] == 0:
+            raise CheckpointError(f"{args.from_checkpoint} has not finished a pretraining epoch; "
+                                  "continue it with `cbp pretrain --resume` first")
         if (meta["num_classes"], meta["in_channels"]) != (num_classes, in_channels):
             raise CheckpointError(
                 f"{args.from_checkpoint} is a {meta['num_classes']}-class, "
@@ -209,8 +288,25 @@ def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.n
     return build_model(args.model, num_classes, in_channels, args.weights), args.model
 
 
+def check_output_dir(path: str) -> None:
+    """Fail now, not after hours of training, if the run directory cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write to the output directory {path}: "
+                      f"{err.strerror or err}") from err
+
+
 def run_training(args: argparse.Namespace) -> list[dict]:
     """`cbp pretrain` and `cbp quantize`: build data, model, optimizer, then `train.fit`."""
+    check_output_dir(args.out)
+    if (not (args.resume or args.overwrite)
+            and os.path.exists(os.path.join(args.out, CHECKPOINT_NAME))):
+        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    config = cbp_config(args) if args.command == "quantize" else None  # its mistakes first
     ctx = distributed.setup(args.device)
     train_data, num_classes, in_channels = load_dataset(
         args.data, args.data_dir, True, args.limit, args.image_size, args.download)
@@ -224,7 +320,6 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         model = build_model(args.model, num_classes, in_channels, args.weights)
         meta["model"] = args.model
     else:
-        config = cbp_config(args)
         model, meta["model"] = _pretrained_model(args, num_classes, in_channels)
         prepare(model, config)
         meta.update(constraint=args.constraint, factors=list(config.factors),
@@ -245,7 +340,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
               out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, ctx=ctx,
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
-              meta=meta, show_progress=not args.quiet)
+              meta=meta, show_progress=not args.quiet, on_nan=args.on_nan)
     rows = fit(run, resume=args.resume)
     if ctx.is_main and rows:
         plot_run(args.out)
@@ -272,8 +367,12 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
 def run_evaluate(args: argparse.Namespace) -> dict:
     ctx = distributed.setup(args.device)
     model, meta = load_model(args.checkpoint)
-    val_data, _, _ = load_dataset(meta["dataset"], args.data_dir, False, args.val_limit,
-                                  args.image_size)
+    val_data, num_classes, in_channels = load_dataset(meta["dataset"], args.data_dir, False,
+                                                      args.val_limit, args.image_size)
+    if (num_classes, in_channels) != (meta["num_classes"], meta["in_channels"]):
+        raise ValueError(f"{args.checkpoint} is a {meta['num_classes']}-class, "
+                         f"{meta['in_channels']}-channel model; the data has {num_classes} "
+                         f"classes and {in_channels} channels")
     result = evaluate(model.to(ctx.device), val_data, ctx)
     if meta["mode"] == "quantize":
         result.update(cfs=metrics.cfs(model), on_levels=metrics.fraction_on_levels(model))
@@ -306,7 +405,7 @@ def run_demo(args: argparse.Namespace) -> None:
     main_or_raise(["pretrain", "--config", args.config, "--out", fp_dir, "--resume", *quiet])
     fp_minutes = (time.perf_counter() - tic) / 60
     main_or_raise(["quantize", "--config", args.config, "--from", fp_ckpt, "--out", cbp_dir,
-                   *quiet])
+                   "--overwrite", *quiet])
     total_minutes = (time.perf_counter() - tic) / 60
     fp_row = _last_row(fp_dir)
     cbp_row = _last_row(cbp_dir)
@@ -351,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes and bad files end in one line on stderr and a non-zero exit."""
     try:
         main_or_raise(argv)
+    except Interrupted as stop:  # a checkpoint of the step it stopped at was written
+        print(f"cbp: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("cbp: interrupted", file=sys.stderr)
         return 130

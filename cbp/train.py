@@ -4,13 +4,20 @@ One plain loop: per epoch, ``steps`` batches (a full pass, or ``epoch_iters``), 
 end-of-epoch rule (or the lr scheduler when pretraining), evaluation on the whole validation set,
 a JSONL log row, a weight histogram of one layer, and an atomically written checkpoint. With
 ``resume`` it continues from the last checkpoint exactly where the run stopped.
+
+SIGINT/SIGTERM stop it after the current step with a checkpoint of that step (epoch, step within
+it, the epoch's loss sum so far; the sampler's order depends only on seed and epoch, so the rest
+of the epoch is the same batches). A NaN/inf loss or weight stops it before anything bad is saved.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
-import math
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,13 +26,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from . import distributed, metrics
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .data import make_loader
 from .distributed import Context, all_reduce_sum
+from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
 
@@ -53,6 +67,7 @@ class Run:
     channels_last: bool = False
     meta: dict = field(default_factory=dict)   # model/data/constraint identity, checked on resume
     show_progress: bool = True
+    on_nan: str = "stop"      # or "lower-lr": back to the last checkpoint with a lower lr
 
 
 def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -62,18 +77,100 @@ def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int) -> dict:
-    """One epoch of steps; returns the mean loss and the number of steps."""
+NAN_CHECK_EVERY = 20  # steps between loss checks where a check costs a sync or a collective
+NAN_LR_FACTOR, NAN_RETRIES = 0.1, 3   # on_nan="lower-lr": lr factor per retry, retries at most
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the weights became NaN or infinite; nothing was saved after the last good one."""
+
+
+@dataclass
+class Position:
+    """Where a run stands: ``epoch`` epochs done and ``step`` steps of the next (0 at an epoch end).
+
+    ``loss_sum`` is the training-loss sum of those ``step`` steps (summed over processes), so the
+    epoch's mean loss comes out the same whether or not the epoch was interrupted.
+    """
+
+    epoch: int
+    step: int = 0
+    loss_sum: torch.Tensor | None = None
+
+
+class _SkipBatches(Sampler):
+    """A batch sampler without its first ``count`` batches: where a mid-epoch checkpoint resumes."""
+
+    def __init__(self, batch_sampler: Sampler, count: int) -> None:
+        self.batch_sampler, self.count = batch_sampler, count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.count)
+
+
+def _batches(loader: DataLoader, skip: int):
+    """The epoch's batches after the first ``skip``, which are never loaded.
+
+    The sampler's order depends only on seed and epoch, so these are the batches an uninterrupted
+    run sees. Starting an iterator draws a seed from the global RNG; a mid-epoch resume puts the
+    RNG back as the checkpoint had it, so random augmentation done in the main process
+    (``workers=0``) continues exactly too; worker processes get fresh seeds.
+    """
+    if skip == 0:
+        return iter(loader)
+    rest = DataLoader(loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, skip),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                      generator=loader.generator)
+    rng = torch.get_rng_state()
+    batches = iter(rest)
+    torch.set_rng_state(rng)
+    return batches
+
+
+def epoch_steps(run: Run, loader: DataLoader) -> int:
+    return len(loader) if run.epoch_iters is None else min(run.epoch_iters, len(loader))
+
+
+def _poll(ctx: Context, stop: GracefulStop | None, first_bad: torch.Tensor) -> tuple[int, int]:
+    """``(signal number or 0, first step with a NaN/inf loss or -1)``, the same on every process."""
+    signum = (stop.signum if stop is not None else None) or 0
+    if ctx.world_size == 1:
+        return signum, int(first_bad)
+    flags = torch.stack([torch.tensor(signum, device=first_bad.device), first_bad])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    signum, bad = flags.tolist()
+    return signum, bad
+
+
+def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
+                start: Position | None = None, stop: GracefulStop | None = None) -> dict:
+    """The steps of one epoch (from ``start.step`` on when resuming it); mean loss and steps.
+
+    After a step in which ``stop`` caught a signal it returns early, ``stopped_at`` = steps done.
+    A NaN/inf loss raises :class:`NonFiniteError` naming the step. Reading the flag that records
+    it is free on CPU, so one process on CPU checks every step; on a GPU it is a device sync and
+    across processes a collective, so there it is read every ``NAN_CHECK_EVERY`` steps and at the
+    epoch's end (the flag, kept on the device, still names the exact step).
+    """
+    ctx = run.ctx
     net.train()
     loader.sampler.set_epoch(epoch)
-    steps = len(loader) if run.epoch_iters is None else min(run.epoch_iters, len(loader))
-    loss_sum = torch.zeros((), device=run.ctx.device)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, unit="step",
-               disable=not (run.show_progress and run.ctx.is_main))
-    for step, (x, y) in enumerate(loader):
-        if step == steps:
-            break
-        x, y = _to_device(run, x), y.to(run.ctx.device, non_blocking=True)
+    steps = epoch_steps(run, loader)
+    first = start.step if start is not None else 0
+    loss_sum = torch.zeros((), device=ctx.device)
+    if start is not None and start.loss_sum is not None and ctx.is_main:
+        loss_sum += start.loss_sum.to(ctx.device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=ctx.device)
+    every = 1 if ctx.device.type == "cpu" and ctx.world_size == 1 else NAN_CHECK_EVERY
+    bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, unit="step",
+               disable=not (run.show_progress and ctx.is_main))
+    step, stopped_at = first, None
+    for x, y in itertools.islice(_batches(loader, first), steps - first):
+        x, y = _to_device(run, x), y.to(ctx.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y)
         loss.backward()
@@ -81,13 +178,26 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int) -> dic
             run.optimizer.step()
         else:
             run.lagrangian.step(loss)
-        loss_sum += loss.detach()
-        bar.update()
-        if step % 20 == 0:
+        loss = loss.detach()
+        loss_sum += loss
+        first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step, first_bad)
+        if step % 20 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        step += 1
+        bar.update()
+        signalled = stop is not None and stop.signum is not None and ctx.world_size == 1
+        if signalled or step % every == 0 or step == steps:
+            signum, bad = _poll(ctx, stop, first_bad)
+            if bad >= 0:
+                raise NonFiniteError(f"the loss became {float(loss_sum)} in epoch {epoch + 1} at "
+                                     f"step {bad + 1}")
+            if signum and step < steps:
+                stopped_at = step
+                break
     bar.close()
-    return {"loss": float(all_reduce_sum(loss_sum) / (steps * run.ctx.world_size)),
-            "steps": steps}
+    loss_sum = all_reduce_sum(loss_sum)
+    return {"loss": float(loss_sum / (step * ctx.world_size)), "steps": steps,
+            "stopped_at": stopped_at, "loss_sum": loss_sum}
 
 
 @torch.no_grad()
@@ -149,9 +259,9 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _state(run: Run, epoch: int) -> dict:
+def _state(run: Run, pos: Position) -> dict:
     return {
-        "epoch": epoch, "meta": run.meta,
+        "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum, "meta": run.meta,
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "cbp": run.lagrangian.state_dict() if run.lagrangian else None,
         "scheduler": run.scheduler.state_dict() if run.scheduler else None,
@@ -159,12 +269,18 @@ def _state(run: Run, epoch: int) -> dict:
     }
 
 
-def restore(run: Run, path: str) -> int:
-    """Load a checkpoint into ``run``; returns the number of epochs already done."""
-    state = load_checkpoint(path)
-    for key in ("model", "dataset", "constraint", "factors", "mode"):
+IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors")
+
+
+def restore(run: Run, path: str) -> Position:
+    """Load a checkpoint into ``run``; returns where it stands."""
+    return _load_state(run, load_checkpoint(path), f"checkpoint {path}")
+
+
+def _load_state(run: Run, state: dict, source: str) -> Position:
+    for key in IDENTITY_KEYS:
         if state["meta"].get(key) != run.meta.get(key):
-            raise CheckpointError(f"checkpoint {path} is from another run ({key}: "
+            raise CheckpointError(f"{source} is from another run ({key}: "
                                   f"{state['meta'].get(key)!r}, this run: {run.meta.get(key)!r})")
     try:
         run.model.load_state_dict(state["model"])
@@ -174,31 +290,55 @@ def restore(run: Run, path: str) -> int:
         if run.scheduler is not None:
             run.scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+        raise CheckpointError(f"{source} does not fit this model: "
                               f"{str(err).splitlines()[0]}") from err
     torch.set_rng_state(state["rng"])
-    return int(state["epoch"])
+    return Position(int(state["epoch"]), int(state.get("step", 0)), state.get("loss_sum"))
+
+
+def _finite(model: nn.Module) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+def _save(run: Run, pos: Position, path: str) -> None:
+    """Rank 0 writes the checkpoint; every process waits until it is complete."""
+    if run.ctx.is_main:
+        save_checkpoint(_state(run, pos), path)
+    distributed.barrier()
 
 
 def fit(run: Run, resume: bool = False) -> list[dict]:
-    """Train for ``run.epochs`` epochs (or until the CBP schedule finishes); returns the log rows."""
+    """Train for ``run.epochs`` epochs (or until the CBP schedule finishes); returns the log rows.
+
+    A fresh run (``resume`` False, or no checkpoint yet) replaces any earlier run's files.
+    SIGINT/SIGTERM end the run after the current step with a checkpoint of that step
+    (:class:`Interrupted`). A NaN/inf loss ends it with :class:`NonFiniteError`, the last good
+    checkpoint untouched; with ``run.on_nan == "lower-lr"`` the run goes back to that checkpoint
+    (or to its start, kept in memory for this) instead, the learning rate times
+    ``NAN_LR_FACTOR`` per retry, up to ``NAN_RETRIES`` times.
+    """
     ctx = run.ctx
     os.makedirs(run.out_dir, exist_ok=True)
-    log_path, hist_path = (os.path.join(run.out_dir, n) for n in (LOG_NAME, HIST_NAME))
     ckpt_path = os.path.join(run.out_dir, CHECKPOINT_NAME)
-    start = 0
-    if resume and os.path.exists(ckpt_path):
-        start = restore(run, ckpt_path)
-    elif ctx.is_main:
-        for path in (log_path, hist_path):
-            if os.path.exists(path):
-                os.unlink(path)
+    fresh = not (resume and os.path.exists(ckpt_path))
     if ctx.is_main:
-        _keep_rows_up_to(log_path, start)
-        _keep_rows_up_to(hist_path, start)
+        remove_stale_temporaries(run.out_dir)
+    if fresh:
+        pos = Position(0)
+        if ctx.is_main:
+            for name in (LOG_NAME, HIST_NAME, CHECKPOINT_NAME):
+                if os.path.exists(os.path.join(run.out_dir, name)):
+                    os.unlink(os.path.join(run.out_dir, name))
+        distributed.barrier()
+    else:
+        pos = restore(run, ckpt_path)
     hist_layer = histogram_layer(run.model)
-    if ctx.is_main and hist_layer and start == 0:
-        _append_line(hist_path, weight_histogram(run.model, hist_layer, 0))
+    if ctx.is_main:
+        _keep_rows_up_to(os.path.join(run.out_dir, LOG_NAME), pos.epoch)
+        _keep_rows_up_to(os.path.join(run.out_dir, HIST_NAME), pos.epoch)
+        if hist_layer and fresh:
+            _append_line(os.path.join(run.out_dir, HIST_NAME),
+                         weight_histogram(run.model, hist_layer, 0))
 
     net = run.model
     if ctx.world_size > 1:
@@ -206,17 +346,51 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
                                       ctx.device.type == "cuda" else None)
     loader = make_loader(run.train_data, run.batch_size, train=True, seed=run.seed,
                          world_size=ctx.world_size, rank=ctx.rank, num_workers=run.workers)
+    if epoch_steps(run, loader) == 0:
+        raise ValueError(f"no training step: {len(run.train_data)} training samples make no full "
+                         f"batch of {run.batch_size}")
+    start = copy.deepcopy(_state(run, pos)) if run.on_nan == "lower-lr" and fresh else None
+    with GracefulStop() as stop:
+        for retry in range(NAN_RETRIES + 1):
+            try:
+                return _epochs(run, net, loader, pos, stop, hist_layer)
+            except NonFiniteError as err:
+                if run.on_nan != "lower-lr" or retry == NAN_RETRIES:
+                    kept = (f"the last good checkpoint, {ckpt_path}, is untouched"
+                            if os.path.exists(ckpt_path) else "no checkpoint was written")
+                    raise NonFiniteError(f"{err}; {kept}") from None
+                pos = (restore(run, ckpt_path) if os.path.exists(ckpt_path)
+                       else _load_state(run, start, "the start of the run"))
+                factor = NAN_LR_FACTOR ** (retry + 1)
+                for group in run.optimizer.param_groups:
+                    group["lr"] *= factor
+                if ctx.is_main:
+                    print(f"cbp: {err}; going back to epoch {pos.epoch}, step {pos.step} with the "
+                          f"learning rate times {factor:g}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: GracefulStop,
+            hist_layer: str | None) -> list[dict]:
+    """The epochs from ``pos`` on; see :func:`fit`."""
+    ctx = run.ctx
+    log_path, hist_path, ckpt_path = (os.path.join(run.out_dir, n)
+                                      for n in (LOG_NAME, HIST_NAME, CHECKPOINT_NAME))
     rows = read_jsonl(log_path) if ctx.is_main and os.path.exists(log_path) else []
     if run.lagrangian is not None and run.lagrangian.finished:
         return rows
-    epochs = tqdm(range(start, run.epochs), initial=start, total=run.epochs, desc="epochs",
-                  unit="epoch", disable=not (run.show_progress and ctx.is_main))
+    epochs = tqdm(range(pos.epoch, run.epochs), initial=pos.epoch, total=run.epochs,
+                  desc="epochs", unit="epoch", disable=not (run.show_progress and ctx.is_main))
     for epoch in epochs:
         tic = time.perf_counter()
-        stats = train_epoch(run, net, loader, epoch)
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"loss became {stats['loss']} in epoch {epoch + 1}; the last "
-                                     f"good checkpoint is {ckpt_path}")
+        stats = train_epoch(run, net, loader, epoch, pos if epoch == pos.epoch else None, stop)
+        if not _finite(run.model):
+            raise NonFiniteError(f"the weights became NaN or infinite in epoch {epoch + 1}")
+        if stats["stopped_at"] is not None:
+            _save(run, Position(epoch, stats["stopped_at"], stats["loss_sum"]), ckpt_path)
+            raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch + 1} "
+                              f"after step {stats['stopped_at']} of {stats['steps']}; "
+                              f"{ckpt_path} holds that state: continue with --resume", stop.signum)
         row = {"epoch": epoch + 1, "loss": stats["loss"], "steps": stats["steps"],
                "lr": run.optimizer.param_groups[0]["lr"]}
         if run.lagrangian is not None:
@@ -238,11 +412,15 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
             _append_line(log_path, row)
             if hist_layer:
                 _append_line(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
-            save_checkpoint(_state(run, epoch + 1), ckpt_path)
             epochs.set_postfix(top1=f"{row['top1']:.2f}", **({"g": row["g"]} if "g" in row else {}))
-        distributed.barrier()  # none reads the checkpoint while rank 0 still writes it
+        _save(run, Position(epoch + 1), ckpt_path)  # none reads it while rank 0 still writes it
         rows.append(row)
         if run.lagrangian is not None and run.lagrangian.finished:
             break
+        # A signal that came during the epoch's end: the checkpoint just written holds it all.
+        signum, _ = _poll(ctx, stop, torch.full((), -1, device=ctx.device))
+        if signum and epoch + 1 < run.epochs:
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; "
+                              f"{ckpt_path} holds that state: continue with --resume", signum)
     epochs.close()
     return rows

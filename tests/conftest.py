@@ -1,0 +1,121 @@
+"""Shared fixtures for the end-to-end tests: a tiny Fashion-MNIST and a model pretrained on it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cbp import cli
+from cbp.checkpoint import load_checkpoint
+from cbp.data import FASHION_MNIST_DIR, read_idx
+from cbp.train import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+
+TINY_TRAIN, TINY_VAL = 256, 128
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Train on one thread: on a machine whose cores are busy, two threads wait on each other
+    (a ResNet-20 step measured 0.25 s on one, 0.8-3 s on two). Subprocesses get the same through
+    ``OMP_NUM_THREADS=1``, so their numbers match in-process ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """An uncompressed IDX file of unsigned bytes (type 0x08), as LeCun's format describes it."""
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, array.ndim]))
+        for size in array.shape:
+            f.write(int(size).to_bytes(4, "big"))
+        f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_fashion(tmp_path_factory) -> str:
+    """The first 256 training and 128 test images of Debian's Fashion-MNIST, as IDX files.
+
+    Reading these instead of the full 60k-image archive keeps every CLI call fast.
+    """
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip("dataset-fashion-mnist is not installed")
+    folder = tmp_path_factory.mktemp("fashion")
+    for stem, count in (("train", TINY_TRAIN), ("t10k", TINY_VAL)):
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            data = read_idx(os.path.join(FASHION_MNIST_DIR, f"{stem}-{kind}.gz"))[:count]
+            write_idx(str(folder / f"{stem}-{kind}"), data.numpy())
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_fashion, tmp_path_factory) -> str:
+    """A ResNet-20 checkpoint after one pretraining epoch on the tiny set."""
+    out = tmp_path_factory.mktemp("pretrain")
+    with one_thread():
+        assert cli.main(["pretrain", "--data-dir", tiny_fashion, "--epochs", "1",
+                         "--batch-size", "32", "--out", str(out), "--quiet"]) == 0
+    return str(out / CHECKPOINT_NAME)
+
+
+@pytest.fixture(scope="session")
+def quantize_argv(tiny_fashion, pretrained):
+    """``cbp quantize`` argv for a small CBP run: 96 images = 3 steps of 32 per epoch.
+
+    A large eta_lambda and p_max 1 make g and lambda change at every epoch, so a resume that got
+    any of the CBP state wrong would show in the weights.
+    """
+    def argv(out: str, epochs: int, *extra: str) -> list[str]:
+        return ["quantize", "--from", pretrained, "--data-dir", tiny_fashion, "--limit", "96",
+                "--val-limit", "64", "--batch-size", "32", "--multiplier-lr", "1e-2", "--p-max",
+                "1", "--epochs", str(epochs), "--out", out, "--quiet", *extra]
+    return argv
+
+
+REFERENCE_EPOCHS = 2
+
+
+@pytest.fixture(scope="session")
+def reference_run(quantize_argv, tmp_path_factory) -> str:
+    """The run directory of an uninterrupted ``REFERENCE_EPOCHS``-epoch CBP run."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    with one_thread():
+        assert cli.main(quantize_argv(out, REFERENCE_EPOCHS)) == 0
+    return out
+
+
+def _assert_same(a, b, where: str = "state") -> None:
+    """Bit-identical nested checkpoint contents (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="session")
+def assert_same_run():
+    """Compare two run directories: checkpoints bit for bit, log rows except their timings."""
+    def check(dir_a: str, dir_b: str) -> None:
+        a, b = (load_checkpoint(os.path.join(d, CHECKPOINT_NAME)) for d in (dir_a, dir_b))
+        for key in ("epoch", "step", "model", "optimizer", "cbp", "scheduler", "rng"):
+            _assert_same(a[key], b[key], key)
+        rows_a, rows_b = (read_jsonl(os.path.join(d, LOG_NAME)) for d in (dir_a, dir_b))
+        for row in (*rows_a, *rows_b):
+            del row["seconds"]
+        assert rows_a == rows_b
+    return check

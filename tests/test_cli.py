@@ -1,0 +1,134 @@
+"""End to end through ``cbp.cli.main`` on a tiny Fashion-MNIST (issue 3): pretrain, quantize with a
+TOML config, evaluate, export and plot; and an interrupted run resumed to the bit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import matplotlib.image
+import pytest
+import torch
+from conftest import REFERENCE_EPOCHS, one_thread
+
+from cbp import cli
+from cbp.checkpoint import load_checkpoint
+from cbp.export import read_packed
+from cbp.layers import convert
+from cbp.train import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ETA_LAMBDA = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def assert_picture(path: str) -> None:
+    """A decodable PNG of a real figure: signature, IHDR size, not one flat colour."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width >= 300 and height >= 200
+    assert os.path.getsize(path) > 10_000
+    assert matplotlib.image.imread(path).std() > 0.01
+
+
+def test_pretrain_row_and_checkpoint(pretrained):
+    run_dir = os.path.dirname(pretrained)
+    (row,) = read_jsonl(os.path.join(run_dir, LOG_NAME))
+    assert set(row) == {"epoch", "loss", "steps", "lr", "top1", "top5", "val_loss", "seconds"}
+    assert (row["epoch"], row["steps"], row["lr"]) == (1, 256 // 32, 0.1)
+    assert math.isfinite(row["loss"]) and row["loss"] > 0 and row["seconds"] > 0
+    assert 0 <= row["top1"] <= row["top5"] <= 100
+    state = load_checkpoint(pretrained)
+    assert (state["epoch"], state["step"], state["meta"]["mode"]) == (1, 0, "pretrain")
+    assert_picture(os.path.join(run_dir, "curves.png"))
+
+
+def write_config(path, **values) -> str:
+    lines = ["[quantize]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_config_sets_values_and_flags_win(tmp_path):
+    config = write_config(tmp_path / "c.toml", p_max=3, multiplier_lr=0.5, exclude=["layer3"],
+                          channels_last=False, no_constraint=True, levels="-1,0,1",
+                          constraint="custom")
+    args = cli.parse_args(["quantize", "--config", config, "--out", "o", "--p-max", "7"])
+    assert (args.p_max, args.multiplier_lr, args.exclude) == (7, 0.5, ["layer3"])
+    assert (args.channels_last, args.no_constraint, args.levels) == (False, True, "-1,0,1")
+    assert cli.parse_args(["quantize", "--config", config, "--out", "o",
+                           "--channels-last", "--exclude"]).channels_last is True
+    assert cli.parse_args(["quantize", "--config", config, "--out", "o",
+                           "--exclude"]).exclude == []
+
+
+def test_quantize_evaluate_export_plot(pretrained, tiny_fashion, tmp_path, capsys):
+    """Pretrained checkpoint -> 2 CBP epochs -> evaluate, export, plot; values in range."""
+    # The config asks for 5 epochs of 64-image batches; the command line wins with 2 of 32.
+    config = write_config(tmp_path / "run.toml", epochs=5, batch_size=64, limit=64,
+                          multiplier_lr=ETA_LAMBDA, p_max=1, val_limit=64, constraint="binary")
+    out = str(tmp_path / "binary")
+    assert cli.main(["quantize", "--config", config, "--from", pretrained, "--data-dir",
+                     tiny_fashion, "--epochs", "2", "--batch-size", "32", "--out", out,
+                     "--quiet"]) == 0
+
+    rows = read_jsonl(os.path.join(out, LOG_NAME))
+    assert [r["epoch"] for r in rows] == [1, 2] and {r["steps"] for r in rows} == {64 // 32}
+    for epoch, row in enumerate(rows, start=1):
+        assert math.isfinite(row["loss"]) and row["loss"] > 0
+        # L = CE + sum(lambda * cs) >= CE at every step, summed over the epoch's 2 steps.
+        assert row["lagrangian_sum"] >= row["loss"] * row["steps"] * (1 - 1e-6)
+        assert row["g"] == 1 + epoch                      # p_max = 1: g += 1 every epoch
+        # Adam moves lambda by about eta per update: one at start, one per epoch end.
+        assert 0 <= row["lambda_mean"] <= row["lambda_max"]
+        assert epoch * ETA_LAMBDA < row["lambda_max"] <= (epoch + 1) * ETA_LAMBDA * 1.01
+        assert 0 < row["cfs"] < 1 and 0 <= row["on_levels"] <= 1
+        assert row["lr"] == 1e-3                          # the paper's lr; no drop before g = 20
+        assert 0 <= row["top1"] <= row["top5"] <= 100 and row["seconds"] > 0
+    hists = read_jsonl(os.path.join(out, HIST_NAME))
+    assert [h["epoch"] for h in hists] == [0, 1, 2]
+
+    ckpt = os.path.join(out, CHECKPOINT_NAME)
+    state = load_checkpoint(ckpt)
+    assert (state["epoch"], state["meta"]["constraint"], state["cbp"]["g"]) == (2, "binary", 3.0)
+    model, _ = cli.load_model(ckpt)
+    assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    for name in ("curves.png", "histograms.png"):
+        assert_picture(os.path.join(out, name))
+
+    capsys.readouterr()
+    assert cli.main(["evaluate", ckpt, "--data-dir", tiny_fashion, "--val-limit", "64"]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.strip().splitlines())
+    assert abs(float(printed["top1"]) - rows[-1]["top1"]) <= 100 / 64   # one image at most
+    assert float(printed["cfs"]) == pytest.approx(rows[-1]["cfs"], rel=1e-4)
+
+    packed = str(tmp_path / "binary.safetensors")
+    assert cli.main(["export", ckpt, packed]) == 0
+    assert os.path.getsize(packed) < os.path.getsize(ckpt) / 10
+    snapped = convert(model).state_dict()   # weights on their levels, cbp buffers dropped
+    unpacked = read_packed(packed)
+    assert unpacked.keys() == snapped.keys()
+    assert all(torch.equal(unpacked[k], snapped[k]) for k in snapped)
+
+    os.unlink(os.path.join(out, "curves.png"))
+    assert cli.main(["plot", out]) == 0
+    assert_picture(os.path.join(out, "curves.png"))
+
+
+def test_resume_after_a_stop_is_bit_identical(quantize_argv, reference_run, assert_same_run,
+                                             tmp_path):
+    """k epochs, then ``--resume`` to N: the same weights, lambda, optimizer state and log."""
+    out = str(tmp_path / "resumed")
+    assert cli.main(quantize_argv(out, 1)) == 0
+    assert len(read_jsonl(os.path.join(out, LOG_NAME))) == 1
+    assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
+    assert_same_run(out, reference_run)
