@@ -17,15 +17,29 @@ import torch
 
 
 def _interval(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower and upper level of the interval ``[lo, hi)`` holding each weight (outer one if outside)."""
-    j = torch.bucketize(w, levels[1:-1], right=True)
-    return levels[j], levels[j + 1]
+    """Lower and upper level of the interval ``[lo, hi)`` holding each weight (outer one if outside).
+
+    One comparison per interior level rather than ``bucketize``: no int64 index tensor, so that
+    ``torch.compile`` fuses it with :func:`_cs_and_slope` into a single pass over the weights.
+    """
+    lo, hi = levels[0], levels[1]
+    for k in range(1, levels.shape[0] - 1):
+        up = w >= levels[k]
+        lo, hi = torch.where(up, levels[k], lo), torch.where(up, levels[k + 1], hi)
+    return lo, hi
 
 
 def quantize(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Nearest level, clipped to ``[q_1, q_n]``; an exact midpoint goes to the lower level."""
+    """Nearest level, clipped to ``[q_1, q_n]``; an exact midpoint goes to the lower level.
+
+    One elementwise ``where`` per midpoint rather than ``bucketize``: it returns the level values
+    exactly and keeps the weight's memory format (channels-last convolution weights stay so).
+    """
     midpoints = (levels[1:] + levels[:-1]) / 2
-    return levels[torch.bucketize(w, midpoints)]
+    q = levels[0].expand_as(w)
+    for k in range(len(midpoints)):
+        q = torch.where(w > midpoints[k], levels[k + 1], q)
+    return q
 
 
 def sawtooth(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -52,16 +66,6 @@ def constrained_mask(w: torch.Tensor, levels: torch.Tensor, g: float) -> torch.T
 def constraint(w: torch.Tensor, levels: torch.Tensor, g: float) -> torch.Tensor:
     """``cs(w; g) = ucs(w; g) Y(w)`` (paper Eq. 9). Differentiable in ``w`` through ``Y`` only."""
     return sawtooth(w, levels) * constrained_mask(w, levels, g)
-
-
-def _interval_unrolled(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_interval` as one comparison per interior level: no int64 index tensor, so that
-    ``torch.compile`` fuses it with :func:`_cs_and_slope` into a single pass over the weights."""
-    lo, hi = levels[0], levels[1]
-    for k in range(1, levels.shape[0] - 1):
-        up = w >= levels[k]
-        lo, hi = torch.where(up, levels[k], lo), torch.where(up, levels[k + 1], hi)
-    return lo, hi
 
 
 def _cs_and_slope(
@@ -103,7 +107,7 @@ def _fused_penalty(w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor, facto
     so that a new g does not trigger a recompile.
     """
     levels = (factors * scale).to(w.dtype)
-    lo, hi = _interval_unrolled(w, levels)
+    lo, hi = _interval(w, levels)
     cs, slope = _cs_and_slope(w, lo, hi, levels, g)
     grad.addcmul_(lam, slope)
     return (lam * cs).sum()

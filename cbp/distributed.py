@@ -75,9 +75,16 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (identity for one process)."""
+    """Sum over processes, in place (identity for one process)."""
     if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over processes, in place (identity for one process)."""
+    if is_distributed():
+        all_reduce_sum(values).div_(dist.get_world_size())
     return values
 
 

@@ -28,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .config import CBPConfig
 from .constraint import _fused_penalty, constraint, constraint_and_grad
+from .distributed import all_reduce_mean
 from .layers import quantized_layers
 
 
@@ -206,11 +206,7 @@ class Lagrangian:
         ``lr_drop_at_g``); else ``L_sum_pre = L_sum``.
         """
         cfg = self.config
-        epoch_sum = self._epoch_sum.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(epoch_sum, op=dist.ReduceOp.SUM)
-            epoch_sum /= dist.get_world_size()
-        lagrangian_sum = float(epoch_sum)
+        lagrangian_sum = float(all_reduce_mean(self._epoch_sum.clone()))
         self._epoch_sum.zero_()
         self.epoch += 1
         self.p += 1
