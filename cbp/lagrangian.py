@@ -198,6 +198,15 @@ class Lagrangian:
             for lam in self.multipliers.values():
                 lam.grad = None
 
+    def merge_partial_sum(self) -> None:
+        """Give every process the mean over processes of this epoch's ``L_sum`` so far.
+
+        Called before a mid-epoch checkpoint, which rank 0 alone writes: without it, a resumed
+        run would carry rank 0's share in place of every process's. The mean of the completed
+        sums that :meth:`end_epoch` takes is unchanged. A collective: every process calls it.
+        """
+        all_reduce_mean(self._epoch_sum)
+
     def end_epoch(self) -> EpochEnd:
         """The paper's end-of-epoch rule; call once after every epoch (on every process).
 

@@ -387,6 +387,8 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         if not _finite(run.model):
             raise NonFiniteError(f"the weights became NaN or infinite in epoch {epoch + 1}")
         if stats["stopped_at"] is not None:
+            if run.lagrangian is not None:
+                run.lagrangian.merge_partial_sum()
             _save(run, Position(epoch, stats["stopped_at"], stats["loss_sum"]), ckpt_path)
             raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch + 1} "
                               f"after step {stats['stopped_at']} of {stats['steps']}; "

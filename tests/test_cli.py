@@ -15,9 +15,12 @@ from conftest import REFERENCE_EPOCHS, one_thread
 
 from cbp import cli
 from cbp.checkpoint import load_checkpoint
+from cbp.cli import load_model
+from cbp.data import load_dataset
+from cbp.distributed import Context
 from cbp.export import read_packed
 from cbp.layers import convert
-from cbp.train import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
+from cbp.train import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, evaluate, read_jsonl
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ETA_LAMBDA = 1e-2
@@ -132,3 +135,37 @@ def test_resume_after_a_stop_is_bit_identical(quantize_argv, reference_run, asse
     assert len(read_jsonl(os.path.join(out, LOG_NAME))) == 1
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
     assert_same_run(out, reference_run)
+
+
+def test_demo_prints_the_table_and_caches_pretraining(tiny_fashion, tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(f"""
+[pretrain]
+data_dir = "{tiny_fashion}"
+epochs = 1
+batch_size = 32
+[quantize]
+data_dir = "{tiny_fashion}"
+limit = 96
+val_limit = 32
+batch_size = 32
+epochs = 2
+multiplier_lr = 1e-2
+p_max = 1
+""")
+    out = str(tmp_path / "demo")
+    with one_thread():
+        assert cli.main(["demo", "--config", str(config), "--out", out, "--quiet"]) == 0
+        first = capsys.readouterr().out
+        assert cli.main(["demo", "--config", str(config), "--out", out, "--quiet"]) == 0
+        second = capsys.readouterr().out
+    assert "pretrained model found" not in first and "pretrained model found" in second
+    table = {key.strip(): value.strip() for key, value in
+             (line.rsplit("  ", 1) for line in first.splitlines() if "  " in line)}
+    model, _ = load_model(os.path.join(out, "binary", CHECKPOINT_NAME))
+    test_data, _, _ = load_dataset("fashion-mnist", tiny_fashion, False)
+    full = evaluate(model, test_data, Context(0, 1, torch.device("cpu")))
+    # the table's top-1 is the whole (here 128-image) test set, not the 32-image monitor
+    assert float(table["CBP binary top-1 (%)"]) == pytest.approx(full["top1"], abs=5e-3)
+    assert table["final g / CBP epochs"].endswith("/ 2")
+    assert os.path.isfile(os.path.join(out, "binary", "curves.png"))

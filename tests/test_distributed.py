@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,11 +21,14 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import cbp
+import cbp.train
 from cbp.checkpoint import load_checkpoint
 from cbp.distributed import Context, OutOfSyncError, _fingerprint, check_in_sync, setup, teardown
+from cbp.interrupts import Interrupted
 from cbp.train import CHECKPOINT_NAME, LOG_NAME, Run, fit, read_jsonl
 
 EPOCHS, BATCH, N_TRAIN, N_VAL = 3, 8, 48, 21   # 21: the two ranks evaluate 11 + 10 samples
+STEPS = N_TRAIN // BATCH                        # per epoch, on each rank
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "CBP_DEBUG": "1", "CBP_COMPILE": "0", "OMP_NUM_THREADS": "1"}
 
@@ -55,12 +59,32 @@ def train(ctx: Context, out_dir: str, epochs: int, resume: bool = False) -> Run:
     return run
 
 
+def interrupt_rank1_after(ctx: Context, steps: int) -> None:
+    """SIGINT to rank 1 alone after its ``steps``-th step: the stop must reach both ranks and the
+    checkpoint, written by rank 0, must still hold rank 1's share of the epoch's L_sum."""
+    count, step = [0], cbp.Lagrangian.step
+
+    def counting_step(self, loss):
+        step(self, loss)
+        count[0] += 1
+        if ctx.rank == 1 and count[0] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+    cbp.Lagrangian.step = counting_step
+    cbp.train.NAN_CHECK_EVERY = 1   # poll the other rank's stop flag every step
+
+
 def worker(out: str) -> None:
     """One rank of the two-process run (see the module docstring)."""
     ctx = setup("cpu")
     train(ctx, os.path.join(out, "straight"), EPOCHS)
     train(ctx, os.path.join(out, "resumed"), EPOCHS - 1)
     run = train(ctx, os.path.join(out, "resumed"), EPOCHS, resume=True)
+    step, poll_every = cbp.Lagrangian.step, cbp.train.NAN_CHECK_EVERY
+    interrupt_rank1_after(ctx, STEPS + 2)
+    with pytest.raises(Interrupted):
+        train(ctx, os.path.join(out, "mid_epoch"), EPOCHS)
+    cbp.Lagrangian.step, cbp.train.NAN_CHECK_EVERY = step, poll_every
+    train(ctx, os.path.join(out, "mid_epoch"), EPOCHS, resume=True)
     held = {"model": run.model.state_dict(), "lambda": run.lagrangian.multipliers,
             "g": run.lagrangian.g, "p": run.lagrangian.p}
     torch.save(held, os.path.join(out, f"rank{ctx.rank}.pt"))
@@ -137,6 +161,19 @@ def test_resume_under_two_processes_continues_exactly(runs):
     assert [r["epoch"] for r in read_jsonl(os.path.join(out, "resumed", LOG_NAME))] == [1, 2, 3]
 
 
+def test_stop_mid_epoch_under_two_processes_resumes_with_every_ranks_share(runs):
+    out, _ = runs
+    rows = read_jsonl(os.path.join(out, "mid_epoch", LOG_NAME))
+    straight = read_jsonl(os.path.join(out, "straight", LOG_NAME))
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for r, s in zip(rows, straight):   # epoch 2's L_sum spans the stop
+        assert r["lagrangian_sum"] == pytest.approx(s["lagrangian_sum"], rel=1e-9)
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-9)
+    resumed = load_checkpoint(os.path.join(out, "mid_epoch", CHECKPOINT_NAME))
+    _assert_same_run(resumed, load_checkpoint(os.path.join(out, "straight", CHECKPOINT_NAME)),
+                     rtol=0, atol=0)
+
+
 def test_fingerprint_is_exact_and_order_free():
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert _fingerprint(x) == _fingerprint(x.flip(0)) == _fingerprint([x[:500], x[500:]])
@@ -160,6 +197,13 @@ def test_cli_quantize_under_torchrun(tmp_path):
         assert r["top1"] * 51 / 100 == pytest.approx(round(r["top1"] * 51 / 100))
     assert load_checkpoint(str(out / CHECKPOINT_NAME))["meta"]["constraint"] == "binary"
     assert (out / "curves.png").is_file()
+    evaluate = ["-m", "cbp", "evaluate", str(out / CHECKPOINT_NAME), "--val-limit", "51",
+                "--device", "cpu"]
+    proc = subprocess.run([*TORCHRUN, *evaluate], env=ENV, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    top1 = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["top1"]]
+    assert top1 == [["top1", f"{rows[-1]['top1']:.6g}"]]   # rank 0 alone prints, full set
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, capsys):

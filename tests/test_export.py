@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -108,10 +109,12 @@ def test_load_packed_predicts_exactly_like_the_prepared_model(tmp_path, levels):
         assert len(weight.unique()) <= len(cbp.resolve_factors(levels))
     for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "13.bias", "0.weight"):
         assert torch.equal(plain.state_dict()[key], model.state_dict()[key])
-    with open(path, "rb") as f:
-        layout = json.loads(f.read(8 + header_size(path))[8:])["__metadata__"]["cbp"]
-    bits = {entry["bits"] for entry in json.loads(layout)["packed"].values()}
+    meta, layout = read_meta(path.read_bytes())
+    assert (meta["format"], meta["version"]) == ("cbp-packed", 2)
+    assert [e["key"] for e in layout] == list(model.state_dict())
+    bits = {e["bits"] for e in layout if "bits" in e}
     assert bits == {LEVELS[levels]}
+    assert set(st_load(path.read_bytes())) == {"packed", "float32", "int64"}
 
 
 def test_load_packed_fills_a_given_model(tmp_path):
@@ -237,31 +240,51 @@ def test_flipped_payload_byte_is_caught(tmp_path, exported):
         assert_export_error(path, "CRC-32")
 
 
-def resave(path, data, edit_tensors=None, edit_layout=None):
+def read_meta(data: bytes) -> tuple[dict, list[dict]]:
+    """Our metadata and its layout list, decoded as the module docstring describes the format."""
+    meta = json.loads(json.loads(data[8 : 8 + split(data)])["__metadata__"]["cbp"])
+    return meta, json.loads(zlib.decompress(base64.b64decode(meta["layout"])))
+
+
+def resave(path, data, edit_tensors=None, edit_layout=None, edit_meta=None):
     """Rewrite an export with edited tensors or layout, keeping a valid CRC (a deliberate forgery)."""
     tensors = st_load(data)
-    layout = json.loads(json.loads(data[8 : 8 + split(data)])["__metadata__"]["cbp"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_layout:
-        edit_layout(layout)
+    meta, layout = read_meta(data)
+    for edit, target in ((edit_tensors, tensors), (edit_layout, layout), (edit_meta, meta)):
+        if edit:
+            edit(target)
     payload = st_save(tensors)
-    layout["crc32"] = zlib.crc32(payload[8 + split(payload) :])
-    path.write_bytes(st_save(tensors, metadata={"cbp": json.dumps(layout)}))
+    meta["crc32"] = zlib.crc32(payload[8 + split(payload) :])
+    if not edit_meta:
+        meta["layout"] = base64.b64encode(zlib.compress(json.dumps(layout).encode())).decode()
+    path.write_bytes(st_save(tensors, metadata={"cbp": json.dumps(meta)}))
+
+
+def entry(layout, key):
+    return next(e for e in layout if e["key"] == key)
 
 
 def test_inconsistent_contents(tmp_path, exported):
     path, data = exported
-    resave(path, data, edit_tensors=lambda t: t.update({"3.weight": t["3.weight"][:-1]}))
-    assert_export_error(path, "'3.weight'.*576 indices of 3 bits take 216 bytes, got 215")
-    resave(path, data, edit_tensors=lambda t: t["3.weight"].fill_(255))  # index 7 of 5 levels
+    packed_bytes = len(st_load(data)["packed"])
+    resave(path, data, edit_tensors=lambda t: t.update(packed=t["packed"][:-1]))
+    assert_export_error(path, f"tensor 'packed' ends inside '9.weight' .{packed_bytes - 1} "
+                              f"entries, '9.weight' needs {packed_bytes}")
+    resave(path, data, edit_tensors=lambda t: t.update(packed=torch.cat([t["packed"], t["packed"][:1]])))
+    assert_export_error(path, "tensor 'packed' holds 1 entries that no layer uses")
+    resave(path, data, edit_tensors=lambda t: t["packed"].fill_(255))  # index 7 of 5 levels
     assert_export_error(path, "level index 7 of 5")
-    resave(path, data, edit_tensors=lambda t: t.pop("6.cbp_scale"))
+    resave(path, data, edit_tensors=lambda t: t.update(float32=t["float32"].double()))
+    assert_export_error(path, "tensor 'float32' holding '0.weight' is missing or malformed")
+    resave(path, data, edit_layout=lambda layout: layout.remove(entry(layout, "6.cbp_scale")),
+           edit_tensors=lambda t: t.update(float32=t["float32"][:-1]))   # sizes still add up
     assert_export_error(path, "'6.cbp_scale' is missing")
-    resave(path, data, edit_layout=lambda meta: meta["packed"]["3.weight"].update(bits=2))
+    resave(path, data, edit_layout=lambda layout: entry(layout, "3.weight").update(bits=2))
     assert_export_error(path, "corrupted cbp metadata for '3.weight'")
-    resave(path, data, edit_layout=lambda meta: meta.update(version=2))
-    assert_export_error(path, "version 2 is not supported")
+    resave(path, data, edit_meta=lambda meta: meta.update(layout="bm90IHpsaWI="))  # "not zlib"
+    assert_export_error(path, "corrupted cbp metadata .layout: error")
+    resave(path, data, edit_meta=lambda meta: meta.update(version=1))
+    assert_export_error(path, "version 1 is not supported")
 
 
 def test_model_that_does_not_fit(exported):
