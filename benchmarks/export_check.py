@@ -1,0 +1,100 @@
+"""Is the exported model truly small, and does it compute exactly what the quantized model does?
+
+    .venv/bin/python benchmarks/export_check.py runs/demo/binary/checkpoint.pt
+
+For a CBP checkpoint (the demo's by default) it writes the packed export and an ONNX file to a
+temporary folder (or ``--out``) and prints, as a markdown table:
+
+* the packed file's size against the ideal - the packed level indices plus the float parts
+  (first and last layer, BatchNorm, biases, scales and factors), i.e. ``cbp.summary``'s total -
+  and against the same model saved as float32 safetensors;
+* the top-1 of the quantized model (straight-through forward, eval mode) and of the model
+  :func:`cbp.load_packed` rebuilds from the file, on the whole test set, and on how many images
+  their predictions agree, with the largest gap between their logits;
+* the ONNX file's size and the largest gap between onnxruntime and PyTorch on a test batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import save as st_save
+from torch.utils.data import DataLoader
+
+import cbp
+from cbp.cli import load_model
+from cbp.data import load_dataset
+from cbp.export import check_onnx, export_onnx
+from cbp.models import build_model
+
+
+@torch.no_grad()
+def compare_predictions(quantized: torch.nn.Module, rebuilt: torch.nn.Module, data) -> dict:
+    """Top-1 of both models, predictions that agree and the largest logit gap, over ``data``."""
+    agree = correct_q = correct_r = 0
+    gap = 0.0
+    for x, y in DataLoader(data, batch_size=500):
+        a, b = quantized(x), rebuilt(x)
+        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        correct_q += int((a.argmax(1) == y).sum())
+        correct_r += int((b.argmax(1) == y).sum())
+        gap = max(gap, float((a - b).abs().max()))
+    n = len(data)
+    return {"n": n, "agree": agree, "top1_quantized": 100 * correct_q / n,
+            "top1_rebuilt": 100 * correct_r / n, "max_logit_gap": gap}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?", default="runs/demo/binary/checkpoint.pt")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--out", help="folder for model.safetensors and model.onnx (default: temp)")
+    args = parser.parse_args()
+    if not os.path.exists(args.checkpoint):
+        print(f"export_check: {args.checkpoint} not found (run `make demo` first)", file=sys.stderr)
+        return 2
+    model, meta = load_model(args.checkpoint)
+    model.eval()
+    out = args.out or tempfile.mkdtemp(prefix="cbp-export-")
+    os.makedirs(out, exist_ok=True)
+    packed_path = cbp.export(model, os.path.join(out, "model.safetensors"))
+
+    sizes = cbp.summary(model)
+    file_bytes = os.path.getsize(packed_path)
+    float_file = len(st_save(cbp.convert(model).state_dict()))
+    rebuilt = cbp.load_packed(packed_path, lambda: build_model(meta["model"], meta["num_classes"],
+                                                               meta["in_channels"]))
+    test_data, _, _ = load_dataset(meta["dataset"], args.data_dir, False)
+    result = compare_predictions(model, rebuilt, test_data)
+
+    batch = torch.stack([test_data[i][0] for i in range(64)])
+    onnx_path = export_onnx(model, os.path.join(out, "model.onnx"), batch[:2])
+    onnx_gap = check_onnx(onnx_path, model, batch)
+
+    rows = [
+        ("packed file (safetensors)", f"{file_bytes:,} B"),
+        ("ideal: packed bits + float parts", f"{sizes.packed_bytes:,} B"),
+        ("file / ideal", f"{file_bytes / sizes.packed_bytes:.3f}"),
+        ("float32 safetensors of the same model", f"{float_file:,} B"),
+        ("float32 / packed file", f"{float_file / file_bytes:.1f}x"),
+        ("ONNX file (float weights on the levels)", f"{os.path.getsize(onnx_path):,} B"),
+        ("test images", f"{result['n']:,}"),
+        ("top-1 quantized model (STE forward)", f"{result['top1_quantized']:.2f}%"),
+        ("top-1 model rebuilt from the file", f"{result['top1_rebuilt']:.2f}%"),
+        ("predictions that agree", f"{result['agree']:,} / {result['n']:,}"),
+        ("max |logit gap| file vs quantized", f"{result['max_logit_gap']:.3g}"),
+        ("max |onnxruntime - torch| (64 images)", f"{onnx_gap:.3g}"),
+    ]
+    print(f"checkpoint: {args.checkpoint}; files in {out}\n")
+    print("| | |\n|---|---|")
+    print("\n".join(f"| {k} | {v} |" for k, v in rows))
+    print(f"\n{sizes}")
+    return 0 if result["agree"] == result["n"] and file_bytes <= 1.1 * sizes.packed_bytes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
