@@ -155,7 +155,7 @@ def time_model(args, model_name: str, device: torch.device) -> dict:
 
 def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, lagrangian) -> int:
     """Bytes of every tensor a training run keeps between steps: weights, buffers, gradients,
-    momentum, and for CBP lambda and its Adam moments (STE's Lagrangian allocates lambda too)."""
+    momentum, and for CBP lambda and its Adam moments (STE-only holds no lambda)."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     optimizers = [opt] + ([lagrangian._ascent] if lagrangian and lagrangian._ascent else [])

@@ -99,10 +99,11 @@ class Lagrangian:
         if not self.layers:
             raise ValueError("the model has no quantized layer; call cbp.prepare(model, config) first")
         self.parameters = [p for p in model.parameters() if p.requires_grad]
+        # STE-only (use_constraint off) holds no multiplier: it costs no memory over plain STE.
         self.multipliers = {name: torch.zeros_like(layer.weight, dtype=torch.float32)
-                            for name, layer in self.layers.items()}
+                            for name, layer in self.layers.items()} if config.use_constraint else {}
         self._ascent = None
-        if config.multiplier_rule == "adam":
+        if config.multiplier_rule == "adam" and self.multipliers:
             # maximize=True: Adam climbs L in lambda, whose gradient is cs (>= 0).
             self._ascent = torch.optim.Adam(list(self.multipliers.values()),
                                             lr=config.multiplier_lr, maximize=True)

@@ -168,7 +168,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     every = 1 if ctx.device.type == "cpu" and ctx.world_size == 1 else NAN_CHECK_EVERY
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, unit="step",
                disable=not (run.show_progress and ctx.is_main))
-    step, stopped_at = first, None
+    step, stopped_at, signum = first, None, 0
     for x, y in itertools.islice(_batches(loader, first), steps - first):
         x, y = _to_device(run, x), y.to(ctx.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
@@ -197,7 +197,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     bar.close()
     loss_sum = all_reduce_sum(loss_sum)
     return {"loss": float(loss_sum / (step * ctx.world_size)), "steps": steps,
-            "stopped_at": stopped_at, "loss_sum": loss_sum}
+            "stopped_at": stopped_at, "signum": signum, "loss_sum": loss_sum}
 
 
 @torch.no_grad()
@@ -390,17 +390,19 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
             if run.lagrangian is not None:
                 run.lagrangian.merge_partial_sum()
             _save(run, Position(epoch, stats["stopped_at"], stats["loss_sum"]), ckpt_path)
-            raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch + 1} "
+            signum = stats["signum"]   # maybe another process's: the stop is collective
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1} "
                               f"after step {stats['stopped_at']} of {stats['steps']}; "
-                              f"{ckpt_path} holds that state: continue with --resume", stop.signum)
+                              f"{ckpt_path} holds that state: continue with --resume", signum)
         row = {"epoch": epoch + 1, "loss": stats["loss"], "steps": stats["steps"],
                "lr": run.optimizer.param_groups[0]["lr"]}
         if run.lagrangian is not None:
             end = run.lagrangian.end_epoch()
-            lams = torch.cat([lam.flatten() for lam in run.lagrangian.multipliers.values()])
             row.update(lagrangian_sum=end.lagrangian_sum, g=end.g, updated=end.updated,
-                       lr_dropped=end.lr_dropped, lambda_mean=float(lams.mean()),
-                       lambda_max=float(lams.max()))
+                       lr_dropped=end.lr_dropped)
+            if run.lagrangian.multipliers:
+                lams = torch.cat([lam.flatten() for lam in run.lagrangian.multipliers.values()])
+                row.update(lambda_mean=float(lams.mean()), lambda_max=float(lams.max()))
         if run.scheduler is not None:
             run.scheduler.step()
         if quantized_layers(run.model):
