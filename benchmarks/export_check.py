@@ -86,8 +86,8 @@ def main() -> int:
         ("top-1 quantized model (STE forward)", f"{result['top1_quantized']:.2f}%"),
         ("top-1 model rebuilt from the file", f"{result['top1_rebuilt']:.2f}%"),
         ("predictions that agree", f"{result['agree']:,} / {result['n']:,}"),
-        ("max |logit gap| file vs quantized", f"{result['max_logit_gap']:.3g}"),
-        ("max |onnxruntime - torch| (64 images)", f"{onnx_gap:.3g}"),
+        ("largest logit gap, file vs quantized", f"{result['max_logit_gap']:.3g}"),
+        ("largest gap, onnxruntime vs torch (64 images)", f"{onnx_gap:.3g}"),
     ]
     print(f"checkpoint: {args.checkpoint}; files in {out}\n")
     print("| | |\n|---|---|")

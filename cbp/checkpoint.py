@@ -24,6 +24,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, unsafe or from another run; one-line message."""
 
 
+def _new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file, fsync it and rename it to ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -31,6 +38,7 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     try:
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), _new_file_mode())  # mkstemp's 0600 would hide it from others
             write(f)
             f.flush()
             os.fsync(f.fileno())

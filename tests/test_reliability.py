@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -209,6 +210,19 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write(path, half_then_fail)
     assert load_checkpoint(path)["i"] == 1 and os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Like open(): 0666 less the umask, not the temporary file's private 0600."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "a"), lambda f: f.write(b"x"))
+        os.umask(0o077)
+        atomic_write(str(tmp_path / "b"), lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "b").st_mode) == 0o600
 
 
 # ---- NaN / inf ---------------------------------------------------------------------------------
