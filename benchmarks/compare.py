@@ -32,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from multiprocessing import get_context
@@ -40,6 +40,7 @@ from multiprocessing import get_context
 import torch
 import torch.nn as nn
 from torch.utils.data import Subset
+from tqdm import tqdm
 
 import cbp
 from cbp.baselines import post_training_rounding
@@ -263,11 +264,18 @@ def run_all(size: Size, cache: str, methods=METHODS, levels=LEVELS, jobs: int = 
         methods = [m for m in methods if m != "brevitas"]
     checkpoint = pretrain(size, cache)
     todo = tasks(size, methods, levels)
-    if jobs <= 1:
-        return [run_one(size, checkpoint, cache, *t) for t in todo]
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, size, checkpoint, cache, *t) for t in todo]
-        return [f.result() for f in futures]
+    with tqdm(total=len(todo), desc="cells (method, level set, seed)", unit="cell") as bar:
+        if jobs <= 1:
+            results = []
+            for task in todo:
+                results.append(run_one(size, checkpoint, cache, *task))
+                bar.update()
+            return results
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, size, checkpoint, cache, *t) for t in todo]
+            for _ in as_completed(futures):
+                bar.update()
+            return [f.result() for f in futures]
 
 
 def _cell(values: list[float], fmt: str) -> str:
