@@ -415,7 +415,8 @@ def run_demo(args: argparse.Namespace) -> None:
     # the quantize config may watch a validation subset per epoch; the table is the full test set
     data_dir = read_config(args.config, "quantize").get("data_dir")
     test_data, _, _ = load_dataset(meta["dataset"], data_dir, False)
-    final = evaluate(model, test_data, distributed.setup(None))
+    ctx = distributed.setup(None)
+    final = evaluate(model.to(ctx.device), test_data, ctx)
     worst = max(s["mean_distance"] for s in metrics.layer_stats(model))
     table = [
         ("full-precision top-1 (%)", f"{fp_row['top1']:.2f}"),
