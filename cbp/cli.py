@@ -407,10 +407,10 @@ def run_demo(args: argparse.Namespace) -> None:
     main_or_raise(["pretrain", "--config", args.config, "--out", fp_dir, "--resume", *quiet])
     main_or_raise(["quantize", "--config", args.config, "--from", fp_ckpt, "--out", cbp_dir,
                    "--overwrite", *quiet])
-    fp_row, cbp_row = _last_row(fp_dir), _last_row(cbp_dir)
+    fp_rows, cbp_rows = (read_jsonl(os.path.join(d, LOG_NAME)) for d in (fp_dir, cbp_dir))
+    fp_row, cbp_row = fp_rows[-1], cbp_rows[-1]
     # training time from the logs, so that a cached pretraining still shows what it took
-    fp_minutes, cbp_minutes = (sum(r["seconds"] for r in read_jsonl(os.path.join(d, LOG_NAME))) / 60
-                               for d in (fp_dir, cbp_dir))
+    fp_minutes, cbp_minutes = (sum(r["seconds"] for r in rows) / 60 for rows in (fp_rows, cbp_rows))
     model, meta = load_model(os.path.join(cbp_dir, CHECKPOINT_NAME))
     # the quantize config may watch a validation subset per epoch; the table is the full test set
     data_dir = read_config(args.config, "quantize").get("data_dir")
@@ -432,10 +432,6 @@ def run_demo(args: argparse.Namespace) -> None:
     width = max(len(k) for k, _ in table)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in table))
     print(f"\nplots: {cbp_dir}/curves.png, {cbp_dir}/histograms.png, {fp_dir}/curves.png")
-
-
-def _last_row(run_dir: str) -> dict:
-    return read_jsonl(os.path.join(run_dir, LOG_NAME))[-1]
 
 
 COMMANDS = {
