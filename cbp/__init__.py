@@ -4,6 +4,7 @@
     lagrangian = cbp.Lagrangian(model, config, optimizer)          # lambda, g, p, L_sum_pre
     ... loss.backward(); lagrangian.step() ... lagrangian.end_epoch(loss_sum)
     cbp.cfs(model)                                                 # paper Eq. 19
+    recipe = cbp.load_config("demo")                               # a config's CBPConfig + training
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
 """
@@ -15,12 +16,13 @@ from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
 from .metrics import cfs, fraction_on_levels, layer_stats
+from .options import Recipe, load_config
 
 __all__ = [
     "CBPConfig", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",
     "load_packed", "read_packed", "summary", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
-    "param_groups", "prepare", "quantize", "quantized_layers", "resolve_factors", "sawtooth",
-    "select_layers",
+    "Recipe", "load_config", "param_groups", "prepare", "quantize", "quantized_layers",
+    "resolve_factors", "sawtooth", "select_layers",
 ]
 __version__ = "0.1.0"

@@ -67,7 +67,7 @@ def test_config_sets_values_and_flags_win(tmp_path):
                           constraint="custom")
     args = cli.parse_args(["quantize", "--config", config, "--out", "o", "--p-max", "7"])
     assert (args.p_max, args.multiplier_lr, args.exclude) == (7, 0.5, ["layer3"])
-    assert (args.channels_last, args.no_constraint, args.levels) == (False, True, "-1,0,1")
+    assert (args.channels_last, not args.use_constraint, args.levels) == (False, True, "-1,0,1")
     assert cli.parse_args(["quantize", "--config", config, "--out", "o",
                            "--channels-last", "--exclude"]).channels_last is True
     assert cli.parse_args(["quantize", "--config", config, "--out", "o",

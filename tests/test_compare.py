@@ -62,7 +62,7 @@ def test_post_training_rounding_forward_is_the_converted_network():
 
 def test_schedule_reaches_g_final_and_drops_lr_at_g_20():
     epochs, drop = compare.schedule(compare.FULL)
-    # g = 1..10 (9 updates), 20 (10th: lr drop), ..., 100 (18th), 200 (19th) > g_final
+    # g = 1..10 (9 updates), 20 (10th: lr drop), ..., 100 (18th), 200 (19th) > stop_once_g_exceeds
     assert (epochs, drop) == (19 * compare.FULL.p_max, 10 * compare.FULL.p_max)
 
 
@@ -80,7 +80,7 @@ def test_quick_comparison_produces_every_row_in_range(tmp_path):
         if r["method"] in ("ste", "no_window", "cbp", "brevitas"):
             assert r["epochs"] == epochs and r["sec_per_epoch"] > 0
     cbp_runs = [r for r in results if r["method"] == "cbp"]
-    assert len(cbp_runs) == 2 and all(r["g"] > size.g_final for r in cbp_runs)
+    assert len(cbp_runs) == 2 and all(r["g"] > size.stop_once_g_exceeds for r in cbp_runs)
     assert all(math.isinf(r["g"]) for r in results if r["method"] == "no_window")
     text = compare.table(results, size, ["binary"])
     for method in expected:

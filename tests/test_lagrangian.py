@@ -47,7 +47,7 @@ def test_schedule_state_machine_with_hand_written_l_sums():
 
 
 def test_schedule_crosses_ten_and_hundred_and_finishes():
-    config = cbp.CBPConfig(p_max=1, g_final=100, multiplier_lr=0.0, lr_drop_at_g=None)
+    config = cbp.CBPConfig(p_max=1, stop_once_g_exceeds=100, multiplier_lr=0.0, lr_drop_at_g=None)
     lagrangian = cbp.Lagrangian(cbp.prepare(three_linear(), config), config)
     gs = []
     while not lagrangian.finished:

@@ -46,7 +46,7 @@ def expected(name: str) -> dict:
 def test_config_holds_the_papers_settings(name):
     args = cbp.cli.parse_args(["quantize", "--config", f"paper/{name}", "--out", "unused"])
     assert {key: getattr(args, key) for key in expected(name)} == expected(name)
-    assert (args.g_final, args.multiplier_rule, args.momentum) == (None, "adam", 0.9)
+    assert (args.stop_once_g_exceeds, args.multiplier_rule, args.momentum) == (None, "adam", 0.9)
 
 
 @pytest.fixture(scope="module", autouse=True)
