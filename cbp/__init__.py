@@ -11,12 +11,14 @@
 
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
-from .export import ExportError, Summary, check_onnx, export, export_onnx, load_packed, read_packed, summary
+from .export import ExportError, export, load_packed, read_packed
 from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
 from .metrics import cfs, fraction_on_levels, layer_stats
+from .onnx_export import check_onnx, export_onnx
 from .options import Recipe, load_config
+from .summary import Summary, summary
 
 __all__ = [
     "CBPConfig", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",

@@ -23,15 +23,16 @@ import torch
 
 from . import distributed, metrics
 from .data import load_dataset
-from .export import check_onnx, export_onnx, summary
 from .export import export as export_packed
 from .interrupts import Interrupted
 from .lagrangian import Lagrangian
 from .layers import param_groups, prepare
 from .models import build_model
+from .onnx_export import check_onnx, export_onnx
 from .options import build_parsers, cbp_config, load_config, parse_args
 from .plots import plot_run
 from .runs import CHECKPOINT_NAME, LOG_NAME, describe, load_model, load_pretrained, read_jsonl
+from .summary import summary
 from .train import Run, evaluate, fit
 
 
@@ -111,7 +112,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                          f"classes and {in_channels} channels")
     result = evaluate(model.to(ctx.device), val_data, ctx)
     if meta["mode"] == "quantize":
-        result.update(cfs=metrics.cfs(model), on_levels=metrics.fraction_on_levels(model))
+        result.update(metrics.report(model))
     if ctx.is_main:   # under torchrun every process holds the same full-set figures
         for key, value in result.items():
             print(f"{key:>10}  {value:.6g}")

@@ -48,3 +48,12 @@ def cfs(model: nn.Module) -> float:
 def fraction_on_levels(model: nn.Module, tolerance: float = 0.01) -> float:
     """Fraction of quantized weights within ``tolerance * scale`` of their nearest level."""
     return _weighted(layer_stats(model, tolerance), "on_levels")
+
+
+def report(model: nn.Module) -> dict[str, float]:
+    """The figures of a prepared model that every epoch's log row and ``cbp evaluate`` show.
+
+    A new metric added here reaches both (and the tests that read the rows).
+    """
+    rows = layer_stats(model)
+    return {"cfs": _weighted(rows, "cfs"), "on_levels": _weighted(rows, "on_levels")}

@@ -16,16 +16,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import cbp
-from cbp.export import (
-    ExportError,
-    MissingDependencyError,
-    check_onnx,
-    export,
-    export_onnx,
-    load_packed,
-    summary,
-)
+from cbp.export import ExportError, export, load_packed
+from cbp.onnx_export import MissingDependencyError, check_onnx, export_onnx
 from cbp.packing import pack_indices, packed_nbytes, unpack_indices
+from cbp.summary import summary
 
 CUSTOM = (-1.0, -0.3, 0.0, 0.6, 1.5)
 LEVELS = {"binary": 1, "ternary": 2, "shift1": 3, "shift2": 3, CUSTOM: 3}  # -> bits per weight
