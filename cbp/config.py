@@ -49,7 +49,7 @@ class CBPConfig:
     multiplier_lr: float = _doc(1e-4, "eta_lambda, the step size of the multipliers' ascent")
     multiplier_rule: str = _doc(
         "adam", "ascent rule of the multipliers (cbp.ascent): adam (reference code) or plain "
-        "(lambda += eta_lambda * cs, paper Algorithm 1)", choices=tuple(ASCENT_RULES))
+        "(lambda += eta_lambda * cs, paper Algorithm 1)", choices=ASCENT_RULES)
     initial_multiplier_update: bool = _doc(
         True, "one lambda update right after initialisation, at g = g_init (reference code)",
         aliases=("--no-initial-update",))

@@ -150,3 +150,20 @@ def test_stop_once_g_exceeds_means_exceeds():
     assert gs[-3:] == [100, 200, 300]
     with pytest.raises(TypeError, match="g_final is now called stop_once_g_exceeds"):
         cbp.CBPConfig(g_final=200)
+
+
+def test_a_new_multiplier_rule_is_one_entry(monkeypatch):
+    """Issue 15 item 3: an entry in ASCENT_RULES reaches CBPConfig, the flag and the Lagrangian."""
+    import torch
+
+    from cbp.ascent import ASCENT_RULES
+
+    monkeypatch.setitem(ASCENT_RULES, "adamw",
+                        lambda params, lr: torch.optim.AdamW(params, lr=lr, maximize=True))
+    config = config_of("--multiplier-rule", "adamw", "--multiplier-lr", "0.5", "--g-init", "inf")
+    model = cbp.prepare(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)), config)
+    lagrangian = cbp.Lagrangian(model, config)      # one update at initialisation
+    ascent = lagrangian.state_dict()["ascent"]
+    assert ascent["param_groups"][0]["weight_decay"] == 0.01   # AdamW's, not Adam's 0
+    (lam,) = lagrangian.multipliers.values()
+    assert lam.max() == pytest.approx(0.5, rel=1e-4)            # Adam-like first step: ~lr
