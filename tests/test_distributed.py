@@ -31,7 +31,7 @@ from cbp.train import Run, fit
 EPOCHS, BATCH, N_TRAIN, N_VAL = 3, 8, 48, 21   # 21: the two ranks evaluate 11 + 10 samples
 STEPS = N_TRAIN // BATCH                        # per epoch, on each rank
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ENV = {**os.environ, "CBP_DEBUG": "1", "CBP_COMPILE": "0", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "CBP_DEBUG": "1", "OMP_NUM_THREADS": "1"}
 
 
 def small_net() -> nn.Module:
