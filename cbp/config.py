@@ -79,7 +79,8 @@ class CBPConfig:
 
     compile_penalty: bool | None = _doc(
         None, "torch.compile the penalty kernel (cbp.penalty): unset = at the start of a run of "
-        "at least 200 steps, else never; on = always; off = never (same numbers, slower)")
+        "at least 200 steps (Lagrangian.plan), else never; on = always; off = never (eager: the "
+        "same numbers, slower)")
 
     factors: tuple[float, ...] = field(init=False, repr=False)
     g_final: InitVar[float | None] = None  # the old name of stop_once_g_exceeds: a clear error
