@@ -156,6 +156,9 @@ def _add_cbp_flags(flags: Flags, group) -> None:
     flags.add(group, "--levels",
               help="custom level factors, comma separated, e.g. -1,-0.5,0,0.5,1")
     for f in cbp_fields():
+        if f.type not in _KINDS:
+            raise TypeError(f"CBPConfig.{f.name}: no command-line form for {f.type!r}; add one to "
+                            "cbp.options._KINDS or give the field flag=False")
         kind = dict(_KINDS[f.type])
         flag = "--" + f.name.replace("_", "-")
         aliases = f.metadata.get("aliases", ())
