@@ -32,7 +32,7 @@ from .interrupts import Interrupted
 from .lagrangian import Lagrangian, param_groups
 from .layers import prepare
 from .levels import LEVEL_SETS
-from .models import MODEL_NAMES, build_model
+from .models import MODEL_NAMES, build_model, model_options, rebuild_model
 from .plots import plot_run
 from .train import CHECKPOINT_NAME, LOG_NAME, Run, evaluate, fit, read_jsonl
 
@@ -106,14 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="plain full-precision training; saves a checkpoint")
     p.add_argument("--model", choices=MODEL_NAMES, default="resnet20")
-    p.add_argument("--weights", help="start from 'torchvision' weights or a local file")
+    p.add_argument("--weights", help="start from 'torchvision' weights (the paper's), "
+                   "'torchvision:MEMBER' (e.g. torchvision:IMAGENET1K_V2) or a local file")
     _common(p, lr=0.1, weight_decay=5e-4, batch_size=128, epochs=10)
 
     p = sub.add_parser("quantize", help="CBP from a pretrained checkpoint")
     src = p.add_argument_group("pretrained model (one of)")
     src.add_argument("--from", dest="from_checkpoint", help="checkpoint of `cbp pretrain`")
     src.add_argument("--model", choices=MODEL_NAMES, help="model name, with --weights")
-    src.add_argument("--weights", help="'torchvision' or a local weights file")
+    src.add_argument("--weights", help="'torchvision' (the paper's published weights), "
+                     "'torchvision:MEMBER' or a local weights file")
     c = p.add_argument_group("CBP (defaults: the paper's)")
     c.add_argument("--constraint", choices=CONSTRAINTS, default="binary")
     c.add_argument("--levels", help="custom level factors, comma separated, e.g. -1,-0.5,0,0.5,1")
@@ -280,7 +282,7 @@ def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.n
                 f"{args.from_checkpoint} is a {meta['num_classes']}-class, "
                 f"{meta['in_channels']}-channel model; the data has {num_classes} classes and "
                 f"{in_channels} channels")
-        model = build_model(meta["model"], num_classes, in_channels)
+        model = rebuild_model(meta)
         model.load_state_dict(state["model"])
         return model, meta["model"]
     if not args.model:
@@ -325,6 +327,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         meta.update(constraint=args.constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
                     skip_first_last=config.skip_first_last)
+    meta["model_options"] = model_options(model)  # what rebuild_model needs besides the weights
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)
@@ -352,7 +355,7 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
     """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
     state = load_checkpoint(checkpoint)
     meta = state["meta"]
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
+    model = rebuild_model(meta)
     if meta["mode"] == "quantize":
         prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
                                  exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
