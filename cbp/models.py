@@ -122,7 +122,7 @@ _TORCHVISION = ("resnet18", "resnet50", "googlenet")
 
 # The torchvision weights the paper started from: the original ImageNet recipe, whose top-1
 # (torchvision's figures: ResNet-18 69.76%, ResNet-50 76.13%, GoogLeNet 69.78%) is the paper's
-# full-precision column (69.6, 76.0 and 71.0; the paper's GoogLeNet is not torchvision's). For
+# full-precision column (69.6, 76.0 and 71.0: the paper used a GoogLeNet other than this). For
 # ResNet-50, torchvision's DEFAULT is IMAGENET1K_V2 (80.86%), a later training recipe that would
 # make any comparison with the paper's Table 1 wrong; "torchvision:IMAGENET1K_V2" asks for it.
 PAPER_WEIGHTS = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V1",
@@ -171,6 +171,9 @@ def _torchvision_model(name: str, num_classes: int, in_channels: int, weights: s
         # that every GoogLeNet state_dict - torchvision's file, our checkpoints and exports -
         # loads into the same network; it reads exactly three channels, so grey input has none.
         options = {"transform_input": in_channels == 3, **options}
+        if options["transform_input"] and in_channels != 3:
+            raise ModelError(f"GoogLeNet's transform_input needs RGB input, not {in_channels}-channel "
+                             "input")
     if is_torchvision(weights):
         if num_classes != 1000 or in_channels != 3:
             raise ModelError(f"torchvision's {name} weights are for 1000 classes and RGB input, "

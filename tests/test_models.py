@@ -299,3 +299,5 @@ def test_googlenet_from_torchvisions_weights_file(tmp_path):
     assert model_options(build_model("resnet20", 10, 1)) == {}
     with pytest.raises(ModelError, match="resnet20 has no option transform_input"):
         build_model("resnet20", 10, 1, transform_input=True)
+    with pytest.raises(ModelError, match="transform_input needs RGB input, not 1-channel input"):
+        build_model("googlenet", 10, 1, transform_input=True)
