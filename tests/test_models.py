@@ -1,7 +1,6 @@
 """Models: shapes, ResNet-20 structure, what cbp.prepare skips, weight files and their errors,
 which published weights are fetched, and GoogLeNet rebuilt exactly from every kind of file."""
 
-import argparse
 import os
 import pickle
 
@@ -252,7 +251,7 @@ def _googlenet_checkpoint(path, model, mode="pretrain", **meta_extra):
 
 @pytest.mark.parametrize("transform_input", [True, False])
 def test_googlenet_rebuilt_exactly_from_a_checkpoint(transform_input, tmp_path):
-    from cbp.cli import _pretrained_model, load_model
+    from cbp.runs import load_model, load_pretrained
 
     torch.manual_seed(0)
     source = _with_batch_statistics(build_model("googlenet", 10, 3,
@@ -266,8 +265,7 @@ def test_googlenet_rebuilt_exactly_from_a_checkpoint(transform_input, tmp_path):
     model, _ = load_model(path)
     torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
     # cbp quantize --from
-    args = argparse.Namespace(from_checkpoint=path, model=None, weights=None)
-    model, _ = _pretrained_model(args, 10, 3)
+    model, _ = load_pretrained(path, 10, 3)
     torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
     # --weights FILE with the checkpoint (its recorded options are used)
     model = build_model("googlenet", 10, 3, weights=path)

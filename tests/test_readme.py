@@ -36,7 +36,7 @@ def test_readme_library_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(library_example(), "README.md", "exec"), names)
 
     model, lagrangian = names["model"], names["lagrangian"]
-    assert lagrangian.epoch == 2 and lagrangian.g >= 1
+    assert lagrangian.g >= 1 and names["epoch"] == 1 and names["end"].lagrangian_sum > 0
     assert os.path.getsize(tmp_path / "model.safetensors") > 0
     printed = capsys.readouterr().out
     assert f"{cbp.cfs(model)}" in printed and "total" in printed   # CFS and the summary table
