@@ -1,9 +1,10 @@
 """cbp: constrained backpropagation (Kim & Jeong, NeurIPS 2021) for any PyTorch model.
 
-    model = cbp.prepare(model, cbp.CBPConfig(levels="binary"))   # quantized forward, STE backward
+    model = cbp.prepare(model, cbp.CBPConfig(levels="binary"))   # in place; STE backward
     lagrangian = cbp.Lagrangian(model, config, optimizer)          # lambda, g, p, L_sum_pre
     ... loss.backward(); lagrangian.step() ... lagrangian.end_epoch(loss_sum)
-    cbp.cfs(model)                                                 # paper Eq. 19
+    cbp.cfs(model)                                                 # paper Eq. 19, latent weights
+    cbp.agreement(float_model, model, loader)                      # same predictions?
     recipe = cbp.load_config("demo")                               # a config's CBPConfig + training
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
@@ -15,7 +16,7 @@ from .export import ExportError, export, load_packed, read_packed
 from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
-from .metrics import cfs, fraction_on_levels, layer_stats
+from .metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
 from .onnx_export import check_onnx, export_onnx
 from .options import Recipe, load_config
 from .summary import Summary, summary
@@ -25,6 +26,6 @@ __all__ = [
     "load_packed", "read_packed", "summary", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
     "Recipe", "load_config", "param_groups", "prepare", "quantize", "quantized_layers",
-    "resolve_factors", "sawtooth", "select_layers",
+    "resolve_factors", "sawtooth", "select_layers", "Agreement", "agreement",
 ]
 __version__ = "0.1.0"

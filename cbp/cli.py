@@ -76,7 +76,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     else:
         model, model_name = _pretrained_model(args, num_classes, in_channels)
         prepare(model, config)
-    meta = describe(args.command, model_name, args.data, num_classes, in_channels,
+    meta = describe(args.command, model, model_name, args.data, num_classes, in_channels,
                     list(train_data[0][0].shape), getattr(args, "constraint", None), config)
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)

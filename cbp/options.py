@@ -226,14 +226,16 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
 
     pretrain = Flags(sub.add_parser("pretrain", help="plain full-precision training; saves a checkpoint"))
     pretrain.add(pretrain.parser, "--model", choices=MODEL_NAMES, default="resnet20")
-    pretrain.add(pretrain.parser, "--weights", help="start from 'torchvision' weights or a local file")
+    pretrain.add(pretrain.parser, "--weights", help="start from 'torchvision' weights (the paper's), "
+                 "'torchvision:MEMBER' (e.g. torchvision:IMAGENET1K_V2) or a local file")
     _common(pretrain, lr=0.1, weight_decay=5e-4, batch_size=128, epochs=10)
 
     quantize = Flags(sub.add_parser("quantize", help="CBP from a pretrained checkpoint"))
     src = quantize.parser.add_argument_group("pretrained model (one of)")
     quantize.add(src, "--from", dest="from_checkpoint", help="checkpoint of `cbp pretrain`")
     quantize.add(src, "--model", choices=MODEL_NAMES, help="model name, with --weights")
-    quantize.add(src, "--weights", help="'torchvision' or a local weights file")
+    quantize.add(src, "--weights", help="'torchvision' (the paper's published weights), "
+                 "'torchvision:MEMBER' or a local weights file")
     _add_cbp_flags(quantize, quantize.parser.add_argument_group("CBP (defaults: the paper's)"))
     _common(quantize, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .checkpoint import FORMAT_V1, CheckpointError, atomic_write, load_checkpoint
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
-from .models import build_model
+from .models import model_options, rebuild_model
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
@@ -84,12 +84,14 @@ class Position:
     loss_sum: torch.Tensor | None = None
 
 
-def describe(mode: str, model_name: str, dataset: str, num_classes: int, in_channels: int,
-             input_size: list[int], constraint: str | None = None,
+def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_classes: int,
+             in_channels: int, input_size: list[int], constraint: str | None = None,
              config: CBPConfig | None = None) -> dict:
-    """A run's identity (``meta``): enough to check a resume and to rebuild its model."""
+    """A run's identity (``meta``): enough to check a resume and to rebuild its model
+    (``model_options``: what :func:`cbp.models.rebuild_model` needs besides the weights)."""
     meta = {"mode": mode, "dataset": dataset, "num_classes": num_classes,
-            "in_channels": in_channels, "input_size": input_size, "model": model_name}
+            "in_channels": in_channels, "input_size": input_size, "model": model_name,
+            "model_options": model_options(model)}
     if config is not None:
         meta.update(constraint=constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
@@ -156,7 +158,7 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
     """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
     state = load_checkpoint(checkpoint)
     meta = state["meta"]
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
+    model = rebuild_model(meta)
     if meta["mode"] == "quantize":
         prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
                                  exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
@@ -181,6 +183,6 @@ def load_pretrained(checkpoint: str, num_classes: int, in_channels: int) -> tupl
         raise CheckpointError(
             f"{checkpoint} is a {meta['num_classes']}-class, {meta['in_channels']}-channel "
             f"model; the data has {num_classes} classes and {in_channels} channels")
-    model = build_model(meta["model"], num_classes, in_channels)
+    model = rebuild_model(meta)
     model.load_state_dict(state["model"])
     return model, meta["model"]
