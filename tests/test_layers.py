@@ -105,3 +105,18 @@ def test_convert_gives_plain_layers_on_levels_with_identical_outputs(levels):
         assert values <= set(layer.levels.tolist())
     assert "3.cbp_scale" not in plain.state_dict()
     assert cbp.quantized_layers(model)  # the original is untouched
+
+
+def test_every_layer_type_forwards_its_quantized_weight():
+    """Conv1d/2d/3d and Linear: the output is the float layer's with the weight on its levels."""
+    torch.manual_seed(0)
+    layers = [(nn.Conv1d(2, 3, 3, bias=True), torch.randn(2, 2, 7), F.conv1d),
+              (nn.Conv2d(2, 3, 3, bias=False), torch.randn(2, 2, 5, 5), F.conv2d),
+              (nn.Conv3d(2, 3, 2, bias=True), torch.randn(2, 2, 3, 3, 3), F.conv3d),
+              (nn.Linear(4, 3), torch.randn(2, 4), F.linear)]
+    for layer, x, functional in layers:
+        model = cbp.prepare(nn.Sequential(layer), cbp.CBPConfig("ternary", skip_first_last=False))
+        quant = model[0]
+        wq = quantize(quant.weight.detach(), quant.levels)
+        assert set(wq.unique().tolist()) <= set(quant.levels.tolist())
+        assert torch.equal(model(x), functional(x, wq, quant.bias)), type(layer).__name__
