@@ -40,7 +40,7 @@ def expected(name: str) -> dict:
     model, constraint = name.split("-")
     lr, shift_lr, weight_decay, batch_size, p_max = PAPER[model]
     return {"data": "imagefolder", "model": model, "constraint": constraint,
-            "weights": None if model == "alexnet_bn" else "torchvision",
+            "weights": None if model == "alexnet_bn" else "torchvision:IMAGENET1K_V1",
             "lr": shift_lr if constraint.startswith("shift") else lr,
             "weight_decay": weight_decay, "batch_size": batch_size, "p_max": p_max,
             "lr_drop_at_g": 200 if name == "googlenet-binary" else 20, "multiplier_lr": 1e-4,
@@ -132,3 +132,6 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
         "adam", 1.0, None, 0.1)
     assert (config.use_constraint, config.initial_multiplier_update) == (True, True)
     assert decay_group["momentum"] == 0.9
+    # GoogLeNet's input scaling, which no state_dict holds, is recorded for every rebuild
+    options = {"transform_input": True} if want["model"] == "googlenet" else {}
+    assert state["meta"]["model_options"] == options
