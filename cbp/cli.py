@@ -6,6 +6,10 @@
     cbp plot runs/binary
     cbp demo
 
+    cbp pretrain --config gpt --out runs/gpt/pretrain        # character-level GPT, Shakespeare
+    cbp quantize --config gpt --from runs/gpt/pretrain/checkpoint.pt --out runs/gpt/ternary
+    cbp generate runs/gpt/ternary/checkpoint.pt --prompt "ROMEO:" --tokens 300 --seed 0
+
 Flags mirror the paper's hyperparameters with its defaults; ``--config FILE.toml`` (or the name of
 a packaged config such as ``demo``) sets the same keys, flags given on the command line win.
 """
@@ -13,6 +17,7 @@ a packaged config such as ``demo``) sets the same keys, flags given on the comma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -25,15 +30,17 @@ import torch
 from . import distributed, metrics
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import CBPConfig
-from .data import DATASET_NAMES, load_dataset
+from .data import DATASET_NAMES, TEXT_DATASETS, load_dataset
 from .export import check_onnx, export_onnx, summary
 from .export import export as export_packed
 from .interrupts import Interrupted
 from .lagrangian import Lagrangian, param_groups
 from .layers import prepare
 from .levels import LEVEL_SETS
-from .models import MODEL_NAMES, build_model
+from .models import DEFAULT_SELECTION, LANGUAGE_MODELS, MODEL_NAMES, build_model, generate
 from .plots import plot_run
+from .tasks import Classification, LanguageModel, task_of
+from .text import CharVocab
 from .train import CHECKPOINT_NAME, LOG_NAME, Run, evaluate, fit, read_jsonl
 
 if sys.version_info >= (3, 11):
@@ -79,6 +86,8 @@ def _common(p: argparse.ArgumentParser, *, lr: float, weight_decay: float, batch
                    help="steps per epoch (default: a full pass)")
     g.add_argument("--batch-size", type=_at_least(1), default=batch_size, help="global batch size")
     g.add_argument("--lr", type=float, default=lr, help="weight learning rate")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="of the weights: SGD with momentum (the paper's), or AdamW (transformers)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=weight_decay,
                    help="on Conv/Linear weights only")
@@ -135,12 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize the first and last Conv/Linear layers")
     _common(p, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5 and CFS of a checkpoint")
+    p = sub.add_parser("evaluate", help="top-1/top-5 (loss and bits per character) and CFS")
     p.add_argument("checkpoint")
     p.add_argument("--data-dir")
     p.add_argument("--val-limit", type=_at_least(1))
     p.add_argument("--image-size", type=_at_least(1), default=224)
     p.add_argument("--device")
+
+    p = sub.add_parser("generate", help="sample text from a language-model checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="\n", help="text the sample continues")
+    p.add_argument("--tokens", type=_at_least(0), default=300, help="characters to generate")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=_at_least(1), help="sample from the k likeliest characters only")
 
     p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
     p.add_argument("checkpoint")
@@ -265,7 +282,8 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
         weight_clamp=args.weight_clamp)
 
 
-def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.nn.Module, str]:
+def _pretrained_model(args, num_classes: int, in_channels: int,
+                      vocab: str | None = None) -> tuple[torch.nn.Module, str]:
     """The model to quantize, from `--from CHECKPOINT` or `--model NAME --weights W`."""
     if args.from_checkpoint:
         state = load_checkpoint(args.from_checkpoint)
@@ -280,12 +298,39 @@ def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.n
                 f"{args.from_checkpoint} is a {meta['num_classes']}-class, "
                 f"{meta['in_channels']}-channel model; the data has {num_classes} classes and "
                 f"{in_channels} channels")
+        if meta.get("vocab") != vocab:
+            raise CheckpointError(f"{args.from_checkpoint} was trained on another vocabulary "
+                                  "(text) than this data's")
         model = build_model(meta["model"], num_classes, in_channels)
         model.load_state_dict(state["model"])
         return model, meta["model"]
     if not args.model:
         raise ValueError("quantize needs --from CHECKPOINT or --model NAME (with --weights)")
     return build_model(args.model, num_classes, in_channels, args.weights), args.model
+
+
+def model_selection(config: CBPConfig, model_name: str, args: argparse.Namespace) -> CBPConfig:
+    """The model's own layer selection (a transformer's blocks) unless the user chose layers."""
+    if model_name not in DEFAULT_SELECTION or args.include or args.quantize_first_last:
+        return config
+    return dataclasses.replace(config, **DEFAULT_SELECTION[model_name])
+
+
+def task_for(model_name: str, dataset: str):
+    """The task of a model on a dataset; a language model needs text and a CNN images."""
+    is_lm, is_text = model_name in LANGUAGE_MODELS, dataset in TEXT_DATASETS
+    if is_lm != is_text:
+        raise ValueError(f"model {model_name} does not fit dataset {dataset}: language models "
+                         f"({', '.join(LANGUAGE_MODELS)}) take text ({', '.join(TEXT_DATASETS)}), "
+                         "the others images")
+    return LanguageModel if is_lm else Classification
+
+
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.99))
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
 def check_output_dir(path: str) -> None:
@@ -314,24 +359,29 @@ def run_training(args: argparse.Namespace) -> list[dict]:
                                   args.image_size, args.download)
     meta = {"mode": args.command, "dataset": args.data, "num_classes": num_classes,
             "in_channels": in_channels, "input_size": list(train_data[0][0].shape)}
+    if hasattr(train_data, "vocab"):
+        meta["vocab"] = train_data.vocab.chars
     torch.manual_seed(args.seed)
     lagrangian = scheduler = None
     if args.command == "pretrain":
+        task = task_for(args.model, args.data)
         model = build_model(args.model, num_classes, in_channels, args.weights)
         meta["model"] = args.model
     else:
-        model, meta["model"] = _pretrained_model(args, num_classes, in_channels)
+        model, meta["model"] = _pretrained_model(args, num_classes, in_channels, meta.get("vocab"))
+        task = task_for(meta["model"], args.data)
+        config = model_selection(config, meta["model"], args)
         prepare(model, config)
         meta.update(constraint=args.constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
                     skip_first_last=config.skip_first_last)
+    meta["task"] = task.name
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr,
-                                momentum=args.momentum)
+    optimizer = make_optimizer(args, model)
     if args.command == "pretrain":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     else:
@@ -340,7 +390,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
               out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, ctx=ctx,
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
-              meta=meta, show_progress=not args.quiet, on_nan=args.on_nan)
+              meta=meta, show_progress=not args.quiet, on_nan=args.on_nan, task=task)
     rows = fit(run, resume=args.resume)
     if ctx.is_main and rows:
         plot_run(args.out)
@@ -373,7 +423,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.checkpoint} is a {meta['num_classes']}-class, "
                          f"{meta['in_channels']}-channel model; the data has {num_classes} "
                          f"classes and {in_channels} channels")
-    result = evaluate(model.to(ctx.device), val_data, ctx)
+    if getattr(val_data, "vocab", None) is not None and val_data.vocab.chars != meta.get("vocab"):
+        raise ValueError(f"{args.checkpoint} was trained on another vocabulary (text) than this data's")
+    result = task_of(meta).evaluate(model.to(ctx.device), val_data, ctx)
     if meta["mode"] == "quantize":
         result.update(cfs=metrics.cfs(model), on_levels=metrics.fraction_on_levels(model))
     if ctx.is_main:   # under torchrun every process holds the same full-set figures
@@ -383,6 +435,21 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_generate(args: argparse.Namespace) -> str:
+    """Print ``--tokens`` characters sampled after ``--prompt``; the same seed, the same text."""
+    model, meta = load_model(args.checkpoint)
+    if meta.get("task") != LanguageModel.name:
+        raise ValueError(f"{args.checkpoint} is not a language model; generate needs one")
+    vocab = CharVocab(meta["vocab"])
+    if not args.prompt:
+        raise ValueError("--prompt must hold at least one character")
+    prompt = vocab.encode(args.prompt)[None]
+    text = vocab.decode(generate(model, prompt, args.tokens, seed=args.seed,
+                                 temperature=args.temperature, top_k=args.top_k)[0])
+    print(text)
+    return text
+
+
 def run_export(args: argparse.Namespace) -> None:
     model, meta = load_model(args.checkpoint)
     model.eval()
@@ -390,7 +457,8 @@ def run_export(args: argparse.Namespace) -> None:
     print(summary(model))
     print(f"\nwrote {path} ({os.path.getsize(path):,} bytes)")
     if args.onnx:
-        example = torch.randn(2, *meta["input_size"])
+        example = (torch.randint(0, meta["num_classes"], (2, *meta["input_size"]))
+                   if meta.get("task") == LanguageModel.name else torch.randn(2, *meta["input_size"]))
         export_onnx(model, args.onnx, example)
         error = check_onnx(args.onnx, model, example)
         print(f"wrote {args.onnx} (max |onnxruntime - torch| = {error:.2e})")
@@ -436,7 +504,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "pretrain": run_training, "quantize": run_training, "evaluate": run_evaluate,
-    "export": run_export, "summary": lambda args: print(summary(load_model(args.checkpoint)[0])),
+    "generate": run_generate, "export": run_export, "summary": lambda args: print(summary(load_model(args.checkpoint)[0])),
     "plot": lambda args: print("\n".join(plot_run(args.run_dir))), "demo": run_demo,
 }
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 from .config import CBPConfig
 from .constraint import _fused_penalty, constraint, constraint_and_grad
 from .distributed import all_reduce_mean
-from .layers import quantized_layers
+from .layers import distinct_quantized_layers
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Lagrangian:
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config = config
         self.optimizer = optimizer
-        self.layers = quantized_layers(model)
+        self.layers = distinct_quantized_layers(model)  # tied weights: one multiplier each
         if not self.layers:
             raise ValueError("the model has no quantized layer; call cbp.prepare(model, config) first")
         self.parameters = [p for p in model.parameters() if p.requires_grad]
@@ -272,12 +272,17 @@ class Lagrangian:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups with weight decay on Conv/Linear weights only, not on BatchNorm or biases."""
-    decay, no_decay = [], []
+    """Optimizer groups with weight decay on Conv/Linear weights only, not on BatchNorm or biases.
+
+    A weight shared by two modules (an embedding tied to an output head) appears once, in the group
+    its first module in ``model.modules()`` order puts it.
+    """
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:  # a tied weight: its first owner decides
                 continue
+            seen.add(id(p))
             is_weight = pname == "weight" and isinstance(
                 module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
             (decay if is_weight else no_decay).append(p)

@@ -134,6 +134,18 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
 
 
+def distinct_quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The prepared layers with one entry per weight Parameter: of layers sharing a weight (tied
+    weights) only the first by name is kept, so that the weight gets one multiplier, its penalty
+    gradient is added once, and the metrics count it once."""
+    seen, layers = set(), {}
+    for name, layer in quantized_layers(model).items():
+        if id(layer.weight) not in seen:
+            seen.add(id(layer.weight))
+            layers[name] = layer
+    return layers
+
+
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Plain ``nn.Conv*d`` / ``nn.Linear`` layers with weights snapped to their levels.
 

@@ -42,6 +42,7 @@ from .distributed import Context, all_reduce_sum
 from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
+from .tasks import Classification
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
@@ -68,6 +69,7 @@ class Run:
     meta: dict = field(default_factory=dict)   # model/data/constraint identity, checked on resume
     show_progress: bool = True
     on_nan: str = "stop"      # or "lower-lr": back to the last checkpoint with a lower lr
+    task: type = Classification  # the loss and the validation metrics (cbp.tasks)
 
 
 def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +174,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     for x, y in itertools.islice(_batches(loader, first), steps - first):
         x, y = _to_device(run, x), y.to(ctx.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
+        loss = run.task.loss(net(x), y)
         loss.backward()
         if run.lagrangian is None:
             run.optimizer.step()
@@ -269,7 +271,8 @@ def _state(run: Run, pos: Position) -> dict:
     }
 
 
-IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors")
+IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors",
+                 "vocab")
 
 
 def restore(run: Run, path: str) -> Position:
@@ -410,13 +413,14 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         distributed.broadcast_buffers(run.model)  # all evaluate rank 0's BatchNorm statistics
         if distributed.debug_enabled():
             distributed.check_in_sync(run.model, run.optimizer, run.lagrangian, ctx.device)
-        row.update(evaluate(run.model, run.val_data, ctx, channels_last=run.channels_last))
+        row.update(run.task.evaluate(run.model, run.val_data, ctx, channels_last=run.channels_last))
         row["seconds"] = time.perf_counter() - tic
         if ctx.is_main:
             _append_line(log_path, row)
             if hist_layer:
                 _append_line(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
-            epochs.set_postfix(top1=f"{row['top1']:.2f}", **({"g": row["g"]} if "g" in row else {}))
+            headline = run.task.headline
+            epochs.set_postfix(**{headline: f"{row[headline]:.3f}"}, **({"g": row["g"]} if "g" in row else {}))
         _save(run, Position(epoch + 1), ckpt_path)  # none reads it while rank 0 still writes it
         rows.append(row)
         if run.lagrangian is not None and run.lagrangian.finished:
