@@ -504,7 +504,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "pretrain": run_training, "quantize": run_training, "evaluate": run_evaluate,
-    "generate": run_generate, "export": run_export, "summary": lambda args: print(summary(load_model(args.checkpoint)[0])),
+    "export": run_export, "summary": lambda args: print(summary(load_model(args.checkpoint)[0])),
+    "generate": run_generate,
     "plot": lambda args: print("\n".join(plot_run(args.run_dir))), "demo": run_demo,
 }
 

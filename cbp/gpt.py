@@ -4,8 +4,9 @@ Token and position embeddings, pre-norm blocks of causal self-attention
 (``F.scaled_dot_product_attention``) and an MLP, a final LayerNorm, and an output head that shares
 the token embedding's weight. Every Linear layer lives inside ``blocks``; that is what the
 transformer layer selection :data:`CBP_SELECTION` quantizes, leaving the embeddings and the tied
-head at full precision (the CNN rule "first and last layer float" would instead quantize the head
-and leave the first attention projection float).
+head at full precision (the CNN rule "first and last Conv/Linear float" would leave the first
+attention projection float for no reason, and keeps the head float only because it is registered
+last).
 """
 
 from __future__ import annotations

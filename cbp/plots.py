@@ -1,4 +1,5 @@
-"""Pictures of a run: accuracy (or loss), CFS and g over epochs; one layer's weights bifurcating onto levels."""
+"""Pictures of a run: accuracy (or a language model's loss), CFS and g over epochs; one layer's
+weights bifurcating onto levels."""
 
 from __future__ import annotations
 

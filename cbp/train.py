@@ -419,8 +419,8 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
             _append_line(log_path, row)
             if hist_layer:
                 _append_line(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
-            headline = run.task.headline
-            epochs.set_postfix(**{headline: f"{row[headline]:.3f}"}, **({"g": row["g"]} if "g" in row else {}))
+            shown = {run.task.headline: f"{row[run.task.headline]:.3f}"}
+            epochs.set_postfix(**shown, **({"g": row["g"]} if "g" in row else {}))
         _save(run, Position(epoch + 1), ckpt_path)  # none reads it while rank 0 still writes it
         rows.append(row)
         if run.lagrangian is not None and run.lagrangian.finished:
