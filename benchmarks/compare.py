@@ -109,7 +109,8 @@ def schedule(size: Size) -> tuple[int, int]:
 
 
 def schedule_epochs(config: cbp.CBPConfig) -> tuple[int, int]:
-    """``(epochs, lr_drop_epoch)`` of a CBP schedule that updates g once every ``p_max`` epochs.
+    """``(epochs, lr_drop_epoch)`` of a CBP schedule that updates g once every ``p_max`` epochs
+    (``lr_drop_epoch`` None: g_final comes first).
 
     With ``p_max <= 2`` that is exact: after an update ``L_sum_pre`` is reset to +inf, so the
     ``L_sum >= L_sum_pre`` test cannot fire before the ``p == p_max`` one.
@@ -120,7 +121,7 @@ def schedule_epochs(config: cbp.CBPConfig) -> tuple[int, int]:
         updates += 1
         if drop is None and g >= config.lr_drop_at_g:
             drop = updates
-    return updates * config.p_max, drop * config.p_max
+    return updates * config.p_max, (drop * config.p_max if drop else None)
 
 
 @lru_cache(maxsize=2)

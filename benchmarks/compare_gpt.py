@@ -45,9 +45,9 @@ from tqdm import tqdm
 import cbp
 from cbp.cli import load_model
 from cbp.distributed import setup
-from cbp.gpt import CBP_SELECTION
+from cbp.gpt import CBP_SELECTION, generate
 from cbp.tasks import LanguageModel
-from cbp.text import load_text, shakespeare_dir
+from cbp.text import CharVocab, load_text, shakespeare_dir
 from cbp.train import Run, fit
 
 _spec = importlib.util.spec_from_file_location(
@@ -59,6 +59,7 @@ METHODS = ("fp", "rounding", "ste", "cbp")
 LABELS = {"fp": "full precision (pretrained)", "rounding": "post-training rounding",
           "ste": "STE-only fine-tuning", "cbp": "CBP (window schedule)"}
 LEVELS = ("ternary", "binary")
+PROMPT, SAMPLE_CHARS, SAMPLE_SEED = "ROMEO:", 300, 0  # the text samples of seed 0's models
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
     torch.manual_seed(seed)
     train, val, test = datasets(size, data_dir)
     ctx = setup("cpu")
-    model, _ = load_model(checkpoint)
+    model, meta = load_model(checkpoint)
     result = {"method": method, "levels": levels, "seed": seed, "sec_per_step": None}
     if method != "fp":
         config = cbp_config(size, levels, method)
@@ -132,7 +133,7 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
     if method in ("ste", "cbp"):
         epochs, drop = compare.schedule_epochs(cbp_config(size, levels, "cbp"))
         optimizer = torch.optim.AdamW(cbp.param_groups(model, 0.0), lr=size.lr, betas=(0.9, 0.99))
-        scheduler = (torch.optim.lr_scheduler.MultiStepLR(optimizer, [drop], 0.1)
+        scheduler = (torch.optim.lr_scheduler.MultiStepLR(optimizer, [drop] if drop else [], 0.1)
                      if method == "ste" else None)
         rows = fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
                        out_dir=os.path.join(cache, "runs", f"{method}-{levels}-{seed}"),
@@ -147,6 +148,10 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
         if seed == 0:
             result.update(file_sizes(model))
     result.update(LanguageModel.evaluate(model, test, ctx))
+    if seed == 0:
+        vocab = CharVocab(meta["vocab"])
+        tokens = generate(model, vocab.encode(PROMPT)[None], SAMPLE_CHARS, seed=SAMPLE_SEED)
+        result["sample"] = vocab.decode(tokens[0])
     return result
 
 
@@ -202,13 +207,30 @@ def table(results: list[dict], size: Size, levels) -> str:
         out.append("")
     epochs, drop = compare.schedule_epochs(cbp_config(size, "binary", "cbp"))
     out += [f"STE-only and CBP: {epochs} epochs × {size.epoch_iters} steps of {size.batch} windows "
-            f"of 128 characters (AdamW lr {size.lr}, no weight decay, ×0.1 after epoch {drop}); "
+            f"of 128 characters (AdamW lr {size.lr}, no weight decay, "
+            f"{f'×0.1 after epoch {drop}' if drop else 'no lr drop'}); "
             f"CBP η_λ = {size.multiplier_lr}, p_max = {size.p_max}, g_final = {size.g_final}; "
             f"{size.seeds} seeds (± is the standard error). Evaluated on the first "
             f"{size.test_windows} validation windows ({size.test_windows * 128:,} characters). "
             "s / step includes the per-epoch monitoring evaluation.",
             f"Settings: `{asdict(size)}`"]
     return "\n".join(out) + "\n"
+
+
+def samples(results: list[dict]) -> str:
+    """Markdown of seed 0's generated text per model: FP, CBP ternary and binary first."""
+    order = [("fp", "-"), ("cbp", "ternary"), ("cbp", "binary"), ("ste", "ternary"),
+             ("ste", "binary"), ("rounding", "ternary"), ("rounding", "binary")]
+    out = [f"# {SAMPLE_CHARS} characters from each model of the GPT comparison", "",
+           f"Prompt `{PROMPT}`, sampling seed {SAMPLE_SEED}, temperature 1, the seed-0 model of "
+           "each row of `benchmarks/RESULTS-gpt.md` (made by `benchmarks/compare_gpt.py`).", ""]
+    for method, lv in order:
+        for r in results:
+            if r["method"] == method and r["levels"] == lv and "sample" in r:
+                name = LABELS[method] + ("" if lv == "-" else f", {lv}")
+                out += [f"## {name} (val loss {r['val_loss']:.3f}, {r['bpc']:.3f} bpc)", "",
+                        "```", r["sample"], "```", ""]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="folder of the *_gut.txt texts (default: the set-up's copy)")
     p.add_argument("--cache", default="runs/bench-gpt")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--samples", help="write the generated text of every seed-0 model here")
     args = p.parse_args(argv)
     size = QUICK if args.quick else FULL
     overrides = {"seeds": args.seeds, "multiplier_lr": args.multiplier_lr, "lr": args.lr}
@@ -244,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.samples:
+        with open(args.samples, "w") as f:
+            f.write(samples(results))
     return 0
 
 

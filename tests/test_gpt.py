@@ -319,3 +319,30 @@ def test_cli_language_model_mistakes_are_one_line(lm_runs, tiny_fashion, tmp_pat
     assert cli.main(["pretrain", "--model", "resnet20", "--data", "shakespeare", "--data-dir",
                      texts, "--out", str(tmp_path / "y")]) == 2
     assert "does not fit dataset shakespeare" in capsys.readouterr().err
+
+
+def test_compare_gpt_cells_table_and_samples(lm_runs, tmp_path):
+    """benchmarks/compare_gpt.py's cells on the generated text: values in range, CBP on its levels."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_gpt.py")
+    spec = importlib.util.spec_from_file_location("bench_compare_gpt", path)
+    bench = sys.modules["bench_compare_gpt"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, texts = lm_runs
+    size = bench.Size(train_windows=64, val_windows=2, test_windows=4, batch=4, epoch_iters=1,
+                      lr=1e-3, multiplier_lr=1e-1, p_max=1, g_final=3, seeds=1)
+    ckpt = str(root / "fp" / CHECKPOINT_NAME)
+    with one_thread():
+        results = [bench.run_one(size, ckpt, str(tmp_path), texts, *cell)
+                   for cell in bench.cells(size, ("fp", "rounding", "cbp"), ("ternary",))]
+    fp, rounding, cbp_row = results
+    assert cbp_row["epochs"] == 3 and cbp_row["g"] == 4  # g 1 -> 2 -> 3 -> 4 > g_final
+    assert cbp_row["cfs"] < rounding["cfs"] and 0 < cbp_row["packed_bytes"] < cbp_row["float_bytes"]
+    for r in results:
+        assert r["bpc"] == pytest.approx(r["val_loss"] / math.log(2))
+        assert r["sample"].startswith("ROMEO:") and len(r["sample"]) == 306
+    text = bench.table(results, size, ["ternary"])
+    assert text.count("\n| ") == 4 and "CBP (window schedule)" in text
+    assert "## CBP (window schedule), ternary" in bench.samples(results)
