@@ -43,9 +43,9 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import cbp
-from cbp.cli import load_model
 from cbp.distributed import setup
 from cbp.gpt import CBP_SELECTION, generate
+from cbp.runs import load_model
 from cbp.tasks import LanguageModel
 from cbp.text import CharVocab, load_text, shakespeare_dir
 from cbp.train import Run, fit
@@ -83,8 +83,9 @@ QUICK = Size(train_windows=2000, val_windows=4, test_windows=32, batch=8, epoch_
 
 
 def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
+    # compile_penalty off: compiling costs more than it saves on these short CPU runs
     base = cbp.CBPConfig(levels=levels, multiplier_lr=size.multiplier_lr, p_max=size.p_max,
-                         g_final=size.g_final, **CBP_SELECTION)
+                         g_final=size.g_final, compile_penalty=False, **CBP_SELECTION)
     if method == "cbp":
         return base
     # STE-only takes CBP's lr drop from a MultiStepLR, and never "finishes".
@@ -164,7 +165,6 @@ def cells(size: Size, methods, levels) -> list[tuple[str, str, int]]:
 
 def run_all(size: Size, checkpoint: str, cache: str, data_dir: str | None, methods, levels,
             jobs: int) -> list[dict]:
-    os.environ.setdefault("CBP_COMPILE", "0")  # compiling costs more than it saves on short runs
     todo = cells(size, methods, levels)
     with tqdm(total=len(todo), desc="cells (method, level set, seed)", unit="cell") as bar:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import one_thread
 
 import cbp
-from cbp import cli
+from cbp import cli, runs
 from cbp.checkpoint import load_checkpoint
 from cbp.gpt import CBP_SELECTION, GPT, GPTConfig, generate
 from cbp.tasks import LanguageModel
@@ -271,7 +271,7 @@ def test_cli_pretrain_quantize_evaluate_language_model(lm_runs, capsys):
     meta = load_checkpoint(str(root / "ter" / CHECKPOINT_NAME))["meta"]
     assert meta["task"] == "language-model" and meta["include"] == list(CBP_SELECTION["include"])
     assert meta["skip_first_last"] is False and meta["vocab"] == CharVocab.of(read_corpus(texts)).chars
-    model, _ = cli.load_model(str(root / "ter" / CHECKPOINT_NAME))
+    model, _ = runs.load_model(str(root / "ter" / CHECKPOINT_NAME))
     assert len(cbp.quantized_layers(model)) == 16  # 4 layers x (qkv, proj, fc, proj)
     capsys.readouterr()
     with one_thread():
