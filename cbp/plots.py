@@ -18,14 +18,14 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
     """Top-1 accuracy (validation loss for a language model), and for CBP runs the CFS (log
     scale) and g, against epochs."""
     epochs = [r["epoch"] for r in rows]
-    key, label, title = (("top1", "top-1 accuracy (%)", "validation accuracy") if "top1" in rows[0]
+    key, label, panel = (("top1", "top-1 accuracy (%)", "validation accuracy") if "top1" in rows[0]
                          else ("val_loss", "loss (nats per character)", "validation loss"))
     cbp_run = "g" in rows[0]
     fig, axes = plt.subplots(1, 3 if cbp_run else 1, figsize=(13 if cbp_run else 5, 3.6),
                              squeeze=False)
     ax = axes[0, 0]
     ax.plot(epochs, [r[key] for r in rows], marker=".")
-    ax.set(xlabel="epoch", ylabel=label, title=title)
+    ax.set(xlabel="epoch", ylabel=label, title=panel)
     ax.grid(alpha=0.3)
     if cbp_run:
         ax = axes[0, 1]
