@@ -33,7 +33,7 @@ def test_schedule_state_machine_with_hand_written_l_sums():
     config = cbp.CBPConfig(p_max=3, lr_drop_at_g=3, multiplier_lr=0.0,
                            initial_multiplier_update=False)
     model = cbp.prepare(three_linear(), config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # not 1: lr = factor would pass as lr *= factor
     lagrangian = cbp.Lagrangian(model, config, optimizer)
     sums = [10, 9, 9.5, 8, 7, 6, 5, 5, 4]
     # epoch 3: 9.5 >= 9 -> update; epoch 6: p reaches p_max -> update (g = 3: lr drop);
@@ -43,7 +43,7 @@ def test_schedule_state_machine_with_hand_written_l_sums():
     assert [e.g for e in events] == [1, 1, 2, 2, 2, 3, 3, 4, 4]
     assert [e.lr_dropped for e in events] == [0, 0, 0, 0, 0, 1, 0, 0, 0]
     assert [e.lagrangian_sum for e in events] == sums
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     assert lagrangian.p == 1 and lagrangian.lagrangian_sum_pre == 4
 
 
