@@ -4,10 +4,12 @@
     lagrangian = cbp.Lagrangian(model, config, optimizer)          # lambda, g, p, L_sum_pre
     ... loss.backward(); lagrangian.step(loss) ... lagrangian.end_epoch()
     cbp.cfs(model)                                                 # paper Eq. 19
+    cbp.recalibrate_bn(model, train_loader, batches=50)            # BN statistics of the final weights
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
 """
 
+from .baselines import post_training_rounding, recalibrate_bn
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
 from .export import ExportError, Summary, check_onnx, export, export_onnx, load_packed, read_packed, summary
@@ -15,12 +17,15 @@ from .lagrangian import EpochEnd, Lagrangian, param_groups
 from .layers import QuantizedLayer, convert, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
 from .metrics import cfs, fraction_on_levels, layer_stats
+from .oscillation import OscillationTracker
+from .peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP
 
 __all__ = [
     "CBPConfig", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",
     "load_packed", "read_packed", "summary", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
     "param_groups", "prepare", "quantize", "quantized_layers", "resolve_factors", "sawtooth",
-    "select_layers",
+    "select_layers", "recalibrate_bn", "post_training_rounding", "OscillationTracker",
+    "OscillationDampening", "IterativeFreezing", "OscillationGatedCBP",
 ]
 __version__ = "0.1.0"

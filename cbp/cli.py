@@ -2,7 +2,7 @@
 
     cbp pretrain --model resnet20 --data fashion-mnist --out runs/fp
     cbp quantize --from runs/fp/checkpoint.pt --constraint binary --out runs/binary
-    cbp evaluate runs/binary/checkpoint.pt
+    cbp evaluate runs/binary/checkpoint.pt --recalibrate-bn 50
     cbp plot runs/binary
     cbp demo
 
@@ -13,6 +13,7 @@ a packaged config such as ``demo``) sets the same keys, flags given on the comma
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -23,9 +24,10 @@ from importlib import resources
 import torch
 
 from . import distributed, metrics
-from .checkpoint import CheckpointError, load_checkpoint
+from .baselines import recalibrate_bn
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .config import CBPConfig
-from .data import DATASET_NAMES, load_dataset
+from .data import DATASET_NAMES, load_dataset, make_loader
 from .export import check_onnx, export_onnx, summary
 from .export import export as export_packed
 from .interrupts import Interrupted
@@ -33,6 +35,7 @@ from .lagrangian import Lagrangian, param_groups
 from .layers import prepare
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES, build_model
+from .peers import OSCILLATION_FIXES
 from .plots import plot_run
 from .train import CHECKPOINT_NAME, LOG_NAME, Run, evaluate, fit, read_jsonl
 
@@ -133,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", nargs="*", default=[], help="regexes of layer names to skip")
     c.add_argument("--quantize-first-last", action="store_true",
                    help="also quantize the first and last Conv/Linear layers")
+    c = p.add_argument_group("oscillations and BatchNorm (see benchmarks/RESULTS.md)")
+    c.add_argument("--oscillation-fix", choices=tuple(OSCILLATION_FIXES),
+                   help="dampen / freeze: Nagel et al. (ICML 2022), with --no-constraint for their "
+                        "STE methods, annealed over --epochs; gate: CBP's pull on oscillating "
+                        "weights only (this project's variant)")
+    c.add_argument("--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
+                   help="at the end, re-estimate BatchNorm statistics on N training batches "
+                        "(saved in the checkpoint; top-1 reported before and after)")
     _common(p, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 and CFS of a checkpoint")
@@ -141,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=_at_least(1))
     p.add_argument("--image-size", type=_at_least(1), default=224)
     p.add_argument("--device")
+    p.add_argument("--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
+                   help="also report top-1 after re-estimating BatchNorm statistics on N training "
+                        "batches (the checkpoint is not changed)")
+    p.add_argument("--batch-size", type=_at_least(1), default=256,
+                   help="batch size of the BatchNorm re-estimation")
+    p.add_argument("--seed", type=int, default=0, help="order of the re-estimation batches")
 
     p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
     p.add_argument("checkpoint")
@@ -335,17 +352,68 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     if args.command == "pretrain":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     else:
-        lagrangian = Lagrangian(model, config, optimizer)
+        lagrangian = _lagrangian(args, model, config, optimizer, train_data, ctx)
     run = Run(model=model, optimizer=optimizer, train_data=train_data, val_data=val_data,
               out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, ctx=ctx,
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
               meta=meta, show_progress=not args.quiet, on_nan=args.on_nan)
     rows = fit(run, resume=args.resume)
+    if args.command == "quantize" and args.recalibrate_bn and rows:
+        recalibrate_run(run, args.recalibrate_bn, rows[-1]["top1"])
     if ctx.is_main and rows:
         plot_run(args.out)
     distributed.teardown()
     return rows
+
+
+def _lagrangian(args, model, config: CBPConfig, optimizer, train_data, ctx) -> Lagrangian:
+    """CBP's Lagrangian, or the oscillation fix of ``--oscillation-fix`` (cbp.peers)."""
+    if not args.oscillation_fix:
+        return Lagrangian(model, config, optimizer)
+    cls = OSCILLATION_FIXES[args.oscillation_fix]
+    if args.oscillation_fix == "gate":
+        return cls(model, config, optimizer)
+    per_epoch = len(train_data) // args.batch_size   # full global batches per epoch
+    if args.epoch_iters:
+        per_epoch = min(per_epoch, args.epoch_iters)
+    return cls(model, config, optimizer, total_steps=max(1, per_epoch * args.epochs))
+
+
+def _recalibration_loader(data, batch_size: int, seed: int, batches: int):
+    loader = make_loader(data, batch_size, train=True, seed=seed)
+    if len(loader) < batches:
+        raise ValueError(f"--recalibrate-bn {batches}: the training set gives only {len(loader)} "
+                         f"batches of {batch_size}")
+    return loader
+
+
+def recalibrate_run(run: Run, batches: int, top1_before: float) -> dict:
+    """Re-estimate the final model's BatchNorm statistics; log, print and checkpoint the result.
+
+    Every process computes the same statistics (same batches, same weights). The last row of
+    ``log.jsonl`` gains ``top1_recalibrated`` and ``bn_gap`` (after minus before); the checkpoint's
+    model gets the new statistics, so ``cbp export`` and ``cbp evaluate`` use them.
+    """
+    recalibrate_bn(run.model, _recalibration_loader(run.train_data, run.batch_size, run.seed,
+                                                    batches), batches)
+    after = evaluate(run.model, run.val_data, run.ctx, channels_last=run.channels_last)
+    result = {"top1_recalibrated": after["top1"], "bn_gap": after["top1"] - top1_before,
+              "bn_batches": batches}
+    if run.ctx.is_main:
+        log_path, ckpt_path = (os.path.join(run.out_dir, n) for n in (LOG_NAME, CHECKPOINT_NAME))
+        rows = read_jsonl(log_path)
+        rows[-1].update(result)
+        atomic_write(log_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows), mode="w")
+        state = load_checkpoint(ckpt_path)
+        state["model"] = run.model.state_dict()
+        state["meta"]["bn_recalibrated"] = batches
+        save_checkpoint(state, ckpt_path)
+        print(f"top-1 {top1_before:.2f}% with the training BatchNorm statistics, "
+              f"{after['top1']:.2f}% after re-estimating them on {batches} batches "
+              f"(saved in {ckpt_path})")
+    distributed.barrier()
+    return result
 
 
 def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
@@ -374,6 +442,13 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                          f"{meta['in_channels']}-channel model; the data has {num_classes} "
                          f"classes and {in_channels} channels")
     result = evaluate(model.to(ctx.device), val_data, ctx)
+    if args.recalibrate_bn:
+        train_data, _, _ = load_dataset(meta["dataset"], args.data_dir, True, None, args.image_size)
+        loader = _recalibration_loader(train_data, args.batch_size, args.seed, args.recalibrate_bn)
+        recalibrate_bn(model, loader, args.recalibrate_bn)
+        after = evaluate(model, val_data, ctx)
+        result.update(top1_recalibrated=after["top1"], top5_recalibrated=after["top5"],
+                      bn_gap=after["top1"] - result["top1"])
     if meta["mode"] == "quantize":
         result.update(cfs=metrics.cfs(model), on_levels=metrics.fraction_on_levels(model))
     if ctx.is_main:   # under torchrun every process holds the same full-set figures
@@ -394,6 +469,9 @@ def run_export(args: argparse.Namespace) -> None:
         export_onnx(model, args.onnx, example)
         error = check_onnx(args.onnx, model, example)
         print(f"wrote {args.onnx} (max |onnxruntime - torch| = {error:.2e})")
+
+
+DEMO_BN_BATCHES = 50
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -417,10 +495,16 @@ def run_demo(args: argparse.Namespace) -> None:
     test_data, _, _ = load_dataset(meta["dataset"], data_dir, False)
     ctx = distributed.setup(None)
     final = evaluate(model.to(ctx.device), test_data, ctx)
+    train_data, _, _ = load_dataset(meta["dataset"], data_dir, True)
+    recalibrate_bn(model, _recalibration_loader(train_data, 128, 0, DEMO_BN_BATCHES),
+                   DEMO_BN_BATCHES)
+    recalibrated = evaluate(model, test_data, ctx)
     worst = max(s["mean_distance"] for s in metrics.layer_stats(model))
     table = [
         ("full-precision top-1 (%)", f"{fp_row['top1']:.2f}"),
-        ("CBP binary top-1 (%)", f"{final['top1']:.2f}"),
+        ("CBP binary top-1 (%), training BN statistics", f"{final['top1']:.2f}"),
+        (f"CBP binary top-1 (%), BN re-estimated ({DEMO_BN_BATCHES} batches)",
+         f"{recalibrated['top1']:.2f}"),
         ("CBP binary top-5 (%)", f"{final['top5']:.2f}"),
         ("CFS (paper Eq. 19)", f"{cbp_row['cfs']:.2e}"),
         ("weights on a level (within 1% of a)", f"{100 * cbp_row['on_levels']:.2f}%"),

@@ -42,6 +42,7 @@ from .distributed import Context, all_reduce_sum
 from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
+from .oscillation import OscillationTracker
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
@@ -68,6 +69,10 @@ class Run:
     meta: dict = field(default_factory=dict)   # model/data/constraint identity, checked on resume
     show_progress: bool = True
     on_nan: str = "stop"      # or "lower-lr": back to the last checkpoint with a lower lr
+    # level flips and oscillations of the quantized weights, logged per epoch; fit creates one
+    # for a prepared model unless track_oscillations is off
+    oscillation: OscillationTracker | None = None
+    track_oscillations: bool = True
 
 
 def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +183,8 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
             run.optimizer.step()
         else:
             run.lagrangian.step(loss)
+        if run.oscillation is not None:
+            run.oscillation.step()
         loss = loss.detach()
         loss_sum += loss
         first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step, first_bad)
@@ -265,6 +272,7 @@ def _state(run: Run, pos: Position) -> dict:
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "cbp": run.lagrangian.state_dict() if run.lagrangian else None,
         "scheduler": run.scheduler.state_dict() if run.scheduler else None,
+        "oscillation": run.oscillation.state_dict() if run.oscillation else None,
         "rng": torch.get_rng_state(),
     }
 
@@ -289,6 +297,8 @@ def _load_state(run: Run, state: dict, source: str) -> Position:
             run.lagrangian.load_state_dict(state["cbp"])
         if run.scheduler is not None:
             run.scheduler.load_state_dict(state["scheduler"])
+        if run.oscillation is not None and state.get("oscillation") is not None:
+            run.oscillation.load_state_dict(state["oscillation"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{source} does not fit this model: "
                               f"{str(err).splitlines()[0]}") from err
@@ -318,6 +328,8 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
     ``NAN_LR_FACTOR`` per retry, up to ``NAN_RETRIES`` times.
     """
     ctx = run.ctx
+    if run.oscillation is None and run.track_oscillations and quantized_layers(run.model):
+        run.oscillation = OscillationTracker(run.model)
     os.makedirs(run.out_dir, exist_ok=True)
     ckpt_path = os.path.join(run.out_dir, CHECKPOINT_NAME)
     fresh = not (resume and os.path.exists(ckpt_path))
@@ -403,6 +415,10 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
             if run.lagrangian.multipliers:
                 lams = torch.cat([lam.flatten() for lam in run.lagrangian.multipliers.values()])
                 row.update(lambda_mean=float(lams.mean()), lambda_max=float(lams.max()))
+            if hasattr(run.lagrangian, "epoch_stats"):   # the oscillation fixes of cbp.peers
+                row.update(run.lagrangian.epoch_stats())
+        if run.oscillation is not None:
+            row.update(run.oscillation.epoch_stats())
         if run.scheduler is not None:
             run.scheduler.step()
         if quantized_layers(run.model):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import cbp
-from cbp.baselines import post_training_rounding, recalibrate_batchnorm
+from cbp.baselines import post_training_rounding, recalibrate_bn
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare.py")
 _spec = importlib.util.spec_from_file_location("bench_compare", _PATH)
@@ -23,12 +23,12 @@ compare = sys.modules["bench_compare"] = importlib.util.module_from_spec(_spec) 
 _spec.loader.exec_module(compare)
 
 
-def test_recalibrate_batchnorm_is_the_plain_average_over_batches():
+def test_recalibrate_bn_is_the_plain_average_over_batches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, momentum=0.3))
     model.eval()
     batches = [torch.randn(4, 1, 3, 3) * (i + 1) for i in range(3)]
-    recalibrate_batchnorm(model, [(x, None) for x in batches], batches=2)
+    recalibrate_bn(model, [(x, None) for x in batches], batches=2)
     with torch.no_grad():
         acts = [model[0](x) for x in batches[:2]]
     mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in acts]).mean(0)
@@ -39,13 +39,13 @@ def test_recalibrate_batchnorm_is_the_plain_average_over_batches():
     assert bn.momentum == 0.3 and not model.training
 
 
-def test_recalibrate_batchnorm_rejects_bad_input():
+def test_recalibrate_bn_rejects_bad_input():
     with pytest.raises(ValueError, match="batches must be >= 1"):
-        recalibrate_batchnorm(nn.BatchNorm1d(2), [], 0)
+        recalibrate_bn(nn.BatchNorm1d(2), [], 0)
     with pytest.raises(ValueError, match="no BatchNorm"):
-        recalibrate_batchnorm(nn.Linear(2, 2), [torch.zeros(1, 2)], 1)
+        recalibrate_bn(nn.Linear(2, 2), [torch.zeros(1, 2)], 1)
     with pytest.raises(ValueError, match="fewer than"):
-        recalibrate_batchnorm(nn.BatchNorm1d(2), [torch.randn(3, 2)], 2)
+        recalibrate_bn(nn.BatchNorm1d(2), [torch.randn(3, 2)], 2)
 
 
 def test_post_training_rounding_forward_is_the_converted_network():
