@@ -329,6 +329,9 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         args.data, args.data_dir, True, args.limit, args.image_size, args.download)
     val_data, _, _ = load_dataset(args.data, args.data_dir, False, args.val_limit,
                                   args.image_size, args.download)
+    if args.command == "quantize" and args.recalibrate_bn > len(train_data) // args.batch_size:
+        raise ValueError(f"--recalibrate-bn {args.recalibrate_bn}: the training set gives only "
+                         f"{len(train_data) // args.batch_size} batches of {args.batch_size}")
     meta = {"mode": args.command, "dataset": args.data, "num_classes": num_classes,
             "in_channels": in_channels, "input_size": list(train_data[0][0].shape)}
     torch.manual_seed(args.seed)
@@ -496,14 +499,14 @@ def run_demo(args: argparse.Namespace) -> None:
     ctx = distributed.setup(None)
     final = evaluate(model.to(ctx.device), test_data, ctx)
     train_data, _, _ = load_dataset(meta["dataset"], data_dir, True)
-    recalibrate_bn(model, _recalibration_loader(train_data, 128, 0, DEMO_BN_BATCHES),
-                   DEMO_BN_BATCHES)
+    bn_batches = min(DEMO_BN_BATCHES, len(train_data) // 128)   # fewer on a tiny data set
+    recalibrate_bn(model, _recalibration_loader(train_data, 128, 0, bn_batches), bn_batches)
     recalibrated = evaluate(model, test_data, ctx)
     worst = max(s["mean_distance"] for s in metrics.layer_stats(model))
     table = [
         ("full-precision top-1 (%)", f"{fp_row['top1']:.2f}"),
         ("CBP binary top-1 (%), training BN statistics", f"{final['top1']:.2f}"),
-        (f"CBP binary top-1 (%), BN re-estimated ({DEMO_BN_BATCHES} batches)",
+        (f"CBP binary top-1 (%), BN re-estimated ({bn_batches} batches of 128)",
          f"{recalibrated['top1']:.2f}"),
         ("CBP binary top-5 (%)", f"{final['top5']:.2f}"),
         ("CFS (paper Eq. 19)", f"{cbp_row['cfs']:.2e}"),
