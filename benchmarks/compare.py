@@ -523,6 +523,50 @@ def table(results: list[dict], size: Size, missing: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> None:
+    """Flips and oscillations per step over the epochs, each method's mean over seeds (from the
+    cells' ``log.jsonl``), and the top-1 before and after BN re-estimation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cbp.train import LOG_NAME, read_jsonl
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    shown = []
+    for i, method in enumerate(m for m in TRAINED if m != "brevitas"):
+        rows = _rows(results, model, lv, method)
+        logs = [read_jsonl(os.path.join(cache, "runs", f"{model}-{method}-{lv}-{r['seed']}",
+                                        LOG_NAME)) for r in rows]
+        if not logs:
+            continue
+        shown.append(method)
+        epochs = [row["epoch"] for row in logs[0]]
+        for ax, key in zip(axes[:2], ("flips_per_step", "oscillations_per_step")):
+            mean = [statistics.mean(log[e][key] for log in logs) for e in range(len(epochs))]
+            ax.plot(epochs, mean, marker=".", color=f"C{i}", label=LABELS[method])
+    for ax, what in zip(axes[:2], ("level flips", "oscillations (reversed flips)")):
+        ax.set(xlabel="epoch", ylabel="weights per step",
+               title=f"{what} per step", yscale="symlog")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    methods = [m for m in METHODS[1:] if _rows(results, model, lv, m)]
+    x = range(len(methods))
+    for offset, key, label in ((-0.2, "top1_train_bn", "training BN"),
+                               (0.2, "top1", "BN re-estimated")):
+        means = [statistics.mean(r[key] for r in _rows(results, model, lv, m)) for m in methods]
+        axes[2].bar([i + offset for i in x], means, width=0.4, label=label)
+    axes[2].set_xticks(list(x), methods, rotation=60, fontsize=7)
+    top = max(statistics.mean(r["top1"] for r in _rows(results, model, lv, m)) for m in methods)
+    axes[2].set(ylabel="top-1 (%)", title="test top-1, mean over seeds", ylim=(top - 15, top + 2))
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"{MODELS[model]}, {lv}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
             f"torch {torch.__version__}, 1 thread per worker")
@@ -541,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--json", help="also write every cell's result to this file")
+    p.add_argument("--plot", help="write a PNG of flips, oscillations and top-1 of the first cell")
     args = p.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.seeds:
@@ -564,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.plot:
+        first = next(r for r in results if r["method"] in TRAINED)
+        plot(results, args.cache, first["model"], first["levels"], args.plot)
     return 0
 
 
