@@ -105,10 +105,12 @@ QUICK = Size(train_limit=1024, val_limit=64, test_limit=512, pretrain_epochs=1,
              pretrain_batch=64, batch=16, epoch_iters=2, lr=1e-2, weight_decay=1e-4, p_max=1,
              g_final=10, bn_batches=4, seeds_primary=2, seeds_control=2)
 
-# (model, level set, methods): the default run is the headline, every method on the primary
-# cell (45 trained cells of ~45 s fill the 20 minutes of two cores); --full adds ternary and the
-# ResNet-20 control
-DEFAULT_PLAN = (("mobilenet", "binary", METHODS),)
+# (model, level set, methods): the default run is the headline - every method on the primary
+# cell - plus the cells that decide the reading: does what wins there (oscillation dampening)
+# and what CBP does hold for ternary and on the control network? --full runs everything.
+DECIDING = ("fp", "rounding", "ste", "dampen", "cbp_1e-2")
+DEFAULT_PLAN = (("mobilenet", "binary", METHODS), ("mobilenet", "ternary", DECIDING),
+                ("resnet", "binary", DECIDING))
 FULL_PLAN = tuple((m, lv, METHODS) for m in MODELS for lv in LEVELS)
 
 

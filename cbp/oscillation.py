@@ -37,47 +37,58 @@ class OscillationTracker:
 
     Call :meth:`step` after each optimizer step and :meth:`epoch_stats` once per epoch. ``momentum``
     is the EMA factor of the oscillation frequency (0.01 is the default of Nagel et al.'s tracker:
-    a memory of about 100 steps).
+    a memory of about 100 steps). The state lives in flat tensors over all layers, so a step is a
+    dozen tensor operations however many layers there are; ``index``, ``frequency`` etc. are
+    per-layer views of them (shaped like the weights).
     """
 
     def __init__(self, model: nn.Module, momentum: float = 0.01) -> None:
         self.layers = quantized_layers(model)
         if not self.layers:
             raise ValueError("the model has no quantized layer; call cbp.prepare(model, config) first")
+        factors = {tuple(layer.cbp_factors.tolist()) for layer in self.layers.values()}
+        if len(factors) != 1:
+            raise ValueError("the quantized layers use different level sets")
         self.momentum = momentum
-        self.index = {n: self._current(layer) for n, layer in self.layers.items()}
-        self.start = {n: i.clone() for n, i in self.index.items()}
-        self.direction = {n: torch.zeros_like(i) for n, i in self.index.items()}
-        self.frequency = {n: torch.zeros(i.shape, device=i.device) for n, i in self.index.items()}
-        # number (1, 2, ...) of the step of each weight's last flip; 0: never flipped
-        self.last_flip = {n: torch.zeros(i.shape, dtype=torch.int32, device=i.device)
-                          for n, i in self.index.items()}
+        first = next(iter(self.layers.values()))
+        self._factors = first.cbp_factors.to(first.weight.dtype)
+        self._scale = torch.cat([layer.cbp_scale.to(layer.weight.dtype).expand(layer.weight.numel())
+                                 for layer in self.layers.values()])
+        index = self._current()
+        device = index.device
+        self._flat = {"index": index, "start": index.clone(), "direction": torch.zeros_like(index),
+                      "frequency": torch.zeros(index.shape, device=device),
+                      # number (1, 2, ...) of the step of each weight's last flip; 0: never
+                      "last_flip": torch.zeros(index.shape, dtype=torch.int32, device=device)}
+        sizes = [layer.weight.numel() for layer in self.layers.values()]
+        for key, flat in self._flat.items():   # self.index[name] etc.: views into the flat state
+            setattr(self, key, {name: part.view(layer.weight.shape) for (name, layer), part in
+                                zip(self.layers.items(), flat.split(sizes))})
         self.steps = 0
-        device = next(iter(self.index.values())).device
         self._counts = torch.zeros(2, dtype=torch.int64, device=device)  # flips, oscillations
         self._epoch_steps = 0
 
-    @staticmethod
-    def _current(layer) -> torch.Tensor:
-        return level_index(layer.weight.detach(), layer.levels)
+    def _current(self) -> torch.Tensor:
+        w = torch.cat([layer.weight.detach().reshape(-1) for layer in self.layers.values()])
+        return level_index(w / self._scale, self._factors)
 
     @property
     def numel(self) -> int:
-        return sum(i.numel() for i in self.index.values())
+        return self._scale.numel()
 
     @torch.no_grad()
     def step(self) -> None:
         """Compare every weight's level with the last step's; update the counts (no device sync)."""
-        for name, layer in self.layers.items():
-            now = self._current(layer)
-            change = torch.sign(now - self.index[name])         # -1, 0, +1 (int8)
-            flipped = change != 0
-            oscillated = (change * self.direction[name]) == -1  # reverses this weight's last flip
-            self.frequency[name].mul_(1 - self.momentum).add_(oscillated, alpha=self.momentum)
-            self.direction[name] = torch.where(flipped, change, self.direction[name])
-            self.last_flip[name].masked_fill_(flipped, self.steps + 1)
-            self.index[name] = now
-            self._counts += torch.stack([flipped.sum(), oscillated.sum()])
+        state = self._flat
+        now = self._current()
+        change = torch.sign(now - state["index"])            # -1, 0, +1 (int8)
+        flipped = change != 0
+        oscillated = (change * state["direction"]) == -1     # reverses this weight's last flip
+        state["frequency"].mul_(1 - self.momentum).add_(oscillated, alpha=self.momentum)
+        state["direction"].copy_(torch.where(flipped, change, state["direction"]))
+        state["last_flip"].masked_fill_(flipped, self.steps + 1)
+        state["index"].copy_(now)
+        self._counts += torch.stack([flipped.sum(), oscillated.sum()])
         self.steps += 1
         self._epoch_steps += 1
 
@@ -92,15 +103,13 @@ class OscillationTracker:
         """
         flips, oscillations = self._counts.tolist()
         steps = max(self._epoch_steps, 1)
-        late_after = (1 - LATE_FRACTION) * self.steps
-        n = self.numel
+        state, n = self._flat, self.numel
         stats = {
             "flips_per_step": flips / steps,
             "oscillations_per_step": oscillations / steps,
-            "oscillation_frequency": float(sum(f.double().sum() for f in self.frequency.values())) / n,
-            "late_flippers": float(sum((t > late_after).sum() for t in self.last_flip.values())) / n,
-            "level_changes": float(sum((self.index[k] != self.start[k]).sum()
-                                       for k in self.index)) / n,
+            "oscillation_frequency": float(state["frequency"].double().sum()) / n,
+            "late_flippers": float((state["last_flip"] > (1 - LATE_FRACTION) * self.steps).sum()) / n,
+            "level_changes": float((state["index"] != state["start"]).sum()) / n,
         }
         self._counts.zero_()
         self._epoch_steps = 0
