@@ -124,8 +124,9 @@ def build(model: str) -> nn.Module:
 
 def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
     """The library configuration of a method built on ``cbp.Lagrangian``."""
+    # compile_penalty off: compiling costs more than it saves on these short CPU runs
     base = cbp.CBPConfig(levels=levels, multiplier_lr=1e-2, p_max=size.p_max,
-                         g_final=size.g_final)
+                         g_final=size.g_final, compile_penalty=False)
     if method in ("ste", "dampen", "freeze"):
         return replace(base, use_constraint=False)
     if method.startswith("cbp_1e-"):
@@ -376,7 +377,6 @@ def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=L
 
     With ``reuse`` a cell whose result file (keyed by the size) exists is read, not rerun.
     """
-    os.environ.setdefault("CBP_COMPILE", "0")  # compiling costs more than it saves on short CPU runs
     os.environ["OMP_NUM_THREADS"] = "1"
     if "brevitas" in methods and brevitas_missing():
         methods = [m for m in methods if m != "brevitas"]
@@ -533,7 +533,7 @@ def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cbp.train import LOG_NAME, read_jsonl
+    from cbp.runs import LOG_NAME, read_jsonl
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     shown = []

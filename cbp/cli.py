@@ -25,19 +25,20 @@ import torch
 
 from . import distributed, metrics
 from .baselines import recalibrate_bn
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import CBPConfig
 from .data import DATASET_NAMES, load_dataset, make_loader
 from .export import check_onnx, export_onnx, summary
 from .export import export as export_packed
 from .interrupts import Interrupted
-from .lagrangian import Lagrangian, param_groups
-from .layers import prepare
+from .lagrangian import Lagrangian
+from .layers import param_groups, prepare
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES, build_model
 from .peers import OSCILLATION_FIXES
 from .plots import plot_run
-from .train import CHECKPOINT_NAME, LOG_NAME, Run, evaluate, fit, read_jsonl
+from .runs import CHECKPOINT_NAME, LOG_NAME, describe, load_model, load_pretrained, read_jsonl
+from .train import Run, evaluate, fit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -285,21 +286,7 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
 def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.nn.Module, str]:
     """The model to quantize, from `--from CHECKPOINT` or `--model NAME --weights W`."""
     if args.from_checkpoint:
-        state = load_checkpoint(args.from_checkpoint)
-        meta = state["meta"]
-        if meta.get("mode") != "pretrain":
-            raise CheckpointError(f"{args.from_checkpoint} is not a pretraining checkpoint")
-        if state["epoch"] == 0:
-            raise CheckpointError(f"{args.from_checkpoint} has not finished a pretraining epoch; "
-                                  "continue it with `cbp pretrain --resume` first")
-        if (meta["num_classes"], meta["in_channels"]) != (num_classes, in_channels):
-            raise CheckpointError(
-                f"{args.from_checkpoint} is a {meta['num_classes']}-class, "
-                f"{meta['in_channels']}-channel model; the data has {num_classes} classes and "
-                f"{in_channels} channels")
-        model = build_model(meta["model"], num_classes, in_channels)
-        model.load_state_dict(state["model"])
-        return model, meta["model"]
+        return load_pretrained(args.from_checkpoint, num_classes, in_channels)
     if not args.model:
         raise ValueError("quantize needs --from CHECKPOINT or --model NAME (with --weights)")
     return build_model(args.model, num_classes, in_channels, args.weights), args.model
@@ -332,19 +319,15 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     if args.command == "quantize" and args.recalibrate_bn > len(train_data) // args.batch_size:
         raise ValueError(f"--recalibrate-bn {args.recalibrate_bn}: the training set gives only "
                          f"{len(train_data) // args.batch_size} batches of {args.batch_size}")
-    meta = {"mode": args.command, "dataset": args.data, "num_classes": num_classes,
-            "in_channels": in_channels, "input_size": list(train_data[0][0].shape)}
     torch.manual_seed(args.seed)
     lagrangian = scheduler = None
     if args.command == "pretrain":
-        model = build_model(args.model, num_classes, in_channels, args.weights)
-        meta["model"] = args.model
+        model, model_name = build_model(args.model, num_classes, in_channels, args.weights), args.model
     else:
-        model, meta["model"] = _pretrained_model(args, num_classes, in_channels)
+        model, model_name = _pretrained_model(args, num_classes, in_channels)
         prepare(model, config)
-        meta.update(constraint=args.constraint, factors=list(config.factors),
-                    include=list(config.include), exclude=list(config.exclude),
-                    skip_first_last=config.skip_first_last)
+    meta = describe(args.command, model_name, args.data, num_classes, in_channels,
+                    list(train_data[0][0].shape), getattr(args, "constraint", None), config)
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)
@@ -355,7 +338,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     if args.command == "pretrain":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     else:
-        lagrangian = _lagrangian(args, model, config, optimizer, train_data, ctx)
+        lagrangian = _lagrangian(args, model, config, optimizer, train_data)
     run = Run(model=model, optimizer=optimizer, train_data=train_data, val_data=val_data,
               out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, ctx=ctx,
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
@@ -370,7 +353,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _lagrangian(args, model, config: CBPConfig, optimizer, train_data, ctx) -> Lagrangian:
+def _lagrangian(args, model, config: CBPConfig, optimizer, train_data) -> Lagrangian:
     """CBP's Lagrangian, or the oscillation fix of ``--oscillation-fix`` (cbp.peers)."""
     if not args.oscillation_fix:
         return Lagrangian(model, config, optimizer)
@@ -417,22 +400,6 @@ def recalibrate_run(run: Run, batches: int, top1_before: float) -> dict:
               f"(saved in {ckpt_path})")
     distributed.barrier()
     return result
-
-
-def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
-    state = load_checkpoint(checkpoint)
-    meta = state["meta"]
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
-    if meta["mode"] == "quantize":
-        prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
-                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit its model: "
-                              f"{str(err).splitlines()[0]}") from err
-    return model, meta
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:

@@ -75,9 +75,9 @@ class OscillationDampening(Lagrangian):
                 layer.weight.grad = torch.zeros_like(w)
             layer.weight.grad.add_(slope)
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self) -> None:
         self.add_dampening_grad()
-        super().step(loss)
+        super().step()
         self.steps += 1
 
     def state_dict(self) -> dict:
@@ -130,8 +130,8 @@ class IterativeFreezing(Lagrangian):
             layer.weight.copy_(torch.where(mask, level, layer.weight))
 
     @torch.no_grad()
-    def step(self, loss: torch.Tensor) -> None:
-        super().step(loss)
+    def step(self) -> None:
+        super().step()
         self._pin()
         self.tracker.step()
         threshold = self.current_threshold()
@@ -209,8 +209,8 @@ class OscillationGatedCBP(Lagrangian):
             self.multipliers = full
 
     @torch.no_grad()
-    def step(self, loss: torch.Tensor) -> None:
-        super().step(loss)
+    def step(self) -> None:
+        super().step()
         self.tracker.step()
         for name, gate in self.gate.items():
             gate |= self.tracker.frequency[name] > self.threshold

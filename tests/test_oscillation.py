@@ -120,7 +120,7 @@ def test_freezing_holds_a_weight_on_its_level_once_it_oscillates_often_enough():
     # (25% of 8) with the threshold 0.3 and freezes it on its EMA level, -a at that moment.
     for k in range(6):
         put(model, [-1 if k % 2 == 0 else 1, 0, 0, 1])
-        freeze.step(torch.tensor(0.0))
+        freeze.step()
         assert bool(freeze.frozen["1"].view(-1)[0]) == (k >= 2)
     assert model[1].weight.view(-1).tolist() == pytest.approx([-a, 0, 0, a])
     assert freeze.epoch_stats() == {"frozen": 0.25}
@@ -138,7 +138,7 @@ def test_gated_cbp_pulls_only_weights_seen_oscillating():
     assert float(gated.add_penalty_grad()) == 0 and model[1].weight.grad.abs().sum() == 0
     for state in ([-0.8, -0.8, 0.8, 0.8], [0.8, -0.8, 0.8, 0.8], [-0.8, -0.8, 0.8, 0.8]):
         put(model, state)                        # w0 flips three times: EMA 0, 0.5, 0.75
-        gated.step(torch.tensor(0.0))
+        gated.step()
     assert gated.gate["1"].view(-1).tolist() == [True, False, False, False]
     assert gated.epoch_stats() == {"gated": 0.25}
     w = model[1].weight.detach()
@@ -164,12 +164,14 @@ def _schedule_events(config, epochs=40, seed=0):
     x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
     events = []
     for _ in range(epochs):
+        loss_sum = 0.0
         for i in range(0, 64, 16):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x[i:i + 16]), y[i:i + 16])
             loss.backward()
-            lagrangian.step(loss)
-        end = lagrangian.end_epoch()
+            lagrangian.step()
+            loss_sum += float(loss.detach())
+        end = lagrangian.end_epoch(loss_sum)
         events.append((end.g, optimizer.param_groups[0]["lr"], lagrangian.finished))
         if lagrangian.finished:
             break
