@@ -372,24 +372,26 @@ def _run_cached(size: Size, checkpoints: dict, cache: str, task: tuple) -> dict:
 
 
 def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=LEVELS,
-            models=tuple(MODELS), jobs: int = 2, reuse: bool = False) -> list[dict]:
+            models=tuple(MODELS), jobs: int = 2, reuse: bool = False,
+            cached_only: bool = False) -> list[dict]:
     """Every cell of ``plan``; up to ``jobs`` worker processes, each pinned to its own core.
 
-    With ``reuse`` a cell whose result file (keyed by the size) exists is read, not rerun.
+    With ``reuse`` a cell whose result file (keyed by the size) exists is read, not rerun;
+    ``cached_only`` reads those and runs nothing (the table of an interrupted run).
     """
     os.environ["OMP_NUM_THREADS"] = "1"
     if "brevitas" in methods and brevitas_missing():
         methods = [m for m in methods if m != "brevitas"]
     todo = tasks(size, plan, methods, levels, models)
-    checkpoints = {m: pretrain(size, cache, m) for m in sorted({t[0] for t in todo})}
     results, pending = [], []
     for task in todo:
         path = result_path(size, cache, task)
-        if reuse and os.path.exists(path):
+        if (reuse or cached_only) and os.path.exists(path):
             with open(path) as f:
                 results.append(json.load(f))
-        else:
+        elif not cached_only:
             pending.append(task)
+    checkpoints = {m: pretrain(size, cache, m) for m in sorted({t[0] for t in pending})}
     cores = sorted(os.sched_getaffinity(0))[:max(1, jobs)]
     with tqdm(total=len(pending), desc="cells (model, method, level set, seed)",
               unit="cell") as bar:
@@ -585,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="worker processes, each pinned to a core")
     p.add_argument("--cache", default="runs/bench", help="checkpoints, runs and cell results")
     p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
+    p.add_argument("--cached", action="store_true",
+                   help="only tabulate the cells already computed; train nothing")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--json", help="also write every cell's result to this file")
     p.add_argument("--plot", help="write a PNG of flips, oscillations and top-1 of the first cell")
@@ -600,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown model, level set or method: {', '.join(unknown)}")
     tic = time.perf_counter()
     plan = FULL_PLAN if args.full else DEFAULT_PLAN
-    results = run_all(size, args.cache, plan, methods, levels, models, args.jobs, args.reuse)
+    results = run_all(size, args.cache, plan, methods, levels, models, args.jobs, args.reuse,
+                      args.cached)
     text = table(results, size, brevitas_missing() if "brevitas" in methods else None)
     text += (f"\nMachine: {machine()}; {args.jobs} worker(s); total wall "
              f"{time.perf_counter() - tic:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
