@@ -17,6 +17,7 @@ use them unchanged:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -191,22 +192,23 @@ class OscillationGatedCBP(Lagrangian):
         self.tracker = OscillationTracker(model, momentum)
         self.gate = {n: torch.zeros_like(i, dtype=torch.bool) for n, i in self.tracker.index.items()}
 
-    def _gated(self) -> dict[str, torch.Tensor]:
-        return {n: lam * self.gate[n] for n, lam in self.multipliers.items()}
+    @contextlib.contextmanager
+    def _gated(self):
+        """The multipliers of unflagged weights read as 0 inside the block (the stored ones stay)."""
+        full = self.multipliers
+        self.multipliers = {n: lam * self.gate[n] for n, lam in full.items()}
+        try:
+            yield
+        finally:
+            self.multipliers = full
 
     def penalty(self) -> torch.Tensor:
-        full, self.multipliers = self.multipliers, self._gated()
-        try:
+        with self._gated():
             return super().penalty()
-        finally:
-            self.multipliers = full
 
     def add_penalty_grad(self) -> torch.Tensor:
-        full, self.multipliers = self.multipliers, self._gated()
-        try:
+        with self._gated():
             return super().add_penalty_grad()
-        finally:
-            self.multipliers = full
 
     @torch.no_grad()
     def step(self) -> None:
