@@ -130,7 +130,7 @@ def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
     """The library configuration of a method built on ``cbp.Lagrangian``."""
     # compile_penalty off: compiling costs more than it saves on these short CPU runs
     base = cbp.CBPConfig(levels=levels, multiplier_lr=1e-2, p_max=size.p_max,
-                         g_final=size.g_final, compile_penalty=False)
+                         stop_once_g_exceeds=size.g_final, compile_penalty=False)
     if method in ("ste", "dampen", "freeze"):
         return replace(base, use_constraint=False)
     if method.startswith("cbp_1e-"):
@@ -139,7 +139,8 @@ def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
         return base
     if method.startswith("no_window"):  # g = inf: the clock would drop the lr and stop at once
         eta = 1e-4 if method == "no_window_1e-4" else 1e-2
-        return replace(base, g_init=math.inf, lr_drop_at_g=None, g_final=None, multiplier_lr=eta)
+        return replace(base, g_init=math.inf, lr_drop_at_g=None, stop_once_g_exceeds=None,
+                       multiplier_lr=eta)
     raise ValueError(f"no CBP configuration for method {method!r}")
 
 
@@ -151,7 +152,7 @@ def schedule(size: Size) -> tuple[int, int]:
     """
     config = cbp_config(size, "binary", "cbp_1e-2")
     g, updates, drop = config.g_init, 0, None
-    while g <= config.g_final:
+    while g <= config.stop_once_g_exceeds:
         g += config.g_increment(g)
         updates += 1
         if drop is None and g >= config.lr_drop_at_g:

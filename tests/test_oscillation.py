@@ -179,7 +179,8 @@ def _schedule_events(config, epochs=40, seed=0):
 
 
 def test_ste_only_runs_cbps_clock_lr_drop_and_stop():
-    common = dict(levels="ternary", p_max=1, g_final=100, lr_drop_at_g=20, multiplier_lr=1e-2)
+    common = dict(levels="ternary", p_max=1, stop_once_g_exceeds=100, lr_drop_at_g=20,
+                  multiplier_lr=1e-2)
     cbp_events = _schedule_events(cbp.CBPConfig(**common))
     ste_events = _schedule_events(cbp.CBPConfig(**common, use_constraint=False))
     assert ste_events == cbp_events
