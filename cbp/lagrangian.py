@@ -153,7 +153,9 @@ class Lagrangian:
         that plus the penalties :meth:`step` summed, averaged over processes. ``p += 1``; if
         ``L_sum >= L_sum_pre`` or ``p == p_max``: increase g, update lambda with the new g, reset
         ``L_sum_pre`` and ``p`` (and drop the weight lr once g reaches ``lr_drop_at_g``); else
-        ``L_sum_pre = L_sum``.
+        ``L_sum_pre = L_sum``. STE-only (``use_constraint`` off) runs the same clock on its loss
+        sum, so ``lr_drop_at_g`` and ``stop_once_g_exceeds`` give it CBP's lr schedule and stopping point
+        (identical for ``p_max = 1``); only the multipliers stay unused.
         """
         cfg = self.config
         total = self._penalty_sum + torch.as_tensor(loss_sum, dtype=torch.float64,
@@ -162,9 +164,10 @@ class Lagrangian:
         self._penalty_sum.zero_()
         self.p += 1
         updated = lr_dropped = False
-        if cfg.use_constraint and (lagrangian_sum >= self.lagrangian_sum_pre or self.p >= cfg.p_max):
+        if lagrangian_sum >= self.lagrangian_sum_pre or self.p >= cfg.p_max:
             self.g += cfg.g_increment(self.g)
-            self.update_multipliers()
+            if cfg.use_constraint:  # STE-only keeps the clock (lr drop, finished), not the pull
+                self.update_multipliers()
             self.lagrangian_sum_pre = math.inf
             self.p = 0
             updated = True

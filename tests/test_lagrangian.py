@@ -56,13 +56,12 @@ def test_schedule_crosses_ten_and_hundred_and_finishes():
     assert gs == [2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200]
 
 
-def test_no_constraint_mode_holds_no_multiplier_and_never_updates():
+def test_no_constraint_mode_runs_the_clock_without_multipliers():
     config = cbp.CBPConfig(use_constraint=False, p_max=1)
     lagrangian = cbp.Lagrangian(cbp.prepare(three_linear(), config), config)
-    assert lagrangian.multipliers == {}   # STE-only: no memory for lambda at all
-    ends = [epoch_with_sum(lagrangian, s) for s in (1.0, 2.0, 3.0)]   # rising, and p = p_max
-    assert [e.updated for e in ends] == [False] * 3 and lagrangian.g == 1
-    assert [e.lagrangian_sum for e in ends] == [1.0, 2.0, 3.0]   # no penalty term
+    assert all(epoch_with_sum(lagrangian, 1.0).updated for _ in range(3))
+    assert lagrangian.g == 4 and lagrangian.multipliers == {}
+    assert cbp.Lagrangian(cbp.prepare(three_linear()), cbp.CBPConfig(g_init=math.inf)).g == math.inf
 
 
 def test_no_window_mode_keeps_g_infinite_and_constrains_every_weight():
