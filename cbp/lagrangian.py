@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .config import CBPConfig
-from .constraint import _fused_penalty, constraint, constraint_and_grad
+from .constraint import _fused_penalties, constraint, constraint_and_grad
 from .distributed import all_reduce_mean
 from .layers import quantized_layers
 
@@ -82,7 +82,7 @@ class _PenaltyKernel:
         if self.calls <= self.compile_after or _PenaltyKernel.failed:
             return None, None
         if _PenaltyKernel.compiled is None:
-            _PenaltyKernel.compiled = torch.compile(_fused_penalty, dynamic=True)
+            _PenaltyKernel.compiled = torch.compile(_fused_penalties, dynamic=True)
         if self.g_value != g or self.g_tensor.device != device:
             self.g_value, self.g_tensor = g, torch.tensor(g, dtype=torch.float32, device=device)
         return _PenaltyKernel.compiled, self.g_tensor
@@ -129,31 +129,39 @@ class Lagrangian:
                    for layer, lam in zip(self.layers.values(), self.multipliers.values()))
 
     @torch.no_grad()
-    def add_penalty_grad(self) -> torch.Tensor:
+    def add_penalty_grad(self, clip: float | None = None) -> torch.Tensor:
         """Add ``lambda * d cs / d w`` to each quantized weight's ``.grad``; return the penalty value.
 
         Closed-form gradient of :meth:`penalty` (see ``constraint_and_grad``), with no autograd
-        graph and no device synchronisation; one fused pass per layer once compiled (see
-        ``_PenaltyKernel``).
+        graph and no device synchronisation; once compiled (see ``_PenaltyKernel``), one call for
+        all layers and one fused pass per layer. With ``clip``, each of these gradients is then
+        clipped to ``[-clip, clip]`` - in the same pass - as :meth:`step` clips every gradient.
         """
         kernel = self.__dict__.get("_penalty_kernel")
         if kernel is None:
             kernel = self._penalty_kernel = _PenaltyKernel()
         device = self._epoch_sum.device
         fused, g = kernel.fused(self.g, device)
+        layers = list(self.layers.values())
+        for layer in layers:
+            if layer.weight.grad is None:
+                layer.weight.grad = torch.zeros_like(layer.weight)
+        if fused is not None:
+            try:
+                return fused([layer.weight.detach() for layer in layers],
+                             list(self.multipliers.values()),
+                             [layer.weight.grad for layer in layers],
+                             [layer.cbp_factors for layer in layers],
+                             [layer.cbp_scale for layer in layers], g, clip)
+            except Exception:  # compiling failed: the eager form, for good
+                _PenaltyKernel.failed = True
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for name, layer in self.layers.items():
-            lam, w = self.multipliers[name], layer.weight
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            if fused is not None:
-                try:
-                    total += fused(w.detach(), lam, w.grad, layer.cbp_factors, layer.cbp_scale, g)
-                    continue
-                except Exception:  # compiling failed: the eager form, for good
-                    _PenaltyKernel.failed, fused = True, None
+        for layer, lam in zip(layers, self.multipliers.values(), strict=True):
+            w = layer.weight
             cs, slope = constraint_and_grad(w.detach(), layer.levels, self.g)
             w.grad.addcmul_(lam, slope)
+            if clip is not None:
+                w.grad.clamp_(-clip, clip)
             total += torch.dot(lam.flatten(), cs.flatten())
         return total
 
@@ -167,19 +175,17 @@ class Lagrangian:
         """
         cfg = self.config
         lagrangian = loss.detach().to(torch.float64)
-        if cfg.use_constraint:
-            lagrangian = lagrangian + self.add_penalty_grad()
+        clipped: set[int] = set()
+        if cfg.use_constraint:   # clips the quantized weights' gradients in the same pass
+            lagrangian = lagrangian + self.add_penalty_grad(cfg.grad_clip_value)
+            clipped = {id(layer.weight) for layer in self.layers.values()}
         if cfg.grad_clip_value is not None:
-            grads = [p.grad for p in self.parameters if p.grad is not None]
-            if grads:
-                torch._foreach_clamp_min_(grads, -cfg.grad_clip_value)
-                torch._foreach_clamp_max_(grads, cfg.grad_clip_value)
+            _clamp_([p.grad for p in self.parameters if p.grad is not None and id(p) not in clipped],
+                    cfg.grad_clip_value)
         if self.optimizer is not None:
             self.optimizer.step()
         if cfg.weight_clamp is not None:
-            weights = [layer.weight for layer in self.layers.values()]
-            torch._foreach_clamp_min_(weights, -cfg.weight_clamp)
-            torch._foreach_clamp_max_(weights, cfg.weight_clamp)
+            _clamp_([layer.weight for layer in self.layers.values()], cfg.weight_clamp)
         self._epoch_sum += lagrangian
 
     # ---- per epoch ------------------------------------------------------------------------------
@@ -269,6 +275,16 @@ class Lagrangian:
         self.lagrangian_sum_pre = float(state["lagrangian_sum_pre"])
         self.lr_dropped, self.epoch = bool(state["lr_dropped"]), int(state["epoch"])
         self._epoch_sum.copy_(state["epoch_sum"])
+
+
+def _clamp_(tensors: list[torch.Tensor], bound: float) -> None:
+    """Clamp each tensor to ``[-bound, bound]`` in place, in one pass.
+
+    ``torch._foreach_clamp_min_`` then ``_foreach_clamp_max_`` give the same values in two passes,
+    not vectorised on CPU: 7.4 ms against 1.8 ms over ResNet-18's gradients, one thread.
+    """
+    for tensor in tensors:
+        tensor.clamp_(-bound, bound)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

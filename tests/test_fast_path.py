@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import cbp
 from cbp import lagrangian as lagrangian_module
-from cbp.constraint import _fused_penalty, constraint, constraint_and_grad
+from cbp.constraint import _fused_penalties, _fused_penalty, constraint, constraint_and_grad
 
 LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
 GS = [1.0, 3.0, 50.0, math.inf]
@@ -139,3 +139,59 @@ def test_constraint_and_grad_matches_constraint():
     for g in GS:
         cs, _ = constraint_and_grad(w, levels, g)
         assert torch.allclose(cs, constraint(w, levels, g), atol=1e-6)
+
+
+def reference_step(lag: cbp.Lagrangian, loss: torch.Tensor) -> None:
+    """``Lagrangian.step`` as it was before the clip moved into the penalty pass: penalty
+    gradient, then every gradient clipped, SGD, weight clamp."""
+    cfg = lag.config
+    with torch.no_grad():
+        for layer, lam in zip(lag.layers.values(), lag.multipliers.values()):
+            _, slope = constraint_and_grad(layer.weight, layer.levels, lag.g)
+            layer.weight.grad.addcmul_(lam, slope)
+        grads = [p.grad for p in lag.parameters]
+        torch._foreach_clamp_min_(grads, -cfg.grad_clip_value)
+        torch._foreach_clamp_max_(grads, cfg.grad_clip_value)
+        lag.optimizer.step()
+        weights = [layer.weight for layer in lag.layers.values()]
+        torch._foreach_clamp_min_(weights, -cfg.weight_clamp)
+        torch._foreach_clamp_max_(weights, cfg.weight_clamp)
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_step_with_the_clip_in_the_penalty_pass_is_bit_identical(levels, monkeypatch):
+    monkeypatch.setenv("CBP_COMPILE", "0")
+    states = []
+    for step in (reference_step, cbp.Lagrangian.step):
+        lag, _ = setup(levels, 3.0)
+        lag.config = cbp.CBPConfig(levels=levels, grad_clip_value=0.5, weight_clamp=1.0)
+        lag.optimizer = torch.optim.SGD(lag.parameters, lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in lag.parameters:
+                p.grad = torch.randn(p.shape, generator=gen)   # some beyond the clip
+            step(lag, torch.tensor(1.0))
+        states.append([p.detach().clone() for p in lag.parameters])
+    assert all(torch.equal(a, b) for a, b in zip(*states, strict=True))
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_all_layers_kernel_clips_like_the_eager_form(levels):
+    """The one-call function that torch.compile fuses, run eagerly, with and without the clip."""
+    lag, weights = setup(levels, 3.0)
+    for clip in (None, 0.75):
+        for w in weights:
+            w.grad = torch.linspace(-2, 2, w.numel()).view_as(w)
+        expected = lag.add_penalty_grad(clip)    # CBP_COMPILE unset: eager for 200 steps
+        reference = [w.grad.clone() for w in weights]
+        for w in weights:
+            w.grad = torch.linspace(-2, 2, w.numel()).view_as(w)
+        layers = list(lag.layers.values())
+        total = _fused_penalties([w.detach() for w in weights], list(lag.multipliers.values()),
+                                 [w.grad for w in weights], [x.cbp_factors for x in layers],
+                                 [x.cbp_scale for x in layers], torch.tensor(3.0), clip)
+        assert all(torch.equal(w.grad, r) for w, r in zip(weights, reference, strict=True))
+        assert total.dtype == torch.float64
+        assert float(total) == pytest.approx(float(expected), rel=1e-6)
+        if clip is not None:
+            assert max(float(w.grad.abs().max()) for w in weights) == clip
