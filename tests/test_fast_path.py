@@ -147,8 +147,9 @@ def reference_step(lag: cbp.Lagrangian, loss: torch.Tensor) -> None:
     cfg = lag.config
     with torch.no_grad():
         for layer, lam in zip(lag.layers.values(), lag.multipliers.values()):
-            _, slope = constraint_and_grad(layer.weight, layer.levels, lag.g)
-            layer.weight.grad.addcmul_(lam, slope)
+            if cfg.use_constraint:
+                _, slope = constraint_and_grad(layer.weight, layer.levels, lag.g)
+                layer.weight.grad.addcmul_(lam, slope)
         grads = [p.grad for p in lag.parameters]
         torch._foreach_clamp_min_(grads, -cfg.grad_clip_value)
         torch._foreach_clamp_max_(grads, cfg.grad_clip_value)
@@ -159,12 +160,15 @@ def reference_step(lag: cbp.Lagrangian, loss: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("levels", LEVEL_SETS)
-def test_step_with_the_clip_in_the_penalty_pass_is_bit_identical(levels, monkeypatch):
+@pytest.mark.parametrize("use_constraint", [True, False], ids=["cbp", "ste"])
+def test_step_with_the_clip_in_the_penalty_pass_is_bit_identical(levels, use_constraint,
+                                                                 monkeypatch):
     monkeypatch.setenv("CBP_COMPILE", "0")
     states = []
     for step in (reference_step, cbp.Lagrangian.step):
         lag, _ = setup(levels, 3.0)
-        lag.config = cbp.CBPConfig(levels=levels, grad_clip_value=0.5, weight_clamp=1.0)
+        lag.config = cbp.CBPConfig(levels=levels, grad_clip_value=0.5, weight_clamp=1.0,
+                                   use_constraint=use_constraint)
         lag.optimizer = torch.optim.SGD(lag.parameters, lr=0.1, momentum=0.9)
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
