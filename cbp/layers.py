@@ -103,8 +103,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def prepare(model: nn.Module, config: CBPConfig | None = None) -> nn.Module:
-    """Quantize the selected layers of ``model`` in place and return it.
+def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = True) -> nn.Module:
+    """Quantize the selected layers of ``model`` and return it.
+
+    In place by default: the returned model *is* ``model``, whose layers now quantize, and it
+    keeps its Parameter objects, so an optimizer built on ``model`` before still works.
+    ``inplace=False`` prepares a deep copy and leaves ``model`` as it was (to keep the float
+    model for comparison, e.g. ``cbp.agreement(model, prepared, loader)``).
 
     Each quantized layer gets its scale ``a = mean|W|`` now, from the weights it has, and keeps it
     fixed: prepare a pretrained model, not a random one you are about to train.
@@ -116,6 +121,8 @@ def prepare(model: nn.Module, config: CBPConfig | None = None) -> nn.Module:
     if not names:
         raise ValueError("no layer left to quantize: the model has no Conv/Linear layer that passes "
                          "the selection (the first and last are skipped by default)")
+    if not inplace:
+        model = copy.deepcopy(model)
     factors = torch.tensor(config.factors, dtype=torch.float32)
     for name in names:
         module = model.get_submodule(name)

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .checkpoint import FORMAT_V1, CheckpointError, atomic_write, load_checkpoint
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
-from .models import build_model
+from .models import rebuild_model
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
@@ -156,7 +156,7 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
     """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
     state = load_checkpoint(checkpoint)
     meta = state["meta"]
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
+    model = rebuild_model(meta)
     if meta["mode"] == "quantize":
         prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
                                  exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
@@ -181,6 +181,6 @@ def load_pretrained(checkpoint: str, num_classes: int, in_channels: int) -> tupl
         raise CheckpointError(
             f"{checkpoint} is a {meta['num_classes']}-class, {meta['in_channels']}-channel "
             f"model; the data has {num_classes} classes and {in_channels} channels")
-    model = build_model(meta["model"], num_classes, in_channels)
+    model = rebuild_model(meta)
     model.load_state_dict(state["model"])
     return model, meta["model"]
