@@ -12,7 +12,7 @@ import torch.nn as nn
 import cbp
 import cbp.train
 from cbp.constraint import constraint, constraint_and_grad
-from cbp.penalty import AUTO_COMPILE_STEPS, PenaltyKernel, penalty_grad_, penalty_grads_
+from cbp.penalty import AUTO_COMPILE_STEPS, PenaltyKernel, penalty_grad_
 
 LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
 GS = [1.0, 3.0, 50.0, math.inf]
@@ -152,7 +152,7 @@ def test_auto_mode_compiles_at_the_start_of_a_long_run_only(monkeypatch):
     long_run.plan(AUTO_COMPILE_STEPS)
     short_run.plan(AUTO_COMPILE_STEPS - 1)
     long_run.start_step(cpu)
-    assert compiled == [penalty_grads_]
+    assert compiled == [penalty_grad_]
     for _ in range(AUTO_COMPILE_STEPS + 5):
         short_run.start_step(cpu)
     assert short_run.compiled is None
@@ -220,22 +220,20 @@ def test_step_with_the_clip_in_the_penalty_pass_is_bit_identical(levels, use_con
 
 
 @pytest.mark.parametrize("levels", LEVEL_SETS)
-def test_all_layers_kernel_clips_like_the_eager_form(levels):
-    """The one-call function that torch.compile fuses, run eagerly, with and without the clip."""
+def test_kernel_clips_like_the_eager_form(levels):
+    """The function that torch.compile fuses, run eagerly, with and without the clip: the
+    penalty gradient added, then clipped, as the closed form followed by clamp_."""
     lag, weights = setup(levels, 3.0)
     for clip in (None, 0.75):
-        for w in weights:
-            w.grad = torch.linspace(-2, 2, w.numel()).view_as(w)
-        expected = lag.add_penalty_grad(clip)    # setup: compile_penalty=False, eager
-        reference = [w.grad.clone() for w in weights]
-        for w in weights:
-            w.grad = torch.linspace(-2, 2, w.numel()).view_as(w)
-        layers = list(lag.layers.values())
-        total = penalty_grads_([w.detach() for w in weights], list(lag.multipliers.values()),
-                               [w.grad for w in weights], [x.cbp_factors for x in layers],
-                               [x.cbp_scale for x in layers], torch.tensor(3.0), clip)
-        assert all(torch.equal(w.grad, r) for w, r in zip(weights, reference, strict=True))
-        assert total.dtype == torch.float64
-        assert float(total) == pytest.approx(float(expected), rel=1e-6)
-        if clip is not None:
-            assert max(float(w.grad.abs().max()) for w in weights) == clip
+        for (layer, lam), w in zip(zip(lag.layers.values(), lag.multipliers.values()), weights):
+            grad = torch.linspace(-2, 2, w.numel()).view_as(w)
+            cs, slope = constraint_and_grad(w.detach(), layer.levels, 3.0)
+            expected = grad + lam * slope
+            if clip is not None:
+                expected = expected.clamp(-clip, clip)
+            total = penalty_grad_(w.detach(), lam, grad, layer.cbp_factors, layer.cbp_scale,
+                                  torch.tensor(3.0), clip)
+            assert torch.equal(grad, expected)
+            assert float(total) == pytest.approx(float((lam * cs).sum()), rel=1e-6)
+            if clip is not None:
+                assert float(grad.abs().max()) == clip
