@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .constraint import quantize, sawtooth
-from .layers import quantized_layers
+from .layers import distinct_quantized_layers
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def layer_stats(model: nn.Module, tolerance: float = 0.01) -> list[dict]:
     A weight is on a level when ``|w - Q(w)| <= tolerance * scale``.
     """
     rows = []
-    for name, layer in quantized_layers(model).items():
+    for name, layer in distinct_quantized_layers(model).items():  # a tied weight counts once
         w, levels = layer.weight.detach(), layer.levels
         distance = (w - quantize(w, levels)).abs()
         scale = float(layer.cbp_scale)
@@ -72,6 +72,16 @@ def fraction_on_levels(model: nn.Module, tolerance: float = 0.01) -> float:
     ValueError for a model with no quantized layer.
     """
     return _weighted(layer_stats(model, tolerance), "on_levels", "fraction_on_levels")
+
+
+def report(model: nn.Module) -> dict[str, float]:
+    """The figures of a prepared model that every epoch's log row and ``cbp evaluate`` show.
+
+    A new metric added here reaches both. ValueError for a model with no quantized layer.
+    """
+    rows = layer_stats(model)
+    return {"cfs": _weighted(rows, "cfs", "cfs"),
+            "on_levels": _weighted(rows, "on_levels", "fraction_on_levels")}
 
 
 @dataclass(frozen=True)
