@@ -206,9 +206,9 @@ class OscillationGatedCBP(Lagrangian):
         with self._gated():
             return super().penalty()
 
-    def add_penalty_grad(self) -> torch.Tensor:
+    def add_penalty_grad(self, clip: float | None = None) -> torch.Tensor:
         with self._gated():
-            return super().add_penalty_grad()
+            return super().add_penalty_grad(clip)
 
     @torch.no_grad()
     def step(self) -> None:
