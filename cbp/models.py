@@ -7,9 +7,12 @@ precision, so every model here registers its stem first and its classifier last.
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 import torch.nn as nn
+
+from .checkpoint import unsafe_reason
 
 
 class ModelError(ValueError):
@@ -157,6 +160,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelError(f"refusing to load weights {path}: {unsafe_reason(e)}") from e
     except Exception as e:  # unpickling/safetensors raise many types; all mean "unusable"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot read weights {path}: {reason}") from e
