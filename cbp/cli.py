@@ -13,6 +13,7 @@ a packaged config such as ``demo``) sets the same keys, flags given on the comma
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -23,17 +24,19 @@ from importlib import resources
 import torch
 
 from . import distributed, metrics
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import CBPConfig
-from .data import DATASET_NAMES, load_dataset
+from .checkpoint import CheckpointError
+from .config import CBPConfig, SettingError, check_number
+from .data import DATASET_NAMES, check_same_classes, class_names, load_dataset
 from .export import check_onnx, export_onnx, summary
 from .export import export as export_packed
+from .guards import check_run_dir, recorded_settings, resume_settings
 from .interrupts import Interrupted
 from .lagrangian import Lagrangian, param_groups
 from .layers import prepare
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES, build_model
 from .plots import plot_run
+from .run_state import load_run_checkpoint
 from .train import CHECKPOINT_NAME, LOG_NAME, Run, evaluate, fit, read_jsonl
 
 if sys.version_info >= (3, 11):
@@ -233,8 +236,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub = parser._subparsers._group_actions[0].choices[args.command]
         tokens = config_argv(read_config(args.config, args.command), sub, args.config)
         at = argv.index(args.command) + 1
-        args = parser.parse_args(argv[:at] + tokens + argv[at:])
+        argv = argv[:at] + tokens + argv[at:]
+        args = parser.parse_args(argv)
+    if args.command in ("pretrain", "quantize"):
+        args._given = _given_settings(argv)
     return args
+
+
+def _given_settings(argv: list[str]) -> set[str]:
+    """The settings ``argv`` (with ``--config``'s keys in it) sets, as opposed to defaults."""
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def check_training_numbers(args: argparse.Namespace) -> None:
+    """The optimizer's settings in range (CBP's own are :meth:`CBPConfig.validate`'s)."""
+    check_number("--lr", args.lr, above=0, below=math.inf)
+    check_number("--momentum", args.momentum, at_least=0, below=1)
+    check_number("--weight-decay", args.weight_decay, at_least=0, below=math.inf)
+
+
+FLAG_OF_FIELD = {"grad_clip_value": "--grad-clip"}   # CBPConfig fields whose flag is not --<field>
 
 
 def cbp_config(args: argparse.Namespace) -> CBPConfig:
@@ -255,20 +280,24 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
         except re.error as err:
             raise ValueError(f"--include/--exclude: {pattern!r} is not a regular expression: "
                              f"{err}") from err
-    return CBPConfig(
-        levels=levels, include=args.include, exclude=args.exclude,
-        skip_first_last=not args.quantize_first_last, use_constraint=not args.no_constraint,
-        multiplier_lr=args.multiplier_lr, multiplier_rule=args.multiplier_rule,
-        initial_multiplier_update=not args.no_initial_update, p_max=args.p_max,
-        g_init=args.g_init, g_final=args.g_final, lr_drop_at_g=args.lr_drop_at_g,
-        lr_drop_factor=args.lr_drop_factor, grad_clip_value=args.grad_clip,
-        weight_clamp=args.weight_clamp)
+    try:
+        return CBPConfig(
+            levels=levels, include=args.include, exclude=args.exclude,
+            skip_first_last=not args.quantize_first_last, use_constraint=not args.no_constraint,
+            multiplier_lr=args.multiplier_lr, multiplier_rule=args.multiplier_rule,
+            initial_multiplier_update=not args.no_initial_update, p_max=args.p_max,
+            g_init=args.g_init, g_final=args.g_final, lr_drop_at_g=args.lr_drop_at_g,
+            lr_drop_factor=args.lr_drop_factor, grad_clip_value=args.grad_clip,
+            weight_clamp=args.weight_clamp)
+    except SettingError as err:   # CBPConfig's check, in the words of the command line
+        flag = FLAG_OF_FIELD.get(err.name, "--" + err.name.replace("_", "-"))
+        raise ValueError(f"{flag} {err.requirement}") from None
 
 
 def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.nn.Module, str]:
     """The model to quantize, from `--from CHECKPOINT` or `--model NAME --weights W`."""
     if args.from_checkpoint:
-        state = load_checkpoint(args.from_checkpoint)
+        state = load_run_checkpoint(args.from_checkpoint)
         meta = state["meta"]
         if meta.get("mode") != "pretrain":
             raise CheckpointError(f"{args.from_checkpoint} is not a pretraining checkpoint")
@@ -302,18 +331,22 @@ def check_output_dir(path: str) -> None:
 def run_training(args: argparse.Namespace) -> list[dict]:
     """`cbp pretrain` and `cbp quantize`: build data, model, optimizer, then `train.fit`."""
     check_output_dir(args.out)
-    if (not (args.resume or args.overwrite)
-            and os.path.exists(os.path.join(args.out, CHECKPOINT_NAME))):
-        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
+    resume = check_run_dir(args.out, args.resume, args.overwrite)
+    if resume:
+        for line in resume_settings(args, args._given):
+            print(f"cbp: {line}", file=sys.stderr, flush=True)
+    check_training_numbers(args)
     config = cbp_config(args) if args.command == "quantize" else None  # its mistakes first
     ctx = distributed.setup(args.device)
     train_data, num_classes, in_channels = load_dataset(
         args.data, args.data_dir, True, args.limit, args.image_size, args.download)
     val_data, _, _ = load_dataset(args.data, args.data_dir, False, args.val_limit,
                                   args.image_size, args.download)
+    classes = class_names(train_data)
+    check_same_classes(classes, class_names(val_data), f"{args.data_dir}/val")
     meta = {"mode": args.command, "dataset": args.data, "num_classes": num_classes,
-            "in_channels": in_channels, "input_size": list(train_data[0][0].shape)}
+            "in_channels": in_channels, "input_size": list(train_data[0][0].shape),
+            "settings": recorded_settings(args), **({"classes": classes} if classes else {})}
     torch.manual_seed(args.seed)
     lagrangian = scheduler = None
     if args.command == "pretrain":
@@ -341,7 +374,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
               meta=meta, show_progress=not args.quiet, on_nan=args.on_nan)
-    rows = fit(run, resume=args.resume)
+    rows = fit(run, resume=resume)
     if ctx.is_main and rows:
         plot_run(args.out)
     distributed.teardown()
@@ -350,7 +383,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
 
 def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
     """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
-    state = load_checkpoint(checkpoint)
+    state = load_run_checkpoint(checkpoint)
     meta = state["meta"]
     model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
     if meta["mode"] == "quantize":
@@ -373,6 +406,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.checkpoint} is a {meta['num_classes']}-class, "
                          f"{meta['in_channels']}-channel model; the data has {num_classes} "
                          f"classes and {in_channels} channels")
+    check_same_classes(meta.get("classes"), class_names(val_data), f"{args.data_dir}/val")
     result = evaluate(model.to(ctx.device), val_data, ctx)
     if meta["mode"] == "quantize":
         result.update(cfs=metrics.cfs(model), on_levels=metrics.fraction_on_levels(model))

@@ -14,10 +14,18 @@ import torch.nn as nn
 from .levels import resolve_factors
 
 
+class SettingError(ValueError):
+    """A setting out of its range; ``name`` says which, ``requirement`` the rest of the message."""
+
+    def __init__(self, name: str, requirement: str) -> None:
+        super().__init__(f"{name} {requirement}")
+        self.name, self.requirement = name, requirement
+
+
 def check_number(name: str, value, *, above: float | None = None, at_least: float | None = None,
                  at_most: float | None = None, below: float | None = None,
                  none_ok: bool = False, integer: bool = False) -> None:
-    """Raise ``ValueError("<name> must be ..., got <value>")`` unless ``value`` is in range.
+    """Raise ``SettingError("<name> must be ..., got <value>")`` unless ``value`` is in range.
 
     The one place every numeric setting is checked (``CBPConfig`` and the CLI's training
     settings), so that a NaN, a sign or a zero that would silently break training never gets in.
@@ -43,7 +51,7 @@ def check_number(name: str, value, *, above: float | None = None, at_least: floa
               and (at_most is None or value <= at_most) and (below is None or value < below)
               and (math.isfinite(value) or (at_most is None and below is None and value > 0)))
     if not ok:
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        raise SettingError(name, f"must be {wanted}, got {value!r}")
 
 
 @dataclass

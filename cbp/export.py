@@ -38,7 +38,7 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .checkpoint import atomic_write
+from .checkpoint import WriteError, atomic_write
 from .constraint import quantize
 from .layers import convert, quantized_layers
 from .levels import bits_per_weight
@@ -78,10 +78,45 @@ def _packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, layout
 
 
+def _is_packed_export(data: bytes) -> bool:
+    try:
+        meta = _read_header(data, "")["__metadata__"][_META_KEY]
+        return json.loads(meta)["format"] == FORMAT
+    except (ExportError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _is_onnx_model(data: bytes) -> bool:
+    try:
+        import onnx
+
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+        return model.ir_version > 0 and len(model.graph.node) > 0
+    except Exception:  # protobuf raises its own error types; any means "not an ONNX model"
+        return False
+
+
+def _check_replaceable(path: Path, ours: Callable[[bytes], bool], what: str) -> None:
+    """An existing file is replaced only if it is an earlier ``what``: never a checkpoint (its
+    run would be gone) or any other file cbp did not write."""
+    if not path.exists():
+        return
+    try:
+        earlier = path.is_file() and ours(path.read_bytes())
+    except OSError:
+        earlier = False
+    if not earlier:
+        raise ExportError(f"refusing to replace {path}: it is not {what} (a checkpoint, or a "
+                          "file of yours?); choose another path, or delete it first")
+
+
 def _write(path: Path, data: bytes) -> None:
     """Atomic write (never a half-written file) with the error as an ``ExportError``."""
     try:
         atomic_write(str(path), lambda f: f.write(data))
+    except WriteError as err:   # it names the file already
+        raise ExportError(str(err)) from err
     except OSError as err:
         raise ExportError(f"{path}: cannot write ({err.strerror or err})") from err
 
@@ -110,6 +145,7 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
     meta = {"format": FORMAT, "version": VERSION, "crc32": crc, "layout": encoded.decode()}
     data = st_save(grouped, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
     path = Path(path)
+    _check_replaceable(path, _is_packed_export, "a cbp export")
     _write(path, data)
     return path
 
@@ -389,6 +425,7 @@ def _onnx_runtime():
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor) -> Path:
     """Write ``cbp.convert(model)`` (weights on their levels) as ONNX, batch dimension dynamic."""
     _onnx_runtime()
+    _check_replaceable(Path(path), _is_onnx_model, "an ONNX model")
     plain = convert(model).eval()
     program = torch.onnx.export(plain, (example_input,), dynamo=True, external_data=False,
                                 input_names=["input"], output_names=["output"], verbose=False,

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from . import distributed, metrics
 from .checkpoint import (
     CheckpointError,
+    WriteError,
     atomic_write,
-    load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
@@ -42,8 +42,10 @@ from .distributed import Context, all_reduce_sum
 from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
+from .run_state import load_run_checkpoint
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
+RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME)   # what a run writes (and a fresh one replaces)
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 
 
@@ -239,29 +241,74 @@ def weight_histogram(model: nn.Module, layer_name: str, epoch: int) -> dict:
 
 
 def _append_line(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise WriteError(f"cannot append to {path}: {err.strerror or err}") from err
 
 
 def _keep_rows_up_to(path: str, epoch: int) -> None:
-    """Drop log rows written after the checkpoint a resumed run starts from."""
+    """Drop log rows written after the checkpoint a resumed run starts from (and a torn line)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+    rows = [json.dumps(row) + "\n" for row in read_jsonl(path) if row["epoch"] <= epoch]
     atomic_write(path, lambda f: f.writelines(rows), mode="w")
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL log, one JSON object per line.
+
+    Every row is appended with its newline in one write, so a last line without a newline that
+    does not parse was torn by a crash mid-append: it is left out, and the run resumes and plots
+    from the rows before it. A damaged line anywhere else is an error naming it.
+    """
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        *lines, tail = f.read().split("\n")   # tail: "" after a final newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            row = _json_object(line)
+            if row is None:
+                raise ValueError(f"{path}, line {number}: not a JSON object; the log is damaged")
+            rows.append(row)
+    last = _json_object(tail) if tail.strip() else None
+    return rows + ([last] if last is not None else [])
+
+
+def _json_object(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _plan(run: Run) -> dict:
+    """What fixes the batches of an epoch: a mid-epoch checkpoint resumes exactly only with it."""
+    return {"seed": run.seed, "batch_size": run.batch_size, "epoch_iters": run.epoch_iters,
+            "train_samples": len(run.train_data)}
+
+
+def _check_same_plan(run: Run, state: dict, source: str) -> None:
+    """Refuse to resume a checkpoint taken mid-epoch with another seed, batch size or epoch
+    length: the rest of the epoch would not be the batches the run skipped to."""
+    saved, now = state.get("plan"), _plan(run)
+    if not state.get("step") or saved is None or saved == now:
+        return
+    changed = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
+                        if saved.get(key) != now[key])
+    raise CheckpointError(f"{source} stopped in epoch {int(state['epoch']) + 1} after step "
+                          f"{state['step']}; it resumes exactly only with the same data order, "
+                          f"but {changed}: resume with the values it was started with")
 
 
 def _state(run: Run, pos: Position) -> dict:
     return {
         "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum, "meta": run.meta,
+        "plan": _plan(run),
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "cbp": run.lagrangian.state_dict() if run.lagrangian else None,
         "scheduler": run.scheduler.state_dict() if run.scheduler else None,
@@ -274,7 +321,7 @@ IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "cons
 
 def restore(run: Run, path: str) -> Position:
     """Load a checkpoint into ``run``; returns where it stands."""
-    return _load_state(run, load_checkpoint(path), f"checkpoint {path}")
+    return _load_state(run, load_run_checkpoint(path), f"checkpoint {path}")
 
 
 def _load_state(run: Run, state: dict, source: str) -> Position:
@@ -282,6 +329,7 @@ def _load_state(run: Run, state: dict, source: str) -> Position:
         if state["meta"].get(key) != run.meta.get(key):
             raise CheckpointError(f"{source} is from another run ({key}: "
                                   f"{state['meta'].get(key)!r}, this run: {run.meta.get(key)!r})")
+    _check_same_plan(run, state, source)
     try:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -321,12 +369,17 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
     os.makedirs(run.out_dir, exist_ok=True)
     ckpt_path = os.path.join(run.out_dir, CHECKPOINT_NAME)
     fresh = not (resume and os.path.exists(ckpt_path))
+    loader = make_loader(run.train_data, run.batch_size, train=True, seed=run.seed,
+                         world_size=ctx.world_size, rank=ctx.rank, num_workers=run.workers)
+    if epoch_steps(run, loader) == 0:
+        raise ValueError(f"no training step: {len(run.train_data)} training samples make no full "
+                         f"batch of {run.batch_size}")
     if ctx.is_main:
-        remove_stale_temporaries(run.out_dir)
+        remove_stale_temporaries(run.out_dir, RUN_FILES)
     if fresh:
         pos = Position(0)
         if ctx.is_main:
-            for name in (LOG_NAME, HIST_NAME, CHECKPOINT_NAME):
+            for name in RUN_FILES:
                 if os.path.exists(os.path.join(run.out_dir, name)):
                     os.unlink(os.path.join(run.out_dir, name))
         distributed.barrier()
@@ -344,11 +397,6 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
     if ctx.world_size > 1:
         net = DistributedDataParallel(run.model, device_ids=[ctx.device.index] if
                                       ctx.device.type == "cuda" else None)
-    loader = make_loader(run.train_data, run.batch_size, train=True, seed=run.seed,
-                         world_size=ctx.world_size, rank=ctx.rank, num_workers=run.workers)
-    if epoch_steps(run, loader) == 0:
-        raise ValueError(f"no training step: {len(run.train_data)} training samples make no full "
-                         f"batch of {run.batch_size}")
     start = copy.deepcopy(_state(run, pos)) if run.on_nan == "lower-lr" and fresh else None
     with GracefulStop() as stop:
         for retry in range(NAN_RETRIES + 1):
