@@ -217,11 +217,21 @@ def config_argv(values: dict, sub: argparse.ArgumentParser, name: str) -> list[s
 _NUMBER_LIST = re.compile(r"^-[^-].*,")  # "-1,0,1", "-inf,1": no option holds a comma
 
 
+def _negative_value(token: str) -> bool:
+    """A negative number or a list starting with one: "-1,0,1", "-1e-4", "-inf"."""
+    try:
+        float(token)
+    except ValueError:
+        return bool(_NUMBER_LIST.match(token))
+    return token.startswith("-")
+
+
 def _glue_number_lists(argv: list[str]) -> list[str]:
-    """``--levels -1,0,1`` as ``--levels=-1,0,1``: argparse takes "-1,0,1" for an option."""
+    """``--levels -1,0,1`` as ``--levels=-1,0,1`` (and ``--weight-decay -1e-4``): argparse takes
+    "-1,0,1" or "-1e-4" for an option, and would report a missing value instead of checking it."""
     out: list[str] = []
     for token in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER_LIST.match(token):
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _negative_value(token):
             out[-1] = f"{out[-1]}={token}"
         else:
             out.append(token)
