@@ -119,6 +119,12 @@ def _check_archive(path: str) -> None:
         raise CheckpointError(f"checkpoint {path} is corrupted: {bad} fails its checksum")
 
 
+def refused_as_unsafe(err: Exception) -> bool:
+    """Whether ``torch.load(weights_only=True)`` raised because the file holds more than plain
+    data (rather than because it is no pickle at all)."""
+    return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+
+
 def unsafe_reason(err: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, without PyTorch's advice to load it
     with ``weights_only=False`` - which would run whatever code the file carries."""
@@ -135,7 +141,9 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"refusing to load {path}: {unsafe_reason(err)}") from err
+        if refused_as_unsafe(err):
+            raise CheckpointError(f"refusing to load {path}: {unsafe_reason(err)}") from err
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:

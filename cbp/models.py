@@ -7,12 +7,11 @@ precision, so every model here registers its stem first and its classifier last.
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import unsafe_reason
+from .checkpoint import refused_as_unsafe, unsafe_reason
 
 
 class ModelError(ValueError):
@@ -160,9 +159,9 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ModelError(f"refusing to load weights {path}: {unsafe_reason(e)}") from e
     except Exception as e:  # unpickling/safetensors raise many types; all mean "unusable"
+        if refused_as_unsafe(e):
+            raise ModelError(f"cannot read weights {path}: {unsafe_reason(e)}") from e
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot read weights {path}: {reason}") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

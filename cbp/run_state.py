@@ -83,18 +83,23 @@ def _cbp_checks(cbp: dict) -> list[tuple[str, bool, str]]:
     ]
 
 
-def check_run_state(state: dict, path: str) -> dict:
-    """Return ``state`` if every field a run reads from it is sound, else raise naming the field."""
+def check_run_state(state: dict, path: str, model_meta: bool = True) -> dict:
+    """Return ``state`` if every field a run reads from it is sound, else raise naming the field.
+
+    ``model_meta``: also the ``meta`` fields the command line builds a model from (a library
+    run's ``meta`` is whatever its caller put there).
+    """
     rng_size = torch.get_rng_state().numel()
+    meta = state.get("meta")
+    quantize = isinstance(meta, dict) and meta.get("mode") == "quantize"
+    cbp = state.get("cbp")
     checks = [
         ("epoch", _is_int(state.get("epoch")) and state["epoch"] >= 0, "an integer >= 0"),
         ("step", _is_int(state.get("step", 0)) and state.get("step", 0) >= 0, "an integer >= 0"),
         ("loss_sum", state.get("loss_sum") is None or isinstance(state["loss_sum"], torch.Tensor),
          "a tensor or None"),
-        ("meta", isinstance(state.get("meta"), dict), "a table"),
-    ]
-    checks += _meta_checks(state["meta"]) if isinstance(state.get("meta"), dict) else []
-    checks += [
+        ("meta", isinstance(meta, dict), "a table"),
+        *(_meta_checks(meta) if model_meta and isinstance(meta, dict) else []),
         ("model", _tensor_dict(state.get("model")), "a table of tensors (a state_dict)"),
         ("optimizer", isinstance(state.get("optimizer"), dict)
          and {"state", "param_groups"} <= set(state["optimizer"]), "an optimizer state_dict"),
@@ -102,18 +107,17 @@ def check_run_state(state: dict, path: str) -> dict:
          "a scheduler state_dict or None"),
         ("rng", isinstance(state.get("rng"), torch.Tensor) and state["rng"].dtype == torch.uint8
          and state["rng"].numel() == rng_size, f"a uint8 tensor of {rng_size} bytes"),
+        ("cbp", isinstance(cbp, dict) or (cbp is None and not quantize),
+         "the CBP state (a table)" + ("" if quantize else " or None")),
+        *(_cbp_checks(cbp) if isinstance(cbp, dict) else []),
     ]
-    quantize = isinstance(state.get("meta"), dict) and state["meta"].get("mode") == "quantize"
-    if quantize:
-        checks.append(("cbp", isinstance(state.get("cbp"), dict), "the CBP state (a table)"))
-        checks += _cbp_checks(state["cbp"]) if isinstance(state.get("cbp"), dict) else []
     for field, ok, expected in checks:
         if not ok:
             raise CheckpointError(f"checkpoint {path}: {field} must be {expected}, "
                                   f"got {_short(_get(state, field))}")
-    if quantize:
+    if model_meta and quantize:
         try:
-            resolve_factors(state["meta"].get("factors"))
+            resolve_factors(meta.get("factors"))
         except ValueError as err:
             raise CheckpointError(f"checkpoint {path}: meta.factors: {err}") from None
     return state
@@ -139,6 +143,6 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load_run_checkpoint(path: str) -> dict:
+def load_run_checkpoint(path: str, model_meta: bool = True) -> dict:
     """:func:`load_checkpoint`, then :func:`check_run_state`."""
-    return check_run_state(load_checkpoint(path), path)
+    return check_run_state(load_checkpoint(path), path, model_meta)

@@ -321,7 +321,7 @@ IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "cons
 
 def restore(run: Run, path: str) -> Position:
     """Load a checkpoint into ``run``; returns where it stands."""
-    return _load_state(run, load_run_checkpoint(path), f"checkpoint {path}")
+    return _load_state(run, load_run_checkpoint(path, model_meta=False), f"checkpoint {path}")
 
 
 def _load_state(run: Run, state: dict, source: str) -> Position:
