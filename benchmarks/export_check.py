@@ -26,10 +26,10 @@ from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
 import cbp
-from cbp.cli import load_model
 from cbp.data import load_dataset
 from cbp.export import check_onnx, export_onnx
 from cbp.models import build_model
+from cbp.runs import load_model
 
 
 @torch.no_grad()

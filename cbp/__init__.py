@@ -2,7 +2,7 @@
 
     model = cbp.prepare(model, cbp.CBPConfig(levels="binary"))   # quantized forward, STE backward
     lagrangian = cbp.Lagrangian(model, config, optimizer)          # lambda, g, p, L_sum_pre
-    ... loss.backward(); lagrangian.step(loss) ... lagrangian.end_epoch()
+    ... loss.backward(); lagrangian.step() ... lagrangian.end_epoch(loss_sum)
     cbp.cfs(model)                                                 # paper Eq. 19
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
@@ -11,8 +11,8 @@
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
 from .export import ExportError, Summary, check_onnx, export, export_onnx, load_packed, read_packed, summary
-from .lagrangian import EpochEnd, Lagrangian, param_groups
-from .layers import QuantizedLayer, convert, prepare, quantized_layers, select_layers
+from .lagrangian import EpochEnd, Lagrangian
+from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
 from .metrics import cfs, fraction_on_levels, layer_stats
 

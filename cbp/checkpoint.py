@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-FORMAT = "cbp-checkpoint-v1"
+FORMAT = "cbp-checkpoint-v2"
+FORMAT_V1 = "cbp-checkpoint-v1"  # still read: cbp.runs brings it up to date
 TMP_SUFFIX = ".cbp-tmp"   # temporaries are ".<target name>.<random>.cbp-tmp": never a user's name
 
 
@@ -146,6 +147,6 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted") from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_V1):
         raise CheckpointError(f"{path} is not a cbp checkpoint")
     return state

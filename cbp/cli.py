@@ -24,20 +24,19 @@ from importlib import resources
 import torch
 
 from . import distributed, metrics
-from .checkpoint import CheckpointError
 from .config import CBPConfig, SettingError, check_number
 from .data import DATASET_NAMES, check_same_classes, class_names, load_dataset
 from .export import check_onnx, export_onnx, summary
 from .export import export as export_packed
 from .guards import check_run_dir, recorded_settings, resume_settings
 from .interrupts import Interrupted
-from .lagrangian import Lagrangian, param_groups
-from .layers import prepare
+from .lagrangian import Lagrangian
+from .layers import param_groups, prepare
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES, build_model
 from .plots import plot_run
-from .run_state import load_run_checkpoint
-from .train import CHECKPOINT_NAME, LOG_NAME, Run, evaluate, fit, read_jsonl
+from .runs import CHECKPOINT_NAME, LOG_NAME, describe, load_model, load_pretrained, read_jsonl
+from .train import Run, evaluate, fit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -307,21 +306,7 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
 def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.nn.Module, str]:
     """The model to quantize, from `--from CHECKPOINT` or `--model NAME --weights W`."""
     if args.from_checkpoint:
-        state = load_run_checkpoint(args.from_checkpoint)
-        meta = state["meta"]
-        if meta.get("mode") != "pretrain":
-            raise CheckpointError(f"{args.from_checkpoint} is not a pretraining checkpoint")
-        if state["epoch"] == 0:
-            raise CheckpointError(f"{args.from_checkpoint} has not finished a pretraining epoch; "
-                                  "continue it with `cbp pretrain --resume` first")
-        if (meta["num_classes"], meta["in_channels"]) != (num_classes, in_channels):
-            raise CheckpointError(
-                f"{args.from_checkpoint} is a {meta['num_classes']}-class, "
-                f"{meta['in_channels']}-channel model; the data has {num_classes} classes and "
-                f"{in_channels} channels")
-        model = build_model(meta["model"], num_classes, in_channels)
-        model.load_state_dict(state["model"])
-        return model, meta["model"]
+        return load_pretrained(args.from_checkpoint, num_classes, in_channels)
     if not args.model:
         raise ValueError("quantize needs --from CHECKPOINT or --model NAME (with --weights)")
     return build_model(args.model, num_classes, in_channels, args.weights), args.model
@@ -354,20 +339,16 @@ def run_training(args: argparse.Namespace) -> list[dict]:
                                   args.image_size, args.download)
     classes = class_names(train_data)
     check_same_classes(classes, class_names(val_data), f"{args.data_dir}/val")
-    meta = {"mode": args.command, "dataset": args.data, "num_classes": num_classes,
-            "in_channels": in_channels, "input_size": list(train_data[0][0].shape),
-            "settings": recorded_settings(args), **({"classes": classes} if classes else {})}
     torch.manual_seed(args.seed)
     lagrangian = scheduler = None
     if args.command == "pretrain":
-        model = build_model(args.model, num_classes, in_channels, args.weights)
-        meta["model"] = args.model
+        model, model_name = build_model(args.model, num_classes, in_channels, args.weights), args.model
     else:
-        model, meta["model"] = _pretrained_model(args, num_classes, in_channels)
+        model, model_name = _pretrained_model(args, num_classes, in_channels)
         prepare(model, config)
-        meta.update(constraint=args.constraint, factors=list(config.factors),
-                    include=list(config.include), exclude=list(config.exclude),
-                    skip_first_last=config.skip_first_last)
+    meta = describe(args.command, model_name, args.data, num_classes, in_channels,
+                    list(train_data[0][0].shape), getattr(args, "constraint", None), config)
+    meta.update(settings=recorded_settings(args), **({"classes": classes} if classes else {}))
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)
@@ -389,22 +370,6 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         plot_run(args.out)
     distributed.teardown()
     return rows
-
-
-def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
-    state = load_run_checkpoint(checkpoint)
-    meta = state["meta"]
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
-    if meta["mode"] == "quantize":
-        prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
-                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit its model: "
-                              f"{str(err).splitlines()[0]}") from err
-    return model, meta
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from .ascent import ASCENT_RULES
 from .levels import resolve_factors
 
 
@@ -71,7 +72,7 @@ class CBPConfig:
     # "backpropagation + STE" baseline) with the same step.
     use_constraint: bool = True
     multiplier_lr: float = 1e-4          # eta_lambda
-    multiplier_rule: str = "adam"        # "adam" (reference) | "plain" (lambda += eta * cs, Alg. 1)
+    multiplier_rule: str = "adam"        # cbp.ascent: "adam" (reference) | "plain" (lambda += eta * cs)
     initial_multiplier_update: bool = True  # reference: one lambda update right after init (g = g_init)
 
     # The schedule of the window variable g, applied at epoch ends.
@@ -89,15 +90,20 @@ class CBPConfig:
     grad_clip_value: float | None = 1.0  # clip every parameter's gradient to [-v, v]
     weight_clamp: float | None = 1.0     # clamp quantized weights to [-c, c] after each step
 
-    # A weight counts as "on a level" within this fraction of its layer's scale (metrics only).
-    on_level_tolerance: float = 0.01
+    # Compile the penalty kernel (cbp.penalty): None = when the run is long enough to pay back the
+    # seconds it takes, True = always, False = never (eager; the same numbers).
+    compile_penalty: bool | None = None
 
     factors: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.factors = resolve_factors(self.levels)
-        if self.multiplier_rule not in ("adam", "plain"):
-            raise ValueError(f"multiplier_rule must be 'adam' or 'plain', got {self.multiplier_rule!r}")
+        if self.multiplier_rule not in ASCENT_RULES:
+            raise ValueError(f"multiplier_rule must be one of {', '.join(ASCENT_RULES)}, "
+                             f"got {self.multiplier_rule!r}")
+        if self.compile_penalty not in (None, True, False):
+            raise ValueError(f"compile_penalty must be None (auto), True or False, got "
+                             f"{self.compile_penalty!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -114,7 +120,6 @@ class CBPConfig:
         check_number("lr_drop_factor", self.lr_drop_factor, above=0, at_most=1)
         check_number("grad_clip_value", self.grad_clip_value, above=0, none_ok=True)
         check_number("weight_clamp", self.weight_clamp, above=0, none_ok=True)
-        check_number("on_level_tolerance", self.on_level_tolerance, at_least=0, below=0.5)
         bounds = []
         for pair in self.g_increments:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):

@@ -1,4 +1,4 @@
-"""The sawtooth constraint of paper Eq. 8-10 and its gradient.
+"""The sawtooth constraint of paper Eq. 8-10 and its gradient, written once.
 
 All functions take real-valued weights ``w`` and a sorted 1-D tensor ``levels`` (absolute values,
 factors times scale) and work elementwise. With ``lo, hi`` the levels around ``w`` and ``m`` their
@@ -9,9 +9,15 @@ midpoint:
 * the unconstrained-weight window is ``m - h/(2g) <= w < m + h/(2g)`` with ``h = hi - lo``
   (the paper's ``|w - m + eps| < h/(2g)``, ``eps -> 0+``); the outer arms are never windowed;
 * ``cs(w; g) = ucs(w; g) Y(w)`` with ``ucs = 0`` inside the window, 1 outside.
+
+:func:`_equations` is the only place these are written; the public functions, the closed-form
+gradient and the fused kernel of :mod:`cbp.penalty` all read them from there, so every path
+rounds alike (``g = inf`` is "no window": ``constraint(w, levels, inf) == sawtooth(w, levels)``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,7 +26,7 @@ def _interval(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torc
     """Lower and upper level of the interval ``[lo, hi)`` holding each weight (outer one if outside).
 
     One comparison per interior level rather than ``bucketize``: no int64 index tensor, so that
-    ``torch.compile`` fuses it with :func:`_cs_and_slope` into a single pass over the weights.
+    ``torch.compile`` fuses it with :func:`_equations` into a single pass over the weights.
     """
     lo, hi = levels[0], levels[1]
     for k in range(1, levels.shape[0] - 1):
@@ -42,51 +48,44 @@ def quantize(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def sawtooth(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """``Y(w)`` of paper Eq. 8: twice the distance to the nearest level, linear outside the range.
+def _equations(
+    w: torch.Tensor, levels: torch.Tensor, g: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Y(w)`` (Eq. 8), ``ucs(w; g)`` as a bool tensor (Eq. 10) and the slope ``dY/dw``.
 
-    Autograd gives the paper's slopes: +-2, and 0 at a midpoint where ``minimum`` splits its tie.
+    ``Y`` is differentiable, and autograd gives exactly the slope returned here: ``+-2``, and 0 at
+    a midpoint where ``minimum`` splits its tie. ``g`` may be a tensor (a new g then does not
+    recompile the fused kernel).
     """
     lo, hi = _interval(w, levels)
-    tent = 2 * torch.minimum(w - lo, hi - w)  # exactly 0 on a level: no rounding below zero
-    below, above = 2 * (levels[0] - w), 2 * (w - levels[-1])
-    return torch.where(w < levels[0], below, torch.where(w > levels[-1], above, tent))
-
-
-def constrained_mask(w: torch.Tensor, levels: torch.Tensor, g: float) -> torch.Tensor:
-    """``ucs(w; g)`` of paper Eq. 10 as a bool tensor: True where the constraint applies."""
-    lo, hi = _interval(w, levels)
-    offset = w - (lo + hi) / 2
-    half_width = (hi - lo) / (2 * g)
-    in_window = (offset >= -half_width) & (offset < half_width)
-    inside = (w >= levels[0]) & (w <= levels[-1])
-    return ~(in_window & inside)
-
-
-def constraint(w: torch.Tensor, levels: torch.Tensor, g: float) -> torch.Tensor:
-    """``cs(w; g) = ucs(w; g) Y(w)`` (paper Eq. 9). Differentiable in ``w`` through ``Y`` only."""
-    return sawtooth(w, levels) * constrained_mask(w, levels, g)
-
-
-def _cs_and_slope(
-    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor, g: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cs`` and its slope given each weight's interval ``[lo, hi)``; shared by the eager and the
-    fused path so both round exactly alike."""
     offset = w - (lo + hi) / 2
     half_width = (hi - lo) / 2
     below, above = w < levels[0], w > levels[-1]
     window = (offset >= -half_width / g) & (offset < half_width / g) & ~(below | above)
-    # the slope of 2 min(w - lo, hi - w), 0 on an exact tie: what autograd gives for sawtooth
-    slope = torch.where(below, -2.0, torch.where(above, 2.0, 2 * torch.sign((hi - w) - (w - lo))))
     y = torch.where(below, 2 * (levels[0] - w),
                     torch.where(above, 2 * (w - levels[-1]), 2 * torch.minimum(w - lo, hi - w)))
-    keep = ~window
-    return y * keep, slope * keep
+    slope = torch.where(below, -2.0, torch.where(above, 2.0, 2 * torch.sign((hi - w) - (w - lo))))
+    return y, ~window, slope
+
+
+def sawtooth(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """``Y(w)`` of paper Eq. 8: twice the distance to the nearest level, linear outside the range."""
+    return _equations(w, levels, math.inf)[0]
+
+
+def constrained_mask(w: torch.Tensor, levels: torch.Tensor, g: float) -> torch.Tensor:
+    """``ucs(w; g)`` of paper Eq. 10 as a bool tensor: True where the constraint applies."""
+    return _equations(w, levels, g)[1]
+
+
+def constraint(w: torch.Tensor, levels: torch.Tensor, g: float) -> torch.Tensor:
+    """``cs(w; g) = ucs(w; g) Y(w)`` (paper Eq. 9). Differentiable in ``w`` through ``Y`` only."""
+    y, keep, _ = _equations(w, levels, g)
+    return y * keep
 
 
 def constraint_and_grad(
-    w: torch.Tensor, levels: torch.Tensor, g: float
+    w: torch.Tensor, levels: torch.Tensor, g: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cs(w; g)`` and ``d cs / d w`` in closed form, without autograd.
 
@@ -94,20 +93,5 @@ def constraint_and_grad(
     the range, ``+2`` above it, and 0 in the window: exactly what autograd gives for
     :func:`constraint`, at a fraction of the cost.
     """
-    lo, hi = _interval(w, levels)
-    return _cs_and_slope(w, lo, hi, levels, g)
-
-
-def _fused_penalty(w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor, factors: torch.Tensor,
-                   scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``grad += lam * d cs / d w`` for one layer; returns ``sum(lam * cs)``.
-
-    Written for ``torch.compile``: levels, interval, constraint, slope and both updates fuse into
-    one pass that reads ``w``, ``lam`` and ``grad`` once and writes ``grad`` once. ``g`` is a tensor
-    so that a new g does not trigger a recompile.
-    """
-    levels = (factors * scale).to(w.dtype)
-    lo, hi = _interval(w, levels)
-    cs, slope = _cs_and_slope(w, lo, hi, levels, g)
-    grad.addcmul_(lam, slope)
-    return (lam * cs).sum()
+    y, keep, slope = _equations(w, levels, g)
+    return y * keep, slope * keep

@@ -19,7 +19,7 @@ import sys
 from .checkpoint import CheckpointError
 from .plots import CURVES_PNG, HISTOGRAMS_PNG
 from .run_state import load_run_checkpoint
-from .train import CHECKPOINT_NAME, RUN_FILES
+from .runs import CHECKPOINT_NAME, RUN_FILES
 
 OUR_FILES = (*RUN_FILES, CURVES_PNG, HISTOGRAMS_PNG)   # what a run writes into its directory
 

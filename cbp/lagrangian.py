@@ -4,36 +4,41 @@ One object holds the state of paper Algorithm 1 - a multiplier ``lambda_i >= 0``
 weight, the window variable ``g``, the epoch counter ``p`` and ``L_sum_pre`` - and
 ``state_dict()`` / ``load_state_dict()`` round-trip all of it, so resuming is free. A training loop
 calls :meth:`Lagrangian.step` in place of ``optimizer.step()`` and :meth:`Lagrangian.end_epoch`
-after every epoch::
+with the epoch's summed loss after every epoch::
 
     model = cbp.prepare(model, config)
     optimizer = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
     lagrangian = cbp.Lagrangian(model, config, optimizer)
     for epoch in range(epochs):
+        loss_sum = 0.0
         for x, y in loader:
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-            lagrangian.step(loss)
-        lagrangian.end_epoch()
+            lagrangian.step()
+            loss_sum += loss.detach()
+        lagrangian.end_epoch(loss_sum)
         if lagrangian.finished:
             break
+
+``L_sum`` is the loop's loss sum plus the penalty ``sum_i lambda_i cs(w_i; g)`` that
+:meth:`step` sums: each term is counted in one place.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .ascent import ASCENT_RULES
 from .config import CBPConfig
-from .constraint import _fused_penalty, constraint, constraint_and_grad
+from .constraint import constraint
 from .distributed import all_reduce_mean
 from .layers import quantized_layers
+from .penalty import PenaltyKernel
 
 
 @dataclass
@@ -44,48 +49,6 @@ class EpochEnd:
     updated: bool             # g increased and lambda updated
     g: float                  # g after the decision
     lr_dropped: bool          # the weight learning rate was multiplied by lr_drop_factor now
-
-
-_COMPILE_ENV = "CBP_COMPILE"
-_AUTO_COMPILE_AFTER = 200  # steps; short runs and test suites never pay for compiling
-
-
-class _PenaltyKernel:
-    """How :meth:`Lagrangian.add_penalty_grad` computes a layer: eager, or one compiled pass.
-
-    The eager form makes some twenty passes over every weight tensor; ``torch.compile`` fuses them
-    into one that reads ``w``, ``lambda`` and the gradient once, which is what keeps a CBP step
-    within ~2% of an STE step (``benchmarks/step_time.py``). Compiling takes seconds, so by default
-    it happens once a run has made ``_AUTO_COMPILE_AFTER`` steps; ``CBP_COMPILE=1`` compiles at the
-    first step, ``CBP_COMPILE=0`` never. If compiling fails (no C++ compiler, no Triton) the eager
-    form is used from then on; both give the same numbers (tests/test_fast_path.py).
-    """
-
-    compiled: Callable | None = None   # one per process, shared by every Lagrangian
-    failed = False
-
-    def __init__(self) -> None:
-        mode = os.environ.get(_COMPILE_ENV, "auto")
-        after = {"0": math.inf, "1": 0, "auto": _AUTO_COMPILE_AFTER}.get(mode)
-        if after is None:
-            raise ValueError(f"{_COMPILE_ENV} must be 0, 1 or auto, got {mode!r}")
-        self.compile_after, self.calls = after, 0
-        self.g_value: float | None = None
-        self.g_tensor: torch.Tensor | None = None
-
-    def fused(self, g: float, device: torch.device) -> tuple[Callable | None, torch.Tensor | None]:
-        """The compiled per-layer function for this step (None: go eager) and ``g`` as a tensor.
-
-        The tensor is rebuilt only when g changes: a host-to-device copy every step would sync.
-        """
-        self.calls += 1
-        if self.calls <= self.compile_after or _PenaltyKernel.failed:
-            return None, None
-        if _PenaltyKernel.compiled is None:
-            _PenaltyKernel.compiled = torch.compile(_fused_penalty, dynamic=True)
-        if self.g_value != g or self.g_tensor.device != device:
-            self.g_value, self.g_tensor = g, torch.tensor(g, dtype=torch.float32, device=device)
-        return _PenaltyKernel.compiled, self.g_tensor
 
 
 class Lagrangian:
@@ -102,18 +65,16 @@ class Lagrangian:
         # STE-only (use_constraint off) holds no multiplier: it costs no memory over plain STE.
         self.multipliers = {name: torch.zeros_like(layer.weight, dtype=torch.float32)
                             for name, layer in self.layers.items()} if config.use_constraint else {}
-        self._ascent = None
-        if config.multiplier_rule == "adam" and self.multipliers:
-            # maximize=True: Adam climbs L in lambda, whose gradient is cs (>= 0).
-            self._ascent = torch.optim.Adam(list(self.multipliers.values()),
-                                            lr=config.multiplier_lr, maximize=True)
+        self._ascent = (ASCENT_RULES[config.multiplier_rule](list(self.multipliers.values()),
+                                                             config.multiplier_lr)
+                        if self.multipliers else None)
         self.g = float(config.g_init)
         self.p = 0
         self.lagrangian_sum_pre = math.inf
         self.lr_dropped = False
-        self.epoch = 0
         device = next(iter(self.layers.values())).weight.device
-        self._epoch_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._penalty_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._kernel = PenaltyKernel(config.compile_penalty)
         if config.use_constraint and config.initial_multiplier_update:
             self.update_multipliers()
 
@@ -128,47 +89,39 @@ class Lagrangian:
         return sum((lam * constraint(layer.weight, layer.levels, self.g)).sum()
                    for layer, lam in zip(self.layers.values(), self.multipliers.values()))
 
+    def plan(self, steps: int) -> None:
+        """Announce that about ``steps`` steps follow: the automatic compile policy needs it."""
+        self._kernel.plan(steps)
+
     @torch.no_grad()
     def add_penalty_grad(self) -> torch.Tensor:
         """Add ``lambda * d cs / d w`` to each quantized weight's ``.grad``; return the penalty value.
 
-        Closed-form gradient of :meth:`penalty` (see ``constraint_and_grad``), with no autograd
-        graph and no device synchronisation; one fused pass per layer once compiled (see
-        ``_PenaltyKernel``).
+        Closed-form gradient of :meth:`penalty`, with no autograd graph and no device
+        synchronisation; one fused pass per layer once compiled (see :mod:`cbp.penalty`).
         """
-        kernel = self.__dict__.get("_penalty_kernel")
-        if kernel is None:
-            kernel = self._penalty_kernel = _PenaltyKernel()
-        device = self._epoch_sum.device
-        fused, g = kernel.fused(self.g, device)
+        device = self._penalty_sum.device
+        self._kernel.start_step(device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for name, layer in self.layers.items():
-            lam, w = self.multipliers[name], layer.weight
+            w = layer.weight
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
-            if fused is not None:
-                try:
-                    total += fused(w.detach(), lam, w.grad, layer.cbp_factors, layer.cbp_scale, g)
-                    continue
-                except Exception:  # compiling failed: the eager form, for good
-                    _PenaltyKernel.failed, fused = True, None
-            cs, slope = constraint_and_grad(w.detach(), layer.levels, self.g)
-            w.grad.addcmul_(lam, slope)
-            total += torch.dot(lam.flatten(), cs.flatten())
+            total += self._kernel(w.detach(), self.multipliers[name], w.grad, layer.cbp_factors,
+                                  layer.cbp_scale, self.g)
         return total
 
     @torch.no_grad()
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self) -> None:
         """One constrained weight update after ``loss.backward()``.
 
-        Adds the penalty gradient (unless ``use_constraint`` is off), clips gradient values, steps
-        the weight optimizer, clamps the quantized weights, and adds ``L = loss + penalty`` to the
-        epoch's ``L_sum``.
+        Adds the penalty gradient (unless ``use_constraint`` is off) and sums the penalty into
+        this epoch's share of ``L_sum``, clips gradient values, steps the weight optimizer and
+        clamps the quantized weights.
         """
         cfg = self.config
-        lagrangian = loss.detach().to(torch.float64)
         if cfg.use_constraint:
-            lagrangian = lagrangian + self.add_penalty_grad()
+            self._penalty_sum += self.add_penalty_grad()
         if cfg.grad_clip_value is not None:
             grads = [p.grad for p in self.parameters if p.grad is not None]
             if grads:
@@ -180,7 +133,6 @@ class Lagrangian:
             weights = [layer.weight for layer in self.layers.values()]
             torch._foreach_clamp_min_(weights, -cfg.weight_clamp)
             torch._foreach_clamp_max_(weights, cfg.weight_clamp)
-        self._epoch_sum += lagrangian
 
     # ---- per epoch ------------------------------------------------------------------------------
 
@@ -188,37 +140,26 @@ class Lagrangian:
     def update_multipliers(self) -> None:
         """One ascent step on lambda with gradient ``cs(w; g)`` at the current ``g``."""
         for name, layer in self.layers.items():
-            cs = constraint(layer.weight.detach(), layer.levels, self.g).float()
             lam = self.multipliers[name]
-            if self._ascent is None:
-                lam.add_(cs, alpha=self.config.multiplier_lr)
-            else:
-                lam.grad = cs
-        if self._ascent is not None:
-            self._ascent.step()
-            for lam in self.multipliers.values():
-                lam.grad = None
+            lam.grad = constraint(layer.weight.detach(), layer.levels, self.g).float()
+        self._ascent.step()
+        for lam in self.multipliers.values():
+            lam.grad = None
 
-    def merge_partial_sum(self) -> None:
-        """Give every process the mean over processes of this epoch's ``L_sum`` so far.
-
-        Called before a mid-epoch checkpoint, which rank 0 alone writes: without it, a resumed
-        run would carry rank 0's share in place of every process's. The mean of the completed
-        sums that :meth:`end_epoch` takes is unchanged. A collective: every process calls it.
-        """
-        all_reduce_mean(self._epoch_sum)
-
-    def end_epoch(self) -> EpochEnd:
+    def end_epoch(self, loss_sum: float | torch.Tensor) -> EpochEnd:
         """The paper's end-of-epoch rule; call once after every epoch (on every process).
 
-        ``p += 1``; if ``L_sum >= L_sum_pre`` or ``p == p_max``: increase g, update lambda with the
-        new g, reset ``L_sum_pre`` and ``p`` (and drop the weight lr once g reaches
-        ``lr_drop_at_g``); else ``L_sum_pre = L_sum``.
+        ``loss_sum``: this process's sum of the training loss over the epoch's steps. ``L_sum`` is
+        that plus the penalties :meth:`step` summed, averaged over processes. ``p += 1``; if
+        ``L_sum >= L_sum_pre`` or ``p == p_max``: increase g, update lambda with the new g, reset
+        ``L_sum_pre`` and ``p`` (and drop the weight lr once g reaches ``lr_drop_at_g``); else
+        ``L_sum_pre = L_sum``.
         """
         cfg = self.config
-        lagrangian_sum = float(all_reduce_mean(self._epoch_sum.clone()))
-        self._epoch_sum.zero_()
-        self.epoch += 1
+        total = self._penalty_sum + torch.as_tensor(loss_sum, dtype=torch.float64,
+                                                    device=self._penalty_sum.device)
+        lagrangian_sum = float(all_reduce_mean(total))
+        self._penalty_sum.zero_()
         self.p += 1
         updated = lr_dropped = False
         if cfg.use_constraint and (lagrangian_sum >= self.lagrangian_sum_pre or self.p >= cfg.p_max):
@@ -252,8 +193,7 @@ class Lagrangian:
             "multipliers": {k: v.clone() for k, v in self.multipliers.items()},
             "ascent": self._ascent.state_dict() if self._ascent is not None else None,
             "g": self.g, "p": self.p, "lagrangian_sum_pre": self.lagrangian_sum_pre,
-            "lr_dropped": self.lr_dropped, "epoch": self.epoch,
-            "epoch_sum": self._epoch_sum.clone(),
+            "lr_dropped": self.lr_dropped, "penalty_sum": self._penalty_sum.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -263,23 +203,20 @@ class Lagrangian:
             if state["multipliers"][name].shape != lam.shape:
                 raise ValueError(f"CBP state for layer {name!r} has the wrong shape")
             lam.copy_(state["multipliers"][name])
-        if self._ascent is not None and state["ascent"] is not None:
+        if self._ascent is not None and state["ascent"] is not None:  # None: plain rule before v2
             self._ascent.load_state_dict(state["ascent"])
         self.g, self.p = float(state["g"]), int(state["p"])
         self.lagrangian_sum_pre = float(state["lagrangian_sum_pre"])
-        self.lr_dropped, self.epoch = bool(state["lr_dropped"]), int(state["epoch"])
-        self._epoch_sum.copy_(state["epoch_sum"])
+        self.lr_dropped = bool(state["lr_dropped"])
+        self._penalty_sum.copy_(_penalty_sum(state))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups with weight decay on Conv/Linear weights only, not on BatchNorm or biases."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_weight = pname == "weight" and isinstance(
-                module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-            (decay if is_weight else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def _penalty_sum(state: dict) -> torch.Tensor:
+    """The epoch's penalty sum so far; a state written before it was kept apart from the loss
+    (``epoch_sum``: loss and penalty together) is accepted at an epoch's end, where both are 0."""
+    if "penalty_sum" in state:
+        return state["penalty_sum"]
+    if float(state["epoch_sum"]) != 0:
+        raise ValueError("this CBP state was saved in the middle of an epoch by an older cbp; "
+                         "its penalty sum cannot be told apart from its loss sum")
+    return state["epoch_sum"]

@@ -21,8 +21,6 @@ from .config import CBPConfig
 from .constraint import quantize
 from .levels import check_distinct_in
 
-_FLOAT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: nearest level. Backward: identity (dL/dw = dL/dw_q, unclipped)."""
@@ -180,3 +178,19 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         del plain._buffers["cbp_factors"], plain._buffers["cbp_scale"]
         model = _set_submodule(model, name, plain)
     return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups with weight decay on Conv/Linear weights only, not on BatchNorm or biases.
+
+    Quantized layers are Conv/Linear subclasses, so they decay like the float ones.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_weight = pname == "weight" and isinstance(module, tuple(_QUANT_OF))
+            (decay if is_weight else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

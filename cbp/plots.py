@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .train import HIST_NAME, LOG_NAME, read_jsonl  # noqa: E402
+from .runs import HIST_NAME, LOG_NAME, read_jsonl  # noqa: E402
 
 CURVES_PNG, HISTOGRAMS_PNG = "curves.png", "histograms.png"
 

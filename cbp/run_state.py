@@ -69,6 +69,7 @@ def _meta_checks(meta: dict) -> list[tuple[str, bool, str]]:
 
 
 def _cbp_checks(cbp: dict) -> list[tuple[str, bool, str]]:
+    running = "epoch_sum" if "epoch_sum" in cbp else "penalty_sum"   # format v1 / v2
     return [
         ("cbp.multipliers", _tensor_dict(cbp.get("multipliers")), "a table of tensors"),
         ("cbp.ascent", cbp.get("ascent") is None or isinstance(cbp["ascent"], dict),
@@ -77,9 +78,8 @@ def _cbp_checks(cbp: dict) -> list[tuple[str, bool, str]]:
         ("cbp.p", _is_int(cbp.get("p")) and cbp["p"] >= 0, "an integer >= 0"),
         ("cbp.lagrangian_sum_pre", _is_number(cbp.get("lagrangian_sum_pre")), "a number"),
         ("cbp.lr_dropped", isinstance(cbp.get("lr_dropped"), bool), "true or false"),
-        ("cbp.epoch", _is_int(cbp.get("epoch")) and cbp["epoch"] >= 0, "an integer >= 0"),
-        ("cbp.epoch_sum", isinstance(cbp.get("epoch_sum"), torch.Tensor)
-         and cbp["epoch_sum"].numel() == 1, "a one-element tensor"),
+        (f"cbp.{running}", isinstance(cbp.get(running), torch.Tensor)
+         and cbp[running].numel() == 1, "a one-element tensor"),
     ]
 
 

@@ -2,8 +2,9 @@
 
 One plain loop: per epoch, ``steps`` batches (a full pass, or ``epoch_iters``), then the CBP
 end-of-epoch rule (or the lr scheduler when pretraining), evaluation on the whole validation set,
-a JSONL log row, a weight histogram of one layer, and an atomically written checkpoint. With
-``resume`` it continues from the last checkpoint exactly where the run stopped.
+a JSONL log row, a weight histogram of one layer, and an atomically written checkpoint (what they
+hold: :mod:`cbp.runs`). With ``resume`` it continues from the last checkpoint exactly where the
+run stopped.
 
 SIGINT/SIGTERM stop it after the current step with a checkpoint of that step (epoch, step within
 it, the epoch's loss sum so far; the sampler's order depends only on seed and epoch, so the rest
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,23 +29,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from . import distributed, metrics
-from .checkpoint import (
-    CheckpointError,
-    WriteError,
-    atomic_write,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointError, remove_stale_temporaries, save_checkpoint
 from .data import make_loader
 from .distributed import Context, all_reduce_sum
 from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
 from .run_state import load_run_checkpoint
-
-LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
-RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME)   # what a run writes (and a fresh one replaces)
-HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
+from .runs import (
+    CHECKPOINT_NAME,
+    HIST_NAME,
+    LOG_NAME,
+    RUN_FILES,
+    Position,
+    append_row,
+    checkpoint_state,
+    histogram_layer,
+    keep_rows_up_to,
+    read_jsonl,
+    restore_state,
+    weight_histogram,
+)
 
 
 @dataclass
@@ -85,19 +88,6 @@ NAN_LR_FACTOR, NAN_RETRIES = 0.1, 3   # on_nan="lower-lr": lr factor per retry, 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the weights became NaN or infinite; nothing was saved after the last good one."""
-
-
-@dataclass
-class Position:
-    """Where a run stands: ``epoch`` epochs done and ``step`` steps of the next (0 at an epoch end).
-
-    ``loss_sum`` is the training-loss sum of those ``step`` steps (summed over processes), so the
-    epoch's mean loss comes out the same whether or not the epoch was interrupted.
-    """
-
-    epoch: int
-    step: int = 0
-    loss_sum: torch.Tensor | None = None
 
 
 class _SkipBatches(Sampler):
@@ -152,6 +142,9 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
                 start: Position | None = None, stop: GracefulStop | None = None) -> dict:
     """The steps of one epoch (from ``start.step`` on when resuming it); mean loss and steps.
 
+    ``loss_sum`` is the epoch's loss summed over all processes, ``own_loss_sum`` this process's
+    share of it (what ``Lagrangian.end_epoch`` takes).
+
     After a step in which ``stop`` caught a signal it returns early, ``stopped_at`` = steps done.
     A NaN/inf loss raises :class:`NonFiniteError` naming the step. Reading the flag that records
     it is free on CPU, so one process on CPU checks every step; on a GPU it is a device sync and
@@ -163,7 +156,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     loader.sampler.set_epoch(epoch)
     steps = epoch_steps(run, loader)
     first = start.step if start is not None else 0
-    loss_sum = torch.zeros((), device=ctx.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     if start is not None and start.loss_sum is not None and ctx.is_main:
         loss_sum += start.loss_sum.to(ctx.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=ctx.device)
@@ -179,7 +172,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
         if run.lagrangian is None:
             run.optimizer.step()
         else:
-            run.lagrangian.step(loss)
+            run.lagrangian.step()
         loss = loss.detach()
         loss_sum += loss
         first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step, first_bad)
@@ -197,9 +190,11 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
                 stopped_at = step
                 break
     bar.close()
+    own_loss_sum = loss_sum.clone()
     loss_sum = all_reduce_sum(loss_sum)
     return {"loss": float(loss_sum / (step * ctx.world_size)), "steps": steps,
-            "stopped_at": stopped_at, "signum": signum, "loss_sum": loss_sum}
+            "stopped_at": stopped_at, "signum": signum, "loss_sum": loss_sum,
+            "own_loss_sum": own_loss_sum}
 
 
 @torch.no_grad()
@@ -226,66 +221,6 @@ def evaluate(model: nn.Module, data: Dataset, ctx: Context, batch_size: int = 50
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss / n}
 
 
-def histogram_layer(model: nn.Module) -> str | None:
-    """The quantized layer whose weights the histograms follow: the largest one."""
-    layers = quantized_layers(model)
-    return max(layers, key=lambda n: layers[n].weight.numel()) if layers else None
-
-
-def weight_histogram(model: nn.Module, layer_name: str, epoch: int) -> dict:
-    layer = model.get_submodule(layer_name)
-    ratio = (layer.weight.detach() / layer.cbp_scale).flatten().cpu().numpy()
-    counts, _ = np.histogram(ratio, bins=HIST_BINS, range=(-HIST_RANGE, HIST_RANGE))
-    return {"epoch": epoch, "layer": layer_name, "range": HIST_RANGE, "counts": counts.tolist(),
-            "factors": layer.cbp_factors.tolist()}
-
-
-def _append_line(path: str, row: dict) -> None:
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        raise WriteError(f"cannot append to {path}: {err.strerror or err}") from err
-
-
-def _keep_rows_up_to(path: str, epoch: int) -> None:
-    """Drop log rows written after the checkpoint a resumed run starts from (and a torn line)."""
-    if not os.path.exists(path):
-        return
-    rows = [json.dumps(row) + "\n" for row in read_jsonl(path) if row["epoch"] <= epoch]
-    atomic_write(path, lambda f: f.writelines(rows), mode="w")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSONL log, one JSON object per line.
-
-    Every row is appended with its newline in one write, so a last line without a newline that
-    does not parse was torn by a crash mid-append: it is left out, and the run resumes and plots
-    from the rows before it. A damaged line anywhere else is an error naming it.
-    """
-    with open(path) as f:
-        *lines, tail = f.read().split("\n")   # tail: "" after a final newline
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            row = _json_object(line)
-            if row is None:
-                raise ValueError(f"{path}, line {number}: not a JSON object; the log is damaged")
-            rows.append(row)
-    last = _json_object(tail) if tail.strip() else None
-    return rows + ([last] if last is not None else [])
-
-
-def _json_object(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
 def _plan(run: Run) -> dict:
     """What fixes the batches of an epoch: a mid-epoch checkpoint resumes exactly only with it."""
     return {"seed": run.seed, "batch_size": run.batch_size, "epoch_iters": run.epoch_iters,
@@ -306,17 +241,9 @@ def _check_same_plan(run: Run, state: dict, source: str) -> None:
 
 
 def _state(run: Run, pos: Position) -> dict:
-    return {
-        "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum, "meta": run.meta,
-        "plan": _plan(run),
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "cbp": run.lagrangian.state_dict() if run.lagrangian else None,
-        "scheduler": run.scheduler.state_dict() if run.scheduler else None,
-        "rng": torch.get_rng_state(),
-    }
-
-
-IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors")
+    state = checkpoint_state(pos, run.meta, run.model, run.optimizer, run.lagrangian,
+                             run.scheduler)
+    return {**state, "plan": _plan(run)}
 
 
 def restore(run: Run, path: str) -> Position:
@@ -325,23 +252,9 @@ def restore(run: Run, path: str) -> Position:
 
 
 def _load_state(run: Run, state: dict, source: str) -> Position:
-    for key in IDENTITY_KEYS:
-        if state["meta"].get(key) != run.meta.get(key):
-            raise CheckpointError(f"{source} is from another run ({key}: "
-                                  f"{state['meta'].get(key)!r}, this run: {run.meta.get(key)!r})")
     _check_same_plan(run, state, source)
-    try:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        if run.lagrangian is not None:
-            run.lagrangian.load_state_dict(state["cbp"])
-        if run.scheduler is not None:
-            run.scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{source} does not fit this model: "
-                              f"{str(err).splitlines()[0]}") from err
-    torch.set_rng_state(state["rng"])
-    return Position(int(state["epoch"]), int(state.get("step", 0)), state.get("loss_sum"))
+    return restore_state(state, source, run.meta, run.model, run.optimizer, run.lagrangian,
+                         run.scheduler, run.ctx.world_size)
 
 
 def _finite(model: nn.Module) -> bool:
@@ -387,16 +300,18 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
         pos = restore(run, ckpt_path)
     hist_layer = histogram_layer(run.model)
     if ctx.is_main:
-        _keep_rows_up_to(os.path.join(run.out_dir, LOG_NAME), pos.epoch)
-        _keep_rows_up_to(os.path.join(run.out_dir, HIST_NAME), pos.epoch)
+        keep_rows_up_to(os.path.join(run.out_dir, LOG_NAME), pos.epoch)
+        keep_rows_up_to(os.path.join(run.out_dir, HIST_NAME), pos.epoch)
         if hist_layer and fresh:
-            _append_line(os.path.join(run.out_dir, HIST_NAME),
-                         weight_histogram(run.model, hist_layer, 0))
+            append_row(os.path.join(run.out_dir, HIST_NAME),
+                       weight_histogram(run.model, hist_layer, 0))
 
     net = run.model
     if ctx.world_size > 1:
         net = DistributedDataParallel(run.model, device_ids=[ctx.device.index] if
                                       ctx.device.type == "cuda" else None)
+    if run.lagrangian is not None:
+        run.lagrangian.plan((run.epochs - pos.epoch) * epoch_steps(run, loader) - pos.step)
     start = copy.deepcopy(_state(run, pos)) if run.on_nan == "lower-lr" and fresh else None
     with GracefulStop() as stop:
         for retry in range(NAN_RETRIES + 1):
@@ -435,8 +350,6 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         if not _finite(run.model):
             raise NonFiniteError(f"the weights became NaN or infinite in epoch {epoch + 1}")
         if stats["stopped_at"] is not None:
-            if run.lagrangian is not None:
-                run.lagrangian.merge_partial_sum()
             _save(run, Position(epoch, stats["stopped_at"], stats["loss_sum"]), ckpt_path)
             signum = stats["signum"]   # maybe another process's: the stop is collective
             raise Interrupted(f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1} "
@@ -445,7 +358,7 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         row = {"epoch": epoch + 1, "loss": stats["loss"], "steps": stats["steps"],
                "lr": run.optimizer.param_groups[0]["lr"]}
         if run.lagrangian is not None:
-            end = run.lagrangian.end_epoch()
+            end = run.lagrangian.end_epoch(stats["own_loss_sum"])
             row.update(lagrangian_sum=end.lagrangian_sum, g=end.g, updated=end.updated,
                        lr_dropped=end.lr_dropped)
             if run.lagrangian.multipliers:
@@ -461,9 +374,9 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         row.update(evaluate(run.model, run.val_data, ctx, channels_last=run.channels_last))
         row["seconds"] = time.perf_counter() - tic
         if ctx.is_main:
-            _append_line(log_path, row)
+            append_row(log_path, row)
             if hist_layer:
-                _append_line(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
+                append_row(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
             epochs.set_postfix(top1=f"{row['top1']:.2f}", **({"g": row["g"]} if "g" in row else {}))
         _save(run, Position(epoch + 1), ckpt_path)  # none reads it while rank 0 still writes it
         rows.append(row)

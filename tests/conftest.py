@@ -12,7 +12,7 @@ import torch
 from cbp import cli
 from cbp.checkpoint import load_checkpoint
 from cbp.data import FASHION_MNIST_DIR, read_idx
-from cbp.train import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
 
 TINY_TRAIN, TINY_VAL = 256, 128
 

@@ -15,12 +15,12 @@ from conftest import REFERENCE_EPOCHS, one_thread
 
 from cbp import cli
 from cbp.checkpoint import load_checkpoint
-from cbp.cli import load_model
 from cbp.data import load_dataset
 from cbp.distributed import Context
 from cbp.export import read_packed
 from cbp.layers import convert
-from cbp.train import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, evaluate, read_jsonl
+from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, load_model, read_jsonl
+from cbp.train import evaluate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ETA_LAMBDA = 1e-2
@@ -103,7 +103,7 @@ def test_quantize_evaluate_export_plot(pretrained, tiny_fashion, tmp_path, capsy
     ckpt = os.path.join(out, CHECKPOINT_NAME)
     state = load_checkpoint(ckpt)
     assert (state["epoch"], state["meta"]["constraint"], state["cbp"]["g"]) == (2, "binary", 3.0)
-    model, _ = cli.load_model(ckpt)
+    model, _ = load_model(ckpt)
     assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     for name in ("curves.png", "histograms.png"):
         assert_picture(os.path.join(out, name))

@@ -30,6 +30,7 @@ def full_loss(model, x, y):
 def train(model, x, y, optimizer, lagrangian=None, epochs=30, epoch_len=16, batch=64):
     gen = torch.Generator().manual_seed(1)
     for _ in range(epochs):
+        loss_sum = 0.0
         for _ in range(epoch_len):
             idx = torch.randint(0, len(x), (batch,), generator=gen)
             optimizer.zero_grad()
@@ -38,9 +39,10 @@ def train(model, x, y, optimizer, lagrangian=None, epochs=30, epoch_len=16, batc
             if lagrangian is None:
                 optimizer.step()
             else:
-                lagrangian.step(loss)
+                lagrangian.step()
+                loss_sum += loss.detach()
         if lagrangian is not None:
-            lagrangian.end_epoch()
+            lagrangian.end_epoch(loss_sum)
             if lagrangian.finished:
                 return
 

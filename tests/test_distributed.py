@@ -25,7 +25,8 @@ import cbp.train
 from cbp.checkpoint import load_checkpoint
 from cbp.distributed import Context, OutOfSyncError, _fingerprint, check_in_sync, setup, teardown
 from cbp.interrupts import Interrupted
-from cbp.train import CHECKPOINT_NAME, LOG_NAME, Run, fit, read_jsonl
+from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.train import Run, fit
 
 EPOCHS, BATCH, N_TRAIN, N_VAL = 3, 8, 48, 21   # 21: the two ranks evaluate 11 + 10 samples
 STEPS = N_TRAIN // BATCH                        # per epoch, on each rank
@@ -64,8 +65,8 @@ def interrupt_rank1_after(ctx: Context, steps: int) -> None:
     checkpoint, written by rank 0, must still hold rank 1's share of the epoch's L_sum."""
     count, step = [0], cbp.Lagrangian.step
 
-    def counting_step(self, loss):
-        step(self, loss)
+    def counting_step(self):
+        step(self)
         count[0] += 1
         if ctx.rank == 1 and count[0] == steps:
             os.kill(os.getpid(), signal.SIGINT)

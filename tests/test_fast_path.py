@@ -1,14 +1,18 @@
 """The fast penalty gradient equals autograd of the reference penalty, kinks and edges included."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 import cbp
-from cbp import lagrangian as lagrangian_module
-from cbp.constraint import _fused_penalty, constraint, constraint_and_grad
+import cbp.train
+from cbp.constraint import constraint, constraint_and_grad
+from cbp.penalty import AUTO_COMPILE_STEPS, PenaltyKernel, penalty_grad_
 
 LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
 GS = [1.0, 3.0, 50.0, math.inf]
@@ -24,10 +28,11 @@ def special_points(levels: torch.Tensor, g: float) -> torch.Tensor:
                       torch.nextafter(levels, levels + 1), torch.nextafter(levels, levels - 1)])
 
 
-def setup(levels, g: float) -> tuple[cbp.Lagrangian, list[nn.Parameter]]:
+def setup(levels, g: float, compile_penalty=False) -> tuple[cbp.Lagrangian, list[nn.Parameter]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 40), nn.Linear(40, 30), nn.Conv1d(30, 20, 3), nn.Linear(5, 2))
-    config = cbp.CBPConfig(levels=levels, initial_multiplier_update=False)
+    config = cbp.CBPConfig(levels=levels, initial_multiplier_update=False,
+                           compile_penalty=compile_penalty)
     cbp.prepare(model, config)
     lag = cbp.Lagrangian(model, config)
     lag.g = g
@@ -52,8 +57,7 @@ def reference(lag: cbp.Lagrangian, weights):
 
 @pytest.mark.parametrize("levels", LEVEL_SETS)
 @pytest.mark.parametrize("g", GS)
-def test_add_penalty_grad_equals_autograd_of_penalty(levels, g, monkeypatch):
-    monkeypatch.setenv("CBP_COMPILE", "0")
+def test_add_penalty_grad_equals_autograd_of_penalty(levels, g):
     lag, weights = setup(levels, g)
     penalty, grads = reference(lag, weights)
     for w in weights:
@@ -74,8 +78,8 @@ def test_fused_kernel_equals_reference(levels, g):
     total = 0.0
     for (layer, lam), ref in zip(zip(lag.layers.values(), lag.multipliers.values()), grads):
         grad = torch.zeros_like(layer.weight)
-        total += float(_fused_penalty(layer.weight.detach(), lam, grad, layer.cbp_factors,
-                                      layer.cbp_scale, torch.tensor(g)))
+        total += float(penalty_grad_(layer.weight.detach(), lam, grad, layer.cbp_factors,
+                                     layer.cbp_scale, torch.tensor(g)))
         assert torch.equal(grad, ref)
     assert total == pytest.approx(float(penalty), rel=1e-5)
 
@@ -106,31 +110,27 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
             raise RuntimeError("no compiler")
         return raise_
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(lagrangian_module._PenaltyKernel, "compiled", None)
-    monkeypatch.setattr(lagrangian_module._PenaltyKernel, "failed", False)
-    monkeypatch.setenv("CBP_COMPILE", "1")
-    lag, weights = setup("shift2", 3.0)
+    lag, weights = setup("shift2", 3.0, compile_penalty=True)
     penalty, grads = reference(lag, weights)
     total = lag.add_penalty_grad()
-    assert lagrangian_module._PenaltyKernel.failed
+    assert lag._kernel.failed
     assert all(torch.equal(w.grad, ref) for w, ref in zip(weights, grads))
     assert float(total) == pytest.approx(float(penalty), rel=1e-5)
 
 
-def test_auto_mode_stays_eager_for_short_runs(monkeypatch):
-    monkeypatch.delenv("CBP_COMPILE", raising=False)
-    kernel = lagrangian_module._PenaltyKernel()
-    assert kernel.fused(3.0, torch.device("cpu")) == (None, None)
-    monkeypatch.setenv("CBP_COMPILE", "0")
-    kernel = lagrangian_module._PenaltyKernel()
-    kernel.calls = 10**9
-    assert kernel.fused(3.0, torch.device("cpu")) == (None, None)
+def test_auto_mode_stays_eager_for_short_runs():
+    kernel = PenaltyKernel(None)
+    kernel.start_step(torch.device("cpu"))
+    assert kernel.compiled is None
+    kernel = PenaltyKernel(False)
+    kernel.steps = 10**9
+    kernel.start_step(torch.device("cpu"))
+    assert kernel.compiled is None
 
 
-def test_bad_compile_setting_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("CBP_COMPILE", "yes")
-    with pytest.raises(ValueError, match="CBP_COMPILE must be 0, 1 or auto"):
-        lagrangian_module._PenaltyKernel()
+def test_bad_compile_setting_is_a_clear_error():
+    with pytest.raises(ValueError, match="compile_penalty must be None"):
+        cbp.CBPConfig(compile_penalty="yes")
 
 
 def test_constraint_and_grad_matches_constraint():
@@ -139,3 +139,45 @@ def test_constraint_and_grad_matches_constraint():
     for g in GS:
         cs, _ = constraint_and_grad(w, levels, g)
         assert torch.allclose(cs, constraint(w, levels, g), atol=1e-6)
+
+
+def test_auto_mode_compiles_at_the_start_of_a_long_run_only(monkeypatch):
+    """Issue 14 item 11: a loop that announces a long run compiles at its first step (no pause
+    mid-run); one that announces a short run never compiles; one that announces nothing compiles
+    once AUTO_COMPILE_STEPS steps have passed."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    cpu = torch.device("cpu")
+    long_run, short_run, unknown = PenaltyKernel(None), PenaltyKernel(None), PenaltyKernel(None)
+    long_run.plan(AUTO_COMPILE_STEPS)
+    short_run.plan(AUTO_COMPILE_STEPS - 1)
+    long_run.start_step(cpu)
+    assert compiled == [penalty_grad_]
+    for _ in range(AUTO_COMPILE_STEPS + 5):
+        short_run.start_step(cpu)
+    assert short_run.compiled is None
+    for step in range(1, AUTO_COMPILE_STEPS + 2):
+        unknown.start_step(cpu)
+        assert (unknown.compiled is not None) == (step > AUTO_COMPILE_STEPS)
+
+
+def test_fit_announces_the_run_length(monkeypatch, tmp_path):
+    """``cbp.train.fit`` tells the Lagrangian how many steps follow (6 epochs of 4 steps), which
+    the automatic compile policy decides on."""
+    import tiny_run
+
+    planned = []
+    monkeypatch.setattr(cbp.Lagrangian, "plan", lambda self, steps: planned.append(steps))
+    cbp.train.fit(tiny_run.build(str(tmp_path), "adam"))
+    assert planned == [tiny_run.EPOCHS * 64 // tiny_run.BATCH]
+
+
+def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
+    """Issue 14 item 11: torch's "No CUDA runtime is found, using CUDA_HOME" notice, logged when
+    compiling first imports torch.utils.cpp_extension, says nothing about a CPU run."""
+    code = ("import torch, cbp.penalty as p; k = p.PenaltyKernel(True); "
+            "k.start_step(torch.device('cpu')); import torch.utils.cpp_extension")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert "CUDA" not in result.stderr

@@ -19,8 +19,8 @@ def three_linear():
 
 def epoch_with_sum(lagrangian, value):
     """One 'epoch' whose L_sum is exactly `value` (the multipliers are zero, so no penalty)."""
-    lagrangian.step(torch.tensor(value))
-    return lagrangian.end_epoch()
+    lagrangian.step()
+    return lagrangian.end_epoch(torch.tensor(value))
 
 
 def test_g_increments_follow_the_paper():
@@ -104,20 +104,24 @@ def test_step_adds_lambda_times_slope_clips_and_clamps():
     loss = model(torch.randn(5, 4)).sum()
     loss.backward()
     layer.weight.data.mul_(100)
-    lagrangian.step(loss)
+    lagrangian.step()
     assert all(p.grad.abs().max() <= 0.01 for p in model.parameters())
     assert layer.weight.abs().max() <= 0.05
     assert model[0].weight.abs().max() > 0.05  # float layers are not clamped
 
 
-def run_steps(model, optimizer, lagrangian, batches, epoch_len):
+def run_steps(model, optimizer, lagrangian, batches, epoch_len, loss_sum=0.0):
+    """Steps and epoch ends; returns the loss sum of the unfinished epoch (resume passes it on)."""
     for i, (x, y) in enumerate(batches):
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        lagrangian.step(loss)
+        lagrangian.step()
+        loss_sum = loss_sum + loss.detach()  # not in place: the saved partial sum is reused
         if (i + 1) % epoch_len == 0:
-            lagrangian.end_epoch()
+            lagrangian.end_epoch(loss_sum)
+            loss_sum = 0.0
+    return loss_sum
 
 
 def build(config):
@@ -133,16 +137,16 @@ def test_state_dict_round_trip_resumes_bit_identically(rule):
     batches = [(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,), generator=gen))
                for _ in range(40)]
     model, optimizer, lagrangian = build(config)
-    run_steps(model, optimizer, lagrangian, batches[:17], epoch_len=4)
+    partial = run_steps(model, optimizer, lagrangian, batches[:17], epoch_len=4)
     saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "cbp": lagrangian.state_dict()})
-    run_steps(model, optimizer, lagrangian, batches[17:], epoch_len=4)
+    run_steps(model, optimizer, lagrangian, batches[17:], epoch_len=4, loss_sum=partial)
 
     resumed, resumed_opt, resumed_lagr = build(config)
     resumed.load_state_dict(saved["model"])
     resumed_opt.load_state_dict(saved["optimizer"])
     resumed_lagr.load_state_dict(saved["cbp"])
-    run_steps(resumed, resumed_opt, resumed_lagr, batches[17:], epoch_len=4)
+    run_steps(resumed, resumed_opt, resumed_lagr, batches[17:], epoch_len=4, loss_sum=partial)
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     assert lagrangian.g == resumed_lagr.g > 1

@@ -27,7 +27,7 @@ from cbp import cli
 from cbp.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from cbp.export import ExportError, read_packed
 from cbp.lagrangian import Lagrangian
-from cbp.train import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
 
 STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 
@@ -55,8 +55,8 @@ def after_step(monkeypatch, call: int, action) -> None:
     """Run ``action(lagrangian)`` right after the ``call``-th CBP step (counting from 1)."""
     step, count = Lagrangian.step, [0]
 
-    def counted(self, loss):
-        step(self, loss)
+    def counted(self):
+        step(self)
         count[0] += 1
         if count[0] == call:
             action(self)
@@ -96,7 +96,7 @@ def test_sigint_mid_epoch_writes_that_step_and_resumes_exactly(
                                         f"{STEPS};")
     state = checkpoint(out)
     assert (state["epoch"], state["step"]) == (1, 1)
-    assert state["cbp"]["epoch_sum"] > 0 and state["loss_sum"] > 0   # the epoch so far
+    assert state["cbp"]["penalty_sum"] > 0 and state["loss_sum"] > 0   # the epoch so far
     assert len(read_jsonl(os.path.join(out, LOG_NAME))) == 1
     monkeypatch.undo()
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
@@ -128,8 +128,8 @@ CHILD = """
 import sys
 from cbp import cli, lagrangian
 step = lagrangian.Lagrangian.step
-def printing(self, loss):
-    step(self, loss)
+def printing(self):
+    step(self)
     print("step", flush=True)
 lagrangian.Lagrangian.step = printing
 sys.exit(cli.main(sys.argv[1:]))

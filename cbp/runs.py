@@ -1,0 +1,213 @@
+"""What a run directory holds, and how it is read back: the one place that knows its files.
+
+``OUT/log.jsonl``: one JSON row per finished epoch (loss, L_sum, g, lambda, CFS, accuracy, ...);
+``OUT/histograms.jsonl``: one row per epoch, the weights of the largest quantized layer over its
+scale; ``OUT/checkpoint.pt``: where the run stands (:class:`Position`), the model, both optimizers,
+the CBP state, the RNG and the run's identity (``meta``: model, data, levels - what ``--resume``
+and ``quantize --from`` check, and what :func:`load_model` rebuilds the model from).
+
+Checkpoints of format v1 (cbp before the penalty and the loss were summed apart) are read too:
+:func:`_upgrade` turns them into today's form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .checkpoint import FORMAT_V1, CheckpointError, WriteError, atomic_write
+from .config import CBPConfig
+from .layers import prepare, quantized_layers
+from .models import build_model
+from .run_state import load_run_checkpoint
+
+LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
+RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME)   # what a run writes (and a fresh one replaces)
+HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
+# meta entries that must match for a checkpoint to continue a run
+IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors")
+
+
+# ---- the logs ------------------------------------------------------------------------------------
+
+def append_row(path: str, row: dict) -> None:
+    """Append one JSON line and fsync it: a crash loses at most the row being written."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise WriteError(f"cannot append to {path}: {err.strerror or err}") from err
+
+
+def keep_rows_up_to(path: str, epoch: int) -> None:
+    """Drop log rows written after the checkpoint a resumed run starts from (and a torn line)."""
+    if not os.path.exists(path):
+        return
+    rows = [json.dumps(row) + "\n" for row in read_jsonl(path) if row["epoch"] <= epoch]
+    atomic_write(path, lambda f: f.writelines(rows), mode="w")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL log, one JSON object per line.
+
+    Every row is appended with its newline in one write, so a last line without a newline that
+    does not parse was torn by a crash mid-append: it is left out, and the run resumes and plots
+    from the rows before it. A damaged line anywhere else is an error naming it.
+    """
+    with open(path) as f:
+        *lines, tail = f.read().split("\n")   # tail: "" after a final newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            row = _json_object(line)
+            if row is None:
+                raise ValueError(f"{path}, line {number}: not a JSON object; the log is damaged")
+            rows.append(row)
+    last = _json_object(tail) if tail.strip() else None
+    return rows + ([last] if last is not None else [])
+
+
+def _json_object(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def histogram_layer(model: nn.Module) -> str | None:
+    """The quantized layer whose weights the histograms follow: the largest one."""
+    layers = quantized_layers(model)
+    return max(layers, key=lambda n: layers[n].weight.numel()) if layers else None
+
+
+def weight_histogram(model: nn.Module, layer_name: str, epoch: int) -> dict:
+    layer = model.get_submodule(layer_name)
+    ratio = (layer.weight.detach() / layer.cbp_scale).flatten().cpu().numpy()
+    counts, _ = np.histogram(ratio, bins=HIST_BINS, range=(-HIST_RANGE, HIST_RANGE))
+    return {"epoch": epoch, "layer": layer_name, "range": HIST_RANGE, "counts": counts.tolist(),
+            "factors": layer.cbp_factors.tolist()}
+
+
+# ---- the checkpoint ------------------------------------------------------------------------------
+
+@dataclass
+class Position:
+    """Where a run stands: ``epoch`` epochs done and ``step`` steps of the next (0 at an epoch end).
+
+    ``loss_sum`` is the training-loss sum of those ``step`` steps (summed over processes), so the
+    epoch's mean loss and its L_sum come out the same whether or not the epoch was interrupted.
+    """
+
+    epoch: int
+    step: int = 0
+    loss_sum: torch.Tensor | None = None
+
+
+def describe(mode: str, model_name: str, dataset: str, num_classes: int, in_channels: int,
+             input_size: list[int], constraint: str | None = None,
+             config: CBPConfig | None = None) -> dict:
+    """A run's identity (``meta``): enough to check a resume and to rebuild its model."""
+    meta = {"mode": mode, "dataset": dataset, "num_classes": num_classes,
+            "in_channels": in_channels, "input_size": input_size, "model": model_name}
+    if config is not None:
+        meta.update(constraint=constraint, factors=list(config.factors),
+                    include=list(config.include), exclude=list(config.exclude),
+                    skip_first_last=config.skip_first_last)
+    return meta
+
+
+def checkpoint_state(pos: Position, meta: dict, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, lagrangian=None, scheduler=None) -> dict:
+    """Everything a checkpoint holds (``cbp.checkpoint.save_checkpoint`` adds the format)."""
+    return {
+        "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum, "meta": meta,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "cbp": lagrangian.state_dict() if lagrangian else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "rng": torch.get_rng_state(),
+    }
+
+
+def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
+                  optimizer: torch.optim.Optimizer, lagrangian=None, scheduler=None,
+                  world_size: int = 1) -> Position:
+    """Load a checkpoint's ``state`` into the run's parts; returns where it stands.
+
+    Refuses one of another run (``IDENTITY_KEYS``) or one that does not fit the model.
+    """
+    state = _upgrade(state, world_size)
+    for key in IDENTITY_KEYS:
+        if state["meta"].get(key) != meta.get(key):
+            raise CheckpointError(f"{source} is from another run ({key}: "
+                                  f"{state['meta'].get(key)!r}, this run: {meta.get(key)!r})")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if lagrangian is not None:
+            lagrangian.load_state_dict(state["cbp"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{source} does not fit this model: "
+                              f"{str(err).splitlines()[0]}") from err
+    torch.set_rng_state(state["rng"])
+    return Position(int(state["epoch"]), int(state.get("step", 0)), state.get("loss_sum"))
+
+
+def _upgrade(state: dict, world_size: int) -> dict:
+    """A checkpoint of format v1 in today's form.
+
+    v1 kept the epoch's L_sum so far - loss and penalty, averaged over processes - in the CBP
+    state as ``epoch_sum``; today the CBP state keeps the penalty alone (``penalty_sum``) and the
+    loss is only in ``loss_sum`` (summed over processes). The penalty is the difference.
+    """
+    if state.get("format") != FORMAT_V1 or state.get("cbp") is None:
+        return state
+    cbp = dict(state["cbp"])
+    cbp.pop("epoch", None)
+    penalty = cbp.pop("epoch_sum").double()
+    if state.get("loss_sum") is not None:
+        penalty = penalty - state["loss_sum"].double() / world_size
+    return {**state, "cbp": {**cbp, "penalty_sum": penalty}}
+
+
+def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
+    """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
+    state = load_run_checkpoint(checkpoint)
+    meta = state["meta"]
+    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
+    if meta["mode"] == "quantize":
+        prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
+                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit its model: "
+                              f"{str(err).splitlines()[0]}") from err
+    return model, meta
+
+
+def load_pretrained(checkpoint: str, num_classes: int, in_channels: int) -> tuple[nn.Module, str]:
+    """The float model of a finished pretraining checkpoint (for ``quantize --from``), and its name."""
+    state = load_run_checkpoint(checkpoint)
+    meta = state["meta"]
+    if meta.get("mode") != "pretrain":
+        raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint")
+    if state["epoch"] == 0:
+        raise CheckpointError(f"{checkpoint} has not finished a pretraining epoch; "
+                              "continue it with `cbp pretrain --resume` first")
+    if (meta["num_classes"], meta["in_channels"]) != (num_classes, in_channels):
+        raise CheckpointError(
+            f"{checkpoint} is a {meta['num_classes']}-class, {meta['in_channels']}-channel "
+            f"model; the data has {num_classes} classes and {in_channels} channels")
+    model = build_model(meta["model"], num_classes, in_channels)
+    model.load_state_dict(state["model"])
+    return model, meta["model"]
