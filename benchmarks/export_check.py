@@ -28,24 +28,8 @@ from torch.utils.data import DataLoader
 import cbp
 from cbp.data import load_dataset
 from cbp.export import check_onnx, export_onnx
-from cbp.models import build_model
+from cbp.models import rebuild_model
 from cbp.runs import load_model
-
-
-@torch.no_grad()
-def compare_predictions(quantized: torch.nn.Module, rebuilt: torch.nn.Module, data) -> dict:
-    """Top-1 of both models, predictions that agree and the largest logit gap, over ``data``."""
-    agree = correct_q = correct_r = 0
-    gap = 0.0
-    for x, y in DataLoader(data, batch_size=500):
-        a, b = quantized(x), rebuilt(x)
-        agree += int((a.argmax(1) == b.argmax(1)).sum())
-        correct_q += int((a.argmax(1) == y).sum())
-        correct_r += int((b.argmax(1) == y).sum())
-        gap = max(gap, float((a - b).abs().max()))
-    n = len(data)
-    return {"n": n, "agree": agree, "top1_quantized": 100 * correct_q / n,
-            "top1_rebuilt": 100 * correct_r / n, "max_logit_gap": gap}
 
 
 def main() -> int:
@@ -66,10 +50,10 @@ def main() -> int:
     sizes = cbp.summary(model)
     file_bytes = os.path.getsize(packed_path)
     float_file = len(st_save(cbp.convert(model).state_dict()))
-    rebuilt = cbp.load_packed(packed_path, lambda: build_model(meta["model"], meta["num_classes"],
-                                                               meta["in_channels"]))
+    rebuilt = cbp.load_packed(packed_path, lambda: rebuild_model(meta))
     test_data, _, _ = load_dataset(meta["dataset"], args.data_dir, False)
-    result = compare_predictions(model, rebuilt, test_data)
+    result = cbp.agreement(model, rebuilt, DataLoader(test_data, batch_size=500))
+    correct_q, correct_r = result.correct
 
     batch = torch.stack([test_data[i][0] for i in range(64)])
     onnx_path = export_onnx(model, os.path.join(out, "model.onnx"), batch[:2])
@@ -82,18 +66,18 @@ def main() -> int:
         ("float32 safetensors of the same model", f"{float_file:,} B"),
         ("float32 / packed file", f"{float_file / file_bytes:.1f}x"),
         ("ONNX file (float weights on the levels)", f"{os.path.getsize(onnx_path):,} B"),
-        ("test images", f"{result['n']:,}"),
-        ("top-1 quantized model (STE forward)", f"{result['top1_quantized']:.2f}%"),
-        ("top-1 model rebuilt from the file", f"{result['top1_rebuilt']:.2f}%"),
-        ("predictions that agree", f"{result['agree']:,} / {result['n']:,}"),
-        ("largest logit gap, file vs quantized", f"{result['max_logit_gap']:.3g}"),
+        ("test images", f"{result.samples:,}"),
+        ("top-1 quantized model (STE forward)", f"{100 * correct_q / result.samples:.2f}%"),
+        ("top-1 model rebuilt from the file", f"{100 * correct_r / result.samples:.2f}%"),
+        ("predictions that agree", f"{result.same_top1:,} / {result.samples:,}"),
+        ("largest logit gap, file vs quantized", f"{result.max_logit_gap:.3g}"),
         ("largest gap, onnxruntime vs torch (64 images)", f"{onnx_gap:.3g}"),
     ]
     print(f"checkpoint: {args.checkpoint}; files in {out}\n")
     print("| | |\n|---|---|")
     print("\n".join(f"| {k} | {v} |" for k, v in rows))
     print(f"\n{sizes}")
-    return 0 if result["agree"] == result["n"] and file_bytes <= 1.1 * sizes.packed_bytes else 1
+    return 0 if result.fraction == 1 and file_bytes <= 1.1 * sizes.packed_bytes else 1
 
 
 if __name__ == "__main__":

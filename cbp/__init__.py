@@ -1,9 +1,10 @@
 """cbp: constrained backpropagation (Kim & Jeong, NeurIPS 2021) for any PyTorch model.
 
-    model = cbp.prepare(model, cbp.CBPConfig(levels="binary"))   # quantized forward, STE backward
+    model = cbp.prepare(model, cbp.CBPConfig(levels="binary"))   # in place; STE backward
     lagrangian = cbp.Lagrangian(model, config, optimizer)          # lambda, g, p, L_sum_pre
     ... loss.backward(); lagrangian.step() ... lagrangian.end_epoch(loss_sum)
-    cbp.cfs(model)                                                 # paper Eq. 19
+    cbp.cfs(model)                                                 # paper Eq. 19, latent weights
+    cbp.agreement(float_model, model, loader)                      # same predictions?
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
 """
@@ -14,7 +15,7 @@ from .export import ExportError, Summary, check_onnx, export, export_onnx, load_
 from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
-from .metrics import cfs, fraction_on_levels, layer_stats
+from .metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
 
 __all__ = [
     "CBPConfig", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",
@@ -22,5 +23,6 @@ __all__ = [
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
     "param_groups", "prepare", "quantize", "quantized_layers", "resolve_factors", "sawtooth",
     "select_layers",
+    "Agreement", "agreement",
 ]
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ from .interrupts import Interrupted
 from .lagrangian import Lagrangian
 from .layers import param_groups, prepare
 from .levels import LEVEL_SETS
-from .models import MODEL_NAMES, build_model
+from .models import MODEL_NAMES, build_model, model_options
 from .plots import plot_run
 from .runs import CHECKPOINT_NAME, LOG_NAME, describe, load_model, load_pretrained, read_jsonl
 from .train import Run, evaluate, fit
@@ -108,14 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="plain full-precision training; saves a checkpoint")
     p.add_argument("--model", choices=MODEL_NAMES, default="resnet20")
-    p.add_argument("--weights", help="start from 'torchvision' weights or a local file")
+    p.add_argument("--weights", help="start from 'torchvision' weights (the paper's), "
+                   "'torchvision:MEMBER' (e.g. torchvision:IMAGENET1K_V2) or a local file")
     _common(p, lr=0.1, weight_decay=5e-4, batch_size=128, epochs=10)
 
     p = sub.add_parser("quantize", help="CBP from a pretrained checkpoint")
     src = p.add_argument_group("pretrained model (one of)")
     src.add_argument("--from", dest="from_checkpoint", help="checkpoint of `cbp pretrain`")
     src.add_argument("--model", choices=MODEL_NAMES, help="model name, with --weights")
-    src.add_argument("--weights", help="'torchvision' or a local weights file")
+    src.add_argument("--weights", help="'torchvision' (the paper's published weights), "
+                     "'torchvision:MEMBER' or a local weights file")
     c = p.add_argument_group("CBP (defaults: the paper's)")
     c.add_argument("--constraint", choices=CONSTRAINTS, default="binary")
     c.add_argument("--levels", help="custom level factors, comma separated, e.g. -1,-0.5,0,0.5,1")
@@ -349,6 +351,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     meta = describe(args.command, model_name, args.data, num_classes, in_channels,
                     list(train_data[0][0].shape), getattr(args, "constraint", None), config)
     meta.update(settings=recorded_settings(args), **({"classes": classes} if classes else {}))
+    meta["model_options"] = model_options(model)  # what rebuild_model needs besides the weights
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)

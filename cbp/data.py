@@ -120,7 +120,21 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def image_folder(root: str, train: bool, image_size: int = 224):
-    """A torchvision ImageFolder with the paper's (standard ImageNet) augmentation."""
+    """A torchvision ImageFolder with the transforms of the authors' reference code.
+
+    Training: a random crop of 8-100% of the area and aspect ratio 3/4-4/3, resized to
+    ``image_size`` (``RandomResizedCrop``), a horizontal flip with probability 1/2, then ImageNet
+    mean/std normalisation. Evaluation: the shorter side resized to ``image_size * 256/224`` (256
+    for 224), the centre ``image_size`` square cropped, the same normalisation.
+
+    No colour jitter, although paper Sec. 4 names it: the reference's DALI pipeline draws random
+    brightness, contrast, saturation and hue and computes a ``ColorTwist`` image, but normalises
+    the un-jittered image (``output = self.cmnp(images, ...)`` overwrites the twisted one), so
+    its runs - whose accuracies the paper reports - trained without it; we reproduce those runs.
+    Likewise the paper says validation images are "resized to 256x256"; the reference resizes the
+    shorter side to 256, as here. (The reference resamples with DALI's triangular filter,
+    torchvision with antialiased bilinear: a small resampling difference, not a different recipe.)
+    """
     from torchvision import datasets, transforms
 
     if not os.path.isdir(root):

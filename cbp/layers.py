@@ -134,8 +134,13 @@ def _check_quantizable(name: str, weight: torch.Tensor, factors: torch.Tensor) -
     return scale
 
 
-def prepare(model: nn.Module, config: CBPConfig | None = None) -> nn.Module:
-    """Quantize the selected layers of ``model`` in place and return it.
+def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = True) -> nn.Module:
+    """Quantize the selected layers of ``model`` and return it.
+
+    In place by default: the returned model *is* ``model``, whose layers now quantize, and it
+    keeps its Parameter objects, so an optimizer built on ``model`` before still works.
+    ``inplace=False`` prepares a deep copy and leaves ``model`` as it was (to keep the float
+    model for comparison, e.g. ``cbp.agreement(model, prepared, loader)``).
 
     Each quantized layer gets its scale ``a = mean|W|`` now, from the weights it has, and keeps it
     fixed: prepare a pretrained model, not a random one you are about to train.
@@ -147,6 +152,8 @@ def prepare(model: nn.Module, config: CBPConfig | None = None) -> nn.Module:
     if not names:
         raise ValueError("no layer left to quantize: the model has no Conv/Linear layer that passes "
                          "the selection (the first and last are skipped by default)")
+    if not inplace:
+        model = copy.deepcopy(model)
     factors = torch.tensor(config.factors, dtype=torch.float32)
     scales = {name: _check_quantizable(name, model.get_submodule(name).weight.detach(), factors)
               for name in names}   # every layer checked before any is changed

@@ -53,12 +53,15 @@ def _meta_checks(meta: dict) -> list[tuple[str, bool, str]]:
         ("meta.input_size", sizes_ok,
          f"a list of 1 to 4 positive integers with a product of at most {MAX_INPUT_ELEMENTS:,}"),
         ("meta.settings", isinstance(meta.get("settings", {}), dict), "a table of settings"),
+        ("meta.model_options", isinstance(meta.get("model_options", {}), dict) and all(
+            isinstance(k, str) and isinstance(v, bool)
+            for k, v in meta.get("model_options", {}).items()), "a table of true/false options"),
         ("meta.classes", meta.get("classes") is None or (isinstance(meta["classes"], list) and all(
             isinstance(c, str) for c in meta["classes"])), "a list of class names"),
     ]
     if meta.get("mode") == "quantize":
         checks += [
-            ("meta.constraint", isinstance(meta.get("constraint"), str), "a string"),
+            ("meta.constraint", isinstance(meta.get("constraint", ""), str), "a string"),
             ("meta.include", isinstance(meta.get("include"), list)
              and all(isinstance(p, str) for p in meta["include"]), "a list of strings"),
             ("meta.exclude", isinstance(meta.get("exclude"), list)
@@ -83,11 +86,13 @@ def _cbp_checks(cbp: dict) -> list[tuple[str, bool, str]]:
     ]
 
 
-def check_run_state(state: dict, path: str, model_meta: bool = True) -> dict:
-    """Return ``state`` if every field a run reads from it is sound, else raise naming the field.
+def check_run_state(state: dict, path: str, model: bool = True, training: bool = True) -> dict:
+    """Return ``state`` if every field read from it is sound, else raise naming the field.
 
-    ``model_meta``: also the ``meta`` fields the command line builds a model from (a library
-    run's ``meta`` is whatever its caller put there).
+    ``model``: the fields a model is rebuilt from (``meta``, ``model``, ``epoch``: what
+    ``evaluate``, ``export`` and ``quantize --from`` read); ``training``: the rest of what a
+    resumed run reads (position, optimizer, scheduler, RNG, CBP state). A library run's ``meta``
+    is whatever its caller put there, so its resume checks ``training`` alone.
     """
     rng_size = torch.get_rng_state().numel()
     meta = state.get("meta")
@@ -95,27 +100,35 @@ def check_run_state(state: dict, path: str, model_meta: bool = True) -> dict:
     cbp = state.get("cbp")
     checks = [
         ("epoch", _is_int(state.get("epoch")) and state["epoch"] >= 0, "an integer >= 0"),
-        ("step", _is_int(state.get("step", 0)) and state.get("step", 0) >= 0, "an integer >= 0"),
-        ("loss_sum", state.get("loss_sum") is None or isinstance(state["loss_sum"], torch.Tensor),
-         "a tensor or None"),
         ("meta", isinstance(meta, dict), "a table"),
-        *(_meta_checks(meta) if model_meta and isinstance(meta, dict) else []),
-        ("model", _tensor_dict(state.get("model")), "a table of tensors (a state_dict)"),
-        ("optimizer", isinstance(state.get("optimizer"), dict)
-         and {"state", "param_groups"} <= set(state["optimizer"]), "an optimizer state_dict"),
-        ("scheduler", state.get("scheduler") is None or isinstance(state["scheduler"], dict),
-         "a scheduler state_dict or None"),
-        ("rng", isinstance(state.get("rng"), torch.Tensor) and state["rng"].dtype == torch.uint8
-         and state["rng"].numel() == rng_size, f"a uint8 tensor of {rng_size} bytes"),
-        ("cbp", isinstance(cbp, dict) or (cbp is None and not quantize),
-         "the CBP state (a table)" + ("" if quantize else " or None")),
-        *(_cbp_checks(cbp) if isinstance(cbp, dict) else []),
     ]
+    if model:
+        checks += [
+            *(_meta_checks(meta) if isinstance(meta, dict) else []),
+            ("model", _tensor_dict(state.get("model")), "a table of tensors (a state_dict)"),
+        ]
+    if training:
+        checks += [
+            ("step", _is_int(state.get("step", 0)) and state.get("step", 0) >= 0,
+             "an integer >= 0"),
+            ("loss_sum", state.get("loss_sum") is None
+             or isinstance(state["loss_sum"], torch.Tensor), "a tensor or None"),
+            ("optimizer", isinstance(state.get("optimizer"), dict)
+             and {"state", "param_groups"} <= set(state["optimizer"]), "an optimizer state_dict"),
+            ("scheduler", state.get("scheduler") is None or isinstance(state["scheduler"], dict),
+             "a scheduler state_dict or None"),
+            ("rng", isinstance(state.get("rng"), torch.Tensor)
+             and state["rng"].dtype == torch.uint8 and state["rng"].numel() == rng_size,
+             f"a uint8 tensor of {rng_size} bytes"),
+            ("cbp", isinstance(cbp, dict) or (cbp is None and not quantize),
+             "the CBP state (a table)" + ("" if quantize else " or None")),
+            *(_cbp_checks(cbp) if isinstance(cbp, dict) else []),
+        ]
     for field, ok, expected in checks:
         if not ok:
             raise CheckpointError(f"checkpoint {path}: {field} must be {expected}, "
                                   f"got {_short(_get(state, field))}")
-    if model_meta and quantize:
+    if model and quantize:
         try:
             resolve_factors(meta.get("factors"))
         except ValueError as err:
@@ -143,6 +156,6 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load_run_checkpoint(path: str, model_meta: bool = True) -> dict:
+def load_run_checkpoint(path: str, model: bool = True, training: bool = True) -> dict:
     """:func:`load_checkpoint`, then :func:`check_run_state`."""
-    return check_run_state(load_checkpoint(path), path, model_meta)
+    return check_run_state(load_checkpoint(path), path, model, training)

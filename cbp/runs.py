@@ -23,7 +23,7 @@ import torch.nn as nn
 from .checkpoint import FORMAT_V1, CheckpointError, WriteError, atomic_write
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
-from .models import build_model
+from .models import rebuild_model
 from .run_state import load_run_checkpoint
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
@@ -181,9 +181,9 @@ def _upgrade(state: dict, world_size: int) -> dict:
 
 def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
     """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
-    state = load_run_checkpoint(checkpoint)
+    state = load_run_checkpoint(checkpoint, training=False)
     meta = state["meta"]
-    model = build_model(meta["model"], meta["num_classes"], meta["in_channels"])
+    model = rebuild_model(meta)
     if meta["mode"] == "quantize":
         prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
                                  exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
@@ -197,7 +197,7 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
 
 def load_pretrained(checkpoint: str, num_classes: int, in_channels: int) -> tuple[nn.Module, str]:
     """The float model of a finished pretraining checkpoint (for ``quantize --from``), and its name."""
-    state = load_run_checkpoint(checkpoint)
+    state = load_run_checkpoint(checkpoint, training=False)
     meta = state["meta"]
     if meta.get("mode") != "pretrain":
         raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint")
@@ -208,6 +208,6 @@ def load_pretrained(checkpoint: str, num_classes: int, in_channels: int) -> tupl
         raise CheckpointError(
             f"{checkpoint} is a {meta['num_classes']}-class, {meta['in_channels']}-channel "
             f"model; the data has {num_classes} classes and {in_channels} channels")
-    model = build_model(meta["model"], num_classes, in_channels)
+    model = rebuild_model(meta)
     model.load_state_dict(state["model"])
     return model, meta["model"]

@@ -248,7 +248,7 @@ def _state(run: Run, pos: Position) -> dict:
 
 def restore(run: Run, path: str) -> Position:
     """Load a checkpoint into ``run``; returns where it stands."""
-    return _load_state(run, load_run_checkpoint(path, model_meta=False), f"checkpoint {path}")
+    return _load_state(run, load_run_checkpoint(path, model=False), f"checkpoint {path}")
 
 
 def _load_state(run: Run, state: dict, source: str) -> Position:

@@ -105,3 +105,21 @@ def test_convert_gives_plain_layers_on_levels_with_identical_outputs(levels):
         assert values <= set(layer.levels.tolist())
     assert "3.cbp_scale" not in plain.state_dict()
     assert cbp.quantized_layers(model)  # the original is untouched
+
+
+def test_prepare_in_place_by_default_or_on_a_copy():
+    net = small_net()
+    float_weight = net[3].weight.detach().clone()
+    assert cbp.prepare(net) is net and isinstance(net[3], cbp.QuantizedLayer)
+
+    net = small_net()
+    before = net[3].weight
+    copy = cbp.prepare(net, cbp.CBPConfig(), inplace=False)
+    assert copy is not net and isinstance(copy[3], cbp.QuantizedLayer)
+    assert not cbp.quantized_layers(net) and net[3].weight is before  # the original untouched
+    assert copy[3].weight is not before and torch.equal(copy[3].weight, float_weight)
+    with torch.no_grad():
+        copy[3].weight.add_(1.0)  # training the copy does not move the original
+    assert torch.equal(net[3].weight, float_weight)
+    with pytest.raises(ValueError, match="already prepared"):  # checked before copying
+        cbp.prepare(copy, inplace=False)

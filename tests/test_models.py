@@ -1,4 +1,5 @@
-"""Models: shapes, ResNet-20 structure, what cbp.prepare skips, weight files and their errors."""
+"""Models: shapes, ResNet-20 structure, what cbp.prepare skips, weight files and their errors,
+which published weights are fetched, and GoogLeNet rebuilt exactly from every kind of file."""
 
 import os
 import pickle
@@ -8,8 +9,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from cbp import CBPConfig, select_layers
-from cbp.models import ModelError, build_model, resnet20
+from cbp import CBPConfig, prepare, select_layers
+from cbp.checkpoint import save_checkpoint
+from cbp.models import ModelError, build_model, model_options, resnet20, torchvision_weights
 
 # (name, input side): the smallest convenient size each architecture accepts
 SIZES = {"resnet20": 28, "resnet18": 32, "resnet50": 32, "googlenet": 64, "alexnet_bn": 64}
@@ -138,3 +140,162 @@ def test_bad_names_and_unpublished_weights():
             build_model(name, 10, weights="torchvision")
     with pytest.raises(ModelError, match="1000 classes"):  # refused before any download
         build_model("resnet18", 10, weights="torchvision")
+
+
+# -- published weights: which file would be fetched (the download itself is mocked) -------------
+
+# The original ImageNet weights (torchvision's file names and top-1, from its documentation):
+# the paper's full-precision starting points. ResNet-50's torchvision DEFAULT is V2 (80.858%).
+V1_FILES = {"resnet18": ("resnet18-f37072fd.pth", 69.758),
+            "resnet50": ("resnet50-0676ba61.pth", 76.13),
+            "googlenet": ("googlenet-1378be20.pth", 69.778)}
+
+
+@pytest.fixture
+def fake_download(monkeypatch):
+    """Replace torchvision's download by a random state_dict of the architecture asked for.
+
+    Returns the list of URLs requested and the state_dicts handed out, in order.
+    """
+    import torchvision.models as tvm
+    import torchvision.models._api as api
+
+    fetched, handed = [], []
+
+    def load_state_dict_from_url(url, *args, **kwargs):
+        name = url.rsplit("/", 1)[-1].split("-")[0]
+        extra = {"aux_logits": True, "init_weights": False} if name == "googlenet" else {}
+        torch.manual_seed(len(fetched))
+        state = tvm.get_model(name, weights=None, **extra).state_dict()
+        fetched.append(url)
+        handed.append(state)
+        return state
+    monkeypatch.setattr(api, "load_state_dict_from_url", load_state_dict_from_url)
+    return fetched, handed
+
+
+@pytest.mark.parametrize("name", sorted(V1_FILES))
+def test_torchvision_weights_are_the_papers(name, fake_download):
+    fetched, handed = fake_download
+    file, top1 = V1_FILES[name]
+    weights = torchvision_weights(name)
+    assert (weights.name, weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]) == ("IMAGENET1K_V1",
+                                                                                 top1)
+    model = build_model(name, 1000, 3, weights="torchvision")
+    assert [url.rsplit("/", 1)[-1] for url in fetched] == [file]
+    loaded = model.state_dict()  # what was "downloaded" is what the model holds
+    assert all(torch.equal(loaded[k], handed[0][k]) for k in loaded)
+    if name == "googlenet":  # auxiliary heads dropped, input scaling of the published weights
+        assert model.aux1 is None and model.transform_input is True
+        assert not any(k.startswith("aux") for k in loaded)
+
+
+def test_other_torchvision_weights_only_when_asked(fake_download):
+    fetched, _ = fake_download
+    build_model("resnet50", 1000, 3, weights="torchvision:IMAGENET1K_V2")
+    build_model("resnet50", 1000, 3, weights="torchvision:DEFAULT")
+    build_model("resnet50", 1000, 3, weights="torchvision:IMAGENET1K_V1")
+    assert [url.rsplit("/", 1)[-1] for url in fetched] == [
+        "resnet50-11ad3fa6.pth", "resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth"]
+    with pytest.raises(ModelError, match="no resnet50 weights 'V3'.*torchvision:IMAGENET1K_V1, "
+                                         "torchvision:IMAGENET1K_V2"):
+        build_model("resnet50", 1000, 3, weights="torchvision:V3")
+    with pytest.raises(ModelError, match="no weights for alexnet_bn"):
+        build_model("alexnet_bn", 1000, 3, weights="torchvision:IMAGENET1K_V1")
+    assert fetched[3:] == []
+
+
+def test_paper_configs_pin_the_original_weights(fake_download):
+    """Every packaged paper config of a torchvision model starts from the V1 file."""
+    from cbp.cli import parse_args
+
+    fetched, _ = fake_download
+    for name in sorted(V1_FILES):
+        for constraint in ("binary", "ternary", "shift1", "shift2"):
+            args = parse_args(["quantize", "--config", f"paper/{name}-{constraint}", "--out", "x"])
+            assert torchvision_weights(args.model, args.weights).url.endswith(V1_FILES[name][0])
+    assert fetched == []  # resolving the weights downloads nothing
+
+
+# -- GoogLeNet's transform_input survives every rebuild ------------------------------------------
+
+GOOGLENET_INPUT = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model.eval()(GOOGLENET_INPUT)
+
+
+def _with_batch_statistics(model):
+    """BatchNorm running statistics of one batch: at their defaults, a freshly initialised
+    GoogLeNet gives nearly the same logits for every input, whatever its input scaling."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in batchnorms:
+        bn.momentum = 1.0
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 64, 64))
+    for bn in batchnorms:
+        bn.momentum = 0.1
+    return model
+
+
+def _googlenet_checkpoint(path, model, mode="pretrain", **meta_extra):
+    """A checkpoint as `cbp pretrain`/`cbp quantize` writes it (the keys rebuilding reads)."""
+    meta = {"mode": mode, "dataset": "imagefolder", "num_classes": model.fc.out_features,
+            "in_channels": 3, "input_size": [3, 64, 64], "model": "googlenet",
+            "model_options": model_options(model), **meta_extra}
+    save_checkpoint({"meta": meta, "model": model.state_dict(), "epoch": 1}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("transform_input", [True, False])
+def test_googlenet_rebuilt_exactly_from_a_checkpoint(transform_input, tmp_path):
+    from cbp.runs import load_model, load_pretrained
+
+    torch.manual_seed(0)
+    source = _with_batch_statistics(build_model("googlenet", 10, 3,
+                                                transform_input=transform_input))
+    want = _logits(source)
+    wrong = build_model("googlenet", 10, 3, transform_input=not transform_input)
+    wrong.load_state_dict(source.state_dict())
+    assert (_logits(wrong) - want).norm() > 0.5 * want.norm()  # the flag matters
+    path = _googlenet_checkpoint(tmp_path / "fp.pt", source)
+    # cbp evaluate / export (--onnx) / summary
+    model, _ = load_model(path)
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+    # cbp quantize --from
+    model, _ = load_pretrained(path, 10, 3)
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+    # --weights FILE with the checkpoint (its recorded options are used)
+    model = build_model("googlenet", 10, 3, weights=path)
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+    # a CBP checkpoint: rebuilt, prepared, loaded
+    config = CBPConfig(include=[r"^inception3a\."])
+    prepare(source, config)
+    want = _logits(source)
+    path = _googlenet_checkpoint(tmp_path / "cbp.pt", source, mode="quantize",
+                                 factors=list(config.factors), include=config.include,
+                                 exclude=[], skip_first_last=True)
+    model, _ = load_model(path)
+    assert model.transform_input is transform_input
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+
+
+def test_googlenet_from_torchvisions_weights_file(tmp_path):
+    """torchvision's published file: auxiliary heads inside, input scaling implied."""
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    published = _with_batch_statistics(tvm.get_model(
+        "googlenet", weights=None, aux_logits=True, init_weights=True, transform_input=True))
+    torch.save(published.state_dict(), tmp_path / "googlenet-1378be20.pth")
+    model = build_model("googlenet", 1000, 3, weights=str(tmp_path / "googlenet-1378be20.pth"))
+    assert model.aux1 is None
+    torch.testing.assert_close(_logits(model), _logits(published), rtol=0, atol=0)
+    assert model_options(build_model("googlenet", 10, 1)) == {"transform_input": False}  # grey
+    assert model_options(build_model("resnet20", 10, 1)) == {}
+    with pytest.raises(ModelError, match="resnet20 has no option transform_input"):
+        build_model("resnet20", 10, 1, transform_input=True)
+    with pytest.raises(ModelError, match="transform_input needs RGB input, not 1-channel input"):
+        build_model("googlenet", 10, 1, transform_input=True)

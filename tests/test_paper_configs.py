@@ -35,7 +35,7 @@ def expected(name: str) -> dict:
     model, constraint = name.split("-")
     lr, shift_lr, weight_decay, batch_size, p_max = PAPER[model]
     return {"data": "imagefolder", "model": model, "constraint": constraint,
-            "weights": None if model == "alexnet_bn" else "torchvision",
+            "weights": None if model == "alexnet_bn" else "torchvision:IMAGENET1K_V1",
             "lr": shift_lr if constraint.startswith("shift") else lr,
             "weight_decay": weight_decay, "batch_size": batch_size, "p_max": p_max,
             "lr_drop_at_g": 200 if name == "googlenet-binary" else 20, "multiplier_lr": 1e-4,
@@ -112,3 +112,6 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
     decay_group = state["optimizer"]["param_groups"][0]
     assert (decay_group["lr"], decay_group["weight_decay"]) == (want["lr"], want["weight_decay"])
     assert state["cbp"]["ascent"]["param_groups"][0]["lr"] == want["multiplier_lr"]
+    # GoogLeNet's input scaling, which no state_dict holds, is recorded for every rebuild
+    options = {"transform_input": True} if want["model"] == "googlenet" else {}
+    assert state["meta"]["model_options"] == options

@@ -21,6 +21,7 @@ from PIL import Image
 
 import cbp
 import cbp.cli
+import cbp.runs
 from cbp import cli
 from cbp.checkpoint import (
     TMP_SUFFIX,
@@ -272,6 +273,16 @@ def _set(state: dict, field: str, value) -> None:
         state[last] = value
 
 
+def bad_copy(reference_run, folder, field: str, value) -> str:
+    """The reference run's checkpoint with one field changed (``KeyError``: removed)."""
+    state = load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME))
+    del state["format"]
+    _set(state, field, value)
+    path = str(folder / CHECKPOINT_NAME)
+    save_checkpoint(state, path)
+    return path
+
+
 @pytest.mark.parametrize("field, value, needle", [
     ("meta.num_classes", KeyError, "meta.num_classes must be an integer from 1 to 100,000, got "
                                    "nothing (missing)"),
@@ -279,34 +290,36 @@ def _set(state: dict, field: str, value) -> None:
     ("meta.input_size", [1, 100_000, 100_000], "meta.input_size must be"),
     ("meta.in_channels", "1", "meta.in_channels must be"),
     ("meta.model", "vgg", "meta.model must be one of"),
+    ("meta.model_options", {"transform_input": "yes"}, "meta.model_options must be a table of"),
     ("meta.factors", [1.0, -1.0], "meta.factors: level factors must be strictly increasing"),
-    ("rng", torch.zeros(7, dtype=torch.uint8), "rng must be a uint8 tensor of"),
     ("epoch", "1", "epoch must be an integer >= 0"),
     ("model", [1, 2], "model must be a table of tensors"),
-    ("cbp.g", "big", "cbp.g must be a number >= 1"),
     ("meta", KeyError, "meta must be a table"),
 ])
 def test_a_checkpoint_with_bad_contents_is_one_line_naming_the_field(
         reference_run, tmp_path, capsys, monkeypatch, field, value, needle):
-    state = load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME))
-    del state["format"]
-    _set(state, field, value)
-    bad_dir = tmp_path / "run"
-    save_checkpoint(state, str(bad_dir / CHECKPOINT_NAME))
-    path = str(bad_dir / CHECKPOINT_NAME)
-    monkeypatch.setattr(cbp.cli, "build_model", lambda *a, **k: pytest.fail("model built"))
+    path = bad_copy(reference_run, tmp_path / "run", field, value)
+    monkeypatch.setattr(cbp.runs, "rebuild_model", lambda *a, **k: pytest.fail("model built"))
     for argv in (["evaluate", path], ["export", path, str(tmp_path / "m.safetensors")],
                  ["summary", path]):
         fails(capsys, argv, f"checkpoint {path}: {needle}")
 
 
-def test_resume_checks_the_contents_too(quantize_argv, reference_run, tmp_path, capsys):
+@pytest.mark.parametrize("field, value, needle", [
+    ("rng", torch.zeros(7, dtype=torch.uint8), "rng must be a uint8 tensor of"),
+    ("step", -1, "step must be an integer >= 0"),
+    ("optimizer", {"state": {}}, "optimizer must be an optimizer state_dict"),
+    ("cbp.g", "big", "cbp.g must be a number >= 1"),
+    ("cbp.p", -1, "cbp.p must be an integer >= 0"),
+    ("cbp", None, "cbp must be the CBP state (a table), got None"),
+    ("meta.num_classes", 2_000_000_000, "meta.num_classes must be"),
+])
+def test_resume_checks_every_field_it_reads_before_loading_data(
+        quantize_argv, reference_run, tmp_path, capsys, monkeypatch, field, value, needle):
     out = tmp_path / "run"
-    state = load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME))
-    del state["format"]
-    state["cbp"]["p"] = -1
-    save_checkpoint(state, str(out / CHECKPOINT_NAME))
-    fails(capsys, quantize_argv(str(out), 3, "--resume"), "cbp.p must be an integer >= 0")
+    path = bad_copy(reference_run, out, field, value)
+    monkeypatch.setattr(cbp.cli, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    fails(capsys, quantize_argv(str(out), 3, "--resume"), f"checkpoint {path}: {needle}")
     assert check_run_state(load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME)), "x")
 
 
