@@ -15,10 +15,11 @@ method starts from it, per level set and seed:
 
 Equal budget: every trained method runs the same epochs of ``epoch_iters`` steps on the same data
 order (seed) with the same SGD, batch, lr and weight decay. The epoch count is what the CBP
-schedule needs to pass ``g_final`` (so CBP ends with the weights on the levels), and every method's
-lr drops x0.1 at the epoch where CBP's does (g reaches 20): through ``lr_drop_at_g`` for CBP and a
-``MultiStepLR`` for the others. STE-only and no-window CBP get CBP's gradient clipping and weight
-clamping too (they run through the same ``Lagrangian.step``); Brevitas runs plain SGD steps.
+schedule needs for g to exceed ``stop_once_g_exceeds`` (so CBP ends with the weights on the
+levels), and every method's lr drops x0.1 at the epoch where CBP's does (g reaches 20): through
+``lr_drop_at_g`` for CBP and a ``MultiStepLR`` for the others. STE-only and no-window CBP get
+CBP's gradient clipping and weight clamping too (they run through the same ``Lagrangian.step``);
+Brevitas runs plain SGD steps.
 Each run goes through ``cbp.train.fit``; the end-of-epoch evaluation uses a small validation slice
 and the reported numbers come from one evaluation on the test set at the end.
 """
@@ -75,28 +76,28 @@ class Size:
     weight_decay: float
     multiplier_lr: float       # eta_lambda
     p_max: int
-    g_final: float
+    stop_once_g_exceeds: float
     bn_batches: int            # batches for the BatchNorm re-estimation of post-training rounding
     seeds: int
 
 
 FULL = Size(width=8, train_limit=10000, val_limit=256, test_limit=None, pretrain_epochs=3,
             pretrain_batch=128, batch=32, epoch_iters=12, lr=1e-3, weight_decay=1e-4,
-            multiplier_lr=1e-2, p_max=1, g_final=100, bn_batches=50, seeds=3)
+            multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=100, bn_batches=50, seeds=3)
 QUICK = Size(width=8, train_limit=1024, val_limit=64, test_limit=512, pretrain_epochs=1,
              pretrain_batch=64, batch=16, epoch_iters=2, lr=1e-3, weight_decay=1e-4,
-             multiplier_lr=1e-2, p_max=1, g_final=10, bn_batches=4, seeds=2)
+             multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=10, bn_batches=4, seeds=2)
 
 
 def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
     """The library configuration of one trained method (Brevitas has none)."""
     # compile_penalty off: compiling costs more than it saves on these short CPU runs
     base = cbp.CBPConfig(levels=levels, multiplier_lr=size.multiplier_lr, p_max=size.p_max,
-                         g_final=size.g_final, compile_penalty=False)
+                         stop_once_g_exceeds=size.stop_once_g_exceeds, compile_penalty=False)
     if method == "cbp":
         return base
     # The others take the lr drop from a MultiStepLR at CBP's drop epoch, and never "finish".
-    base = replace(base, lr_drop_at_g=None, g_final=None)
+    base = replace(base, lr_drop_at_g=None, stop_once_g_exceeds=None)
     if method == "ste":
         return replace(base, use_constraint=False)
     if method == "no_window":
@@ -112,7 +113,7 @@ def schedule(size: Size) -> tuple[int, int]:
     """
     config = cbp_config(size, "binary", "cbp")
     g, updates, drop = config.g_init, 0, None
-    while g <= config.g_final:
+    while g <= config.stop_once_g_exceeds:
         g += config.g_increment(g)
         updates += 1
         if drop is None and g >= config.lr_drop_at_g:
@@ -330,7 +331,8 @@ def table(results: list[dict], size: Size, levels=LEVELS, missing: str | None = 
     epochs, drop = schedule(size)
     out += [f"Every trained cell: {epochs} epochs × {size.epoch_iters} steps of batch {size.batch} "
             f"(lr {size.lr}, ×0.1 after epoch {drop}); CBP η_λ = {size.multiplier_lr}, "
-            f"p_max = {size.p_max}, g_final = {size.g_final}; {size.seeds} seeds.",
+            f"p_max = {size.p_max}, stop once g exceeds {size.stop_once_g_exceeds}; "
+            f"{size.seeds} seeds.",
             f"Settings: `{asdict(size)}`"]
     return "\n".join(out) + "\n"
 

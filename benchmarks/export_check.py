@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 import cbp
 from cbp.data import load_dataset
-from cbp.export import check_onnx, export_onnx
 from cbp.models import rebuild_model
+from cbp.onnx_export import check_onnx, export_onnx
 from cbp.runs import load_model
 
 

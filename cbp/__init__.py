@@ -5,24 +5,27 @@
     ... loss.backward(); lagrangian.step() ... lagrangian.end_epoch(loss_sum)
     cbp.cfs(model)                                                 # paper Eq. 19, latent weights
     cbp.agreement(float_model, model, loader)                      # same predictions?
+    recipe = cbp.load_config("demo")                               # a config's CBPConfig + training
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
 """
 
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
-from .export import ExportError, Summary, check_onnx, export, export_onnx, load_packed, read_packed, summary
+from .export import ExportError, export, load_packed, read_packed
 from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
 from .metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
+from .onnx_export import check_onnx, export_onnx
+from .options import Recipe, load_config
+from .summary import Summary, summary
 
 __all__ = [
     "CBPConfig", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",
     "load_packed", "read_packed", "summary", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
-    "param_groups", "prepare", "quantize", "quantized_layers", "resolve_factors", "sawtooth",
-    "select_layers",
-    "Agreement", "agreement",
+    "Recipe", "load_config", "param_groups", "prepare", "quantize", "quantized_layers",
+    "resolve_factors", "sawtooth", "select_layers", "Agreement", "agreement",
 ]
 __version__ = "0.1.0"

@@ -1,13 +1,16 @@
 """One configuration object for preparing a model and running CBP on it.
 
-Defaults are the published method (paper + reference code, see SPEC.md); every choice is a field.
+Defaults are the published method (paper + reference code, see SPEC.md); every choice is a field,
+and every field's ``help`` is its documentation: ``cbp quantize`` makes one flag of each
+(``--multiplier-lr``, ``--stop-once-g-exceeds`` ...) with that help and that default, and a TOML
+config sets the same names (``cbp.options``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch.nn as nn
 
@@ -55,48 +58,77 @@ def check_number(name: str, value, *, above: float | None = None, at_least: floa
         raise SettingError(name, f"must be {wanted}, got {value!r}")
 
 
+def _doc(default, help: str, **cli):
+    """A field with its documentation. ``cli``: ``flag=False`` (no command-line flag: the CLI
+    spells it otherwise), ``aliases`` (older flag spellings that still work; for a switch, flags
+    that set the opposite of the default), ``choices``."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class CBPConfig:
-    # Which values the weights may take: "binary" | "ternary" | "shift1" | "shift2" or factors.
-    levels: str | Sequence[float] = "binary"
+    levels: str | Sequence[float] = _doc(
+        "binary", "which values the weights may take: binary | ternary | shift1 | shift2, or a "
+        "sorted sequence of factors of the layer's scale", flag=False)  # CLI: --constraint, --levels
 
     # Layer selection (Conv1d/2d/3d and Linear only). A layer is quantized when it passes
     # `filter_fn(module, name)` (if given), matches one of `include` (if any), matches none of
     # `exclude`, and is not the first or last such layer while `skip_first_last` is on.
-    filter_fn: Callable[[nn.Module, str], bool] | None = None
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
-    skip_first_last: bool = True
+    filter_fn: Callable[[nn.Module, str], bool] | None = _doc(
+        None, "quantize only the layers for which filter_fn(module, name) is true", flag=False)
+    include: Sequence[str] = _doc((), "regexes of layer names to quantize (default: all)")
+    exclude: Sequence[str] = _doc((), "regexes of layer names to skip")
+    skip_first_last: bool = _doc(
+        True, "keep the first and the last Conv/Linear layer at full precision (the paper)",
+        aliases=("--quantize-first-last",))
 
-    # The constraint term. `use_constraint=False` leaves plain STE training (the paper's
-    # "backpropagation + STE" baseline) with the same step.
-    use_constraint: bool = True
-    multiplier_lr: float = 1e-4          # eta_lambda
-    multiplier_rule: str = "adam"        # cbp.ascent: "adam" (reference) | "plain" (lambda += eta * cs)
-    initial_multiplier_update: bool = True  # reference: one lambda update right after init (g = g_init)
+    # The constraint term.
+    use_constraint: bool = _doc(
+        True, "the constraint term; off: plain STE fine-tuning with the same step (the paper's "
+        "backpropagation + STE baseline)", aliases=("--no-constraint",))
+    multiplier_lr: float = _doc(1e-4, "eta_lambda, the step size of the multipliers' ascent")
+    multiplier_rule: str = _doc(
+        "adam", "ascent rule of the multipliers (cbp.ascent): adam (reference code) or plain "
+        "(lambda += eta_lambda * cs, paper Algorithm 1)", choices=ASCENT_RULES)
+    initial_multiplier_update: bool = _doc(
+        True, "one lambda update right after initialisation, at g = g_init (reference code)",
+        aliases=("--no-initial-update",))
 
     # The schedule of the window variable g, applied at epoch ends.
-    p_max: int = 20
-    g_init: float = 1.0                  # math.inf: no window from the start (paper Table 2 ablation)
-    # (upper bound, increment) pairs: g += increment for the first bound g lies below.
-    g_increments: Sequence[tuple[float, float]] = ((10, 1), (100, 10), (math.inf, 100))
-    g_final: float | None = None         # schedule complete once g exceeds this (None: never)
+    p_max: int = _doc(20, "epochs after which g increases even if L_sum kept falling")
+    g_init: float = _doc(1.0, "first g; inf: no window from the start (paper Table 2 ablation)")
+    g_increments: Sequence[tuple[float, float]] = _doc(
+        ((10, 1), (100, 10), (math.inf, 100)),
+        "(bound, increment) pairs: g += increment for the first bound g lies below; on the "
+        "command line BOUND:INCREMENT,... e.g. 10:1,100:10,inf:100 (the paper)")
+    stop_once_g_exceeds: float | None = _doc(
+        None, "end the run at the first epoch end where g > this value (None: never, as in the "
+        "paper); with the paper's increments, 200 ends at g = 300", aliases=("--g-final",))
 
-    # Weight learning-rate drop, once, when g reaches `lr_drop_at_g`.
-    lr_drop_at_g: float | None = 20
-    lr_drop_factor: float = 0.1
+    lr_drop_at_g: float | None = _doc(
+        20, "multiply the weight learning rate by lr_drop_factor once, when g reaches this "
+        "(None: never)")
+    lr_drop_factor: float = _doc(0.1, "see lr_drop_at_g")
 
     # Reference-code extras, not in the paper.
-    grad_clip_value: float | None = 1.0  # clip every parameter's gradient to [-v, v]
-    weight_clamp: float | None = 1.0     # clamp quantized weights to [-c, c] after each step
+    grad_clip_value: float | None = _doc(
+        1.0, "clip every parameter's gradient to [-v, v] (reference code; none: off)",
+        aliases=("--grad-clip",))
+    weight_clamp: float | None = _doc(
+        1.0, "clamp quantized weights to [-c, c] after each step (reference code; none: off)")
 
-    # Compile the penalty kernel (cbp.penalty): None = when the run is long enough to pay back the
-    # seconds it takes, True = always, False = never (eager; the same numbers).
-    compile_penalty: bool | None = None
+    compile_penalty: bool | None = _doc(
+        None, "torch.compile the penalty kernel (cbp.penalty): unset = at the start of a run of "
+        "at least 200 steps (Lagrangian.plan), else never; on = always; off = never (eager: the "
+        "same numbers, slower)")
 
     factors: tuple[float, ...] = field(init=False, repr=False)
+    g_final: InitVar[float | None] = None  # the old name of stop_once_g_exceeds: a clear error
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, g_final: float | None) -> None:
+        if g_final is not None:
+            raise TypeError("CBPConfig: g_final is now called stop_once_g_exceeds (the run ends "
+                            "once g exceeds it)")
         self.factors = resolve_factors(self.levels)
         if self.multiplier_rule not in ASCENT_RULES:
             raise ValueError(f"multiplier_rule must be one of {', '.join(ASCENT_RULES)}, "
@@ -109,13 +141,15 @@ class CBPConfig:
     def validate(self) -> None:
         """Every numeric field in its range, or ``ValueError`` naming the field (one line).
 
-        Infinity is accepted where it means "never" (``g_init``: no window, ``g_final``,
+        Infinity is accepted where it means "never" (``g_init``: no window,
+        ``stop_once_g_exceeds``,
         ``lr_drop_at_g``, ``grad_clip_value``, ``weight_clamp``); NaN nowhere.
         """
         check_number("multiplier_lr", self.multiplier_lr, at_least=0, below=math.inf)
         check_number("p_max", self.p_max, at_least=1, integer=True)
         check_number("g_init", self.g_init, at_least=1)
-        check_number("g_final", self.g_final, at_least=self.g_init, none_ok=True)
+        check_number("stop_once_g_exceeds", self.stop_once_g_exceeds, at_least=self.g_init,
+                     none_ok=True)
         check_number("lr_drop_at_g", self.lr_drop_at_g, above=0, none_ok=True)
         check_number("lr_drop_factor", self.lr_drop_factor, above=0, at_most=1)
         check_number("grad_clip_value", self.grad_clip_value, above=0, none_ok=True)

@@ -20,6 +20,7 @@ Why so few tensors: safetensors spends about 100 header bytes per tensor, and a 
 the header is about 1 KB, and the file is within a few percent of the ideal size.
 
 No pickle anywhere. Files are written atomically, so an existing export is never half-overwritten.
+The size table of a model is :mod:`cbp.summary`; the ONNX file, :mod:`cbp.onnx_export`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import math
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,14 +55,13 @@ class ExportError(ValueError):
     """A file that is not a valid cbp export, or one that does not fit the given model."""
 
 
-class MissingDependencyError(ExportError, ImportError):
-    """An optional dependency (the ``onnx`` extra) is not installed."""
-
-
 # -- writing ---------------------------------------------------------------------------------------
 
-def _packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Every tensor :func:`export` writes, by key, and the layout of the packed ones."""
+def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Every tensor :func:`export` writes, by key, and the layout of the packed ones.
+
+    ``cbp.summary`` sizes its table from these, so its totals are the export's payload exactly.
+    """
     # Own, contiguous copies: safetensors refuses tensors sharing memory (tied weights).
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
                for k, v in model.state_dict().items()}
@@ -86,18 +85,7 @@ def _is_packed_export(data: bytes) -> bool:
         return False
 
 
-def _is_onnx_model(data: bytes) -> bool:
-    try:
-        import onnx
-
-        model = onnx.ModelProto()
-        model.ParseFromString(data)
-        return model.ir_version > 0 and len(model.graph.node) > 0
-    except Exception:  # protobuf raises its own error types; any means "not an ONNX model"
-        return False
-
-
-def _check_replaceable(path: Path, ours: Callable[[bytes], bool], what: str) -> None:
+def check_replaceable(path: Path, ours: Callable[[bytes], bool], what: str) -> None:
     """An existing file is replaced only if it is an earlier ``what``: never a checkpoint (its
     run would be gone) or any other file cbp did not write."""
     if not path.exists():
@@ -111,7 +99,7 @@ def _check_replaceable(path: Path, ours: Callable[[bytes], bool], what: str) -> 
                           "file of yours?); choose another path, or delete it first")
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> None:
     """Atomic write (never a half-written file) with the error as an ``ExportError``."""
     try:
         atomic_write(str(path), lambda f: f.write(data))
@@ -139,14 +127,14 @@ def _grouped(tensors: dict[str, torch.Tensor],
 
 def export(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` (prepared or plain) as one packed safetensors file; return its path."""
-    grouped, layout = _grouped(*_packed_tensors(model))
+    grouped, layout = _grouped(*packed_tensors(model))
     crc = zlib.crc32(_payload(st_save(grouped)))  # the payload does not depend on the metadata
     encoded = base64.b64encode(zlib.compress(json.dumps(layout, separators=(",", ":")).encode(), 9))
     meta = {"format": FORMAT, "version": VERSION, "crc32": crc, "layout": encoded.decode()}
     data = st_save(grouped, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
     path = Path(path)
-    _check_replaceable(path, _is_packed_export, "a cbp export")
-    _write(path, data)
+    check_replaceable(path, _is_packed_export, "a cbp export")
+    write_file(path, data)
     return path
 
 
@@ -323,135 +311,3 @@ def load_packed(path: str | os.PathLike,
     _check_fits(state, model, str(path))
     model.load_state_dict(state)
     return model.eval()
-
-
-# -- summary ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One module holding state: its size as a float state_dict and as exported."""
-
-    name: str
-    kind: str
-    params: int
-    bits: int  # bits per weight: the packed width if quantized, else the float width
-    float_bytes: int
-    packed_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        return self.float_bytes / self.packed_bytes if self.packed_bytes else 1.0
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Per-layer sizes and totals; ``packed_bytes`` is exactly the tensor payload of the export."""
-
-    rows: tuple[LayerRow, ...]
-
-    @property
-    def params(self) -> int:
-        return sum(r.params for r in self.rows)
-
-    @property
-    def float_bytes(self) -> int:
-        return sum(r.float_bytes for r in self.rows)
-
-    @property
-    def packed_bytes(self) -> int:
-        return sum(r.packed_bytes for r in self.rows)
-
-    @property
-    def ratio(self) -> float:
-        return self.float_bytes / self.packed_bytes if self.packed_bytes else 1.0
-
-    def __str__(self) -> str:
-        head = ("layer", "kind", "params", "bits", "float bytes", "packed bytes", "ratio")
-        body = [(r.name or "(root)", r.kind, f"{r.params:,}", str(r.bits), f"{r.float_bytes:,}",
-                 f"{r.packed_bytes:,}", f"{r.ratio:.1f}x") for r in self.rows]
-        total = ("total", "", f"{self.params:,}", "", f"{self.float_bytes:,}",
-                 f"{self.packed_bytes:,}", f"{self.ratio:.1f}x")
-        table = [head, *body, total]
-        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-                 for row in table]
-        rule = "-" * len(lines[0])
-        return "\n".join([lines[0], rule, *lines[1:-1], rule, lines[-1]])
-
-
-def summary(model: nn.Module) -> Summary:
-    """Sizes per module holding state (in ``state_dict`` order), as float and as :func:`export`."""
-    tensors, layout = _packed_tensors(model)
-    quantized = quantized_layers(model)
-    rows: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        name = key.rpartition(".")[0]
-        row = rows.setdefault(name, {"float": 0, "packed": 0})
-        row["packed"] += tensor.nbytes
-        if name in quantized and key.endswith(("cbp_factors", "cbp_scale")):
-            continue  # not part of the float model
-        row["float"] += model.get_parameter(key).nbytes if key in layout else tensor.nbytes
-    result = []
-    for name, sizes in rows.items():
-        module = model.get_submodule(name)
-        params = list(module.parameters(recurse=False))
-        weight = getattr(module, "weight", None)
-        if name in quantized:
-            bits = layout[f"{name}.weight" if name else "weight"]["bits"]
-        elif isinstance(weight, torch.Tensor):
-            bits = weight.element_size() * 8
-        else:
-            bits = params[0].element_size() * 8 if params else 32
-        result.append(LayerRow(name, type(module).__name__, sum(p.numel() for p in params), bits,
-                               sizes["float"], sizes["packed"]))
-    return Summary(tuple(result))
-
-
-# -- ONNX ------------------------------------------------------------------------------------------
-
-def _onnx_runtime():
-    """``onnxruntime``, after checking the whole ``onnx`` extra is importable."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError as err:
-        raise MissingDependencyError(f"ONNX support needs the onnx extra ({err.name} is missing): "
-                                     f"pip install cbp[onnx]") from None
-    return onnxruntime
-
-
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor) -> Path:
-    """Write ``cbp.convert(model)`` (weights on their levels) as ONNX, batch dimension dynamic."""
-    _onnx_runtime()
-    _check_replaceable(Path(path), _is_onnx_model, "an ONNX model")
-    plain = convert(model).eval()
-    program = torch.onnx.export(plain, (example_input,), dynamo=True, external_data=False,
-                                input_names=["input"], output_names=["output"], verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
-    path = Path(path)
-    _write(path, program.model_proto.SerializeToString())
-    return path
-
-
-def check_onnx(path: str | os.PathLike, model: nn.Module, example_input: torch.Tensor,
-               atol: float = 1e-5) -> float:
-    """Largest gap between onnxruntime's and PyTorch's outputs; ExportError above ``atol``."""
-    ort = _onnx_runtime()
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
-        got = torch.from_numpy(session.run(None, feed)[0])
-    except Exception as err:  # onnxruntime raises its own error types for unreadable models
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ExportError(f"{path}: onnxruntime cannot run it ({reason})") from None
-    with torch.no_grad():
-        expected = convert(model).eval()(example_input).cpu()
-    if got.shape != expected.shape:
-        raise ExportError(f"{path}: ONNX output shape {tuple(got.shape)}, "
-                          f"PyTorch {tuple(expected.shape)}")
-    diff = (got.to(expected.dtype) - expected).abs().max().item() if got.numel() else 0.0
-    if not diff <= atol:
-        raise ExportError(f"{path}: ONNX output differs from PyTorch by {diff:.3g} (atol {atol})")
-    return diff

@@ -183,8 +183,9 @@ class Lagrangian:
 
     @property
     def finished(self) -> bool:
-        """True once g has passed ``config.g_final`` (never when it is None)."""
-        return self.config.g_final is not None and self.g > self.config.g_final
+        """True once g exceeds ``config.stop_once_g_exceeds`` (never when it is None)."""
+        stop = self.config.stop_once_g_exceeds
+        return stop is not None and self.g > stop
 
     # ---- checkpointing --------------------------------------------------------------------------
 

@@ -74,6 +74,16 @@ def fraction_on_levels(model: nn.Module, tolerance: float = 0.01) -> float:
     return _weighted(layer_stats(model, tolerance), "on_levels", "fraction_on_levels")
 
 
+def report(model: nn.Module) -> dict[str, float]:
+    """The figures of a prepared model that every epoch's log row and ``cbp evaluate`` show.
+
+    A new metric added here reaches both. ValueError for a model with no quantized layer.
+    """
+    rows = layer_stats(model)
+    return {"cfs": _weighted(rows, "cfs", "cfs"),
+            "on_levels": _weighted(rows, "on_levels", "fraction_on_levels")}
+
+
 @dataclass(frozen=True)
 class Agreement:
     """How alike two networks' outputs are over the same inputs (see :func:`agreement`)."""

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .checkpoint import FORMAT_V1, CheckpointError, WriteError, atomic_write
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
-from .models import rebuild_model
+from .models import model_options, rebuild_model
 from .run_state import load_run_checkpoint
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
@@ -111,12 +111,14 @@ class Position:
     loss_sum: torch.Tensor | None = None
 
 
-def describe(mode: str, model_name: str, dataset: str, num_classes: int, in_channels: int,
-             input_size: list[int], constraint: str | None = None,
+def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_classes: int,
+             in_channels: int, input_size: list[int], constraint: str | None = None,
              config: CBPConfig | None = None) -> dict:
-    """A run's identity (``meta``): enough to check a resume and to rebuild its model."""
+    """A run's identity (``meta``): enough to check a resume and to rebuild its model
+    (``model_options``: what :func:`cbp.models.rebuild_model` needs besides the weights)."""
     meta = {"mode": mode, "dataset": dataset, "num_classes": num_classes,
-            "in_channels": in_channels, "input_size": input_size, "model": model_name}
+            "in_channels": in_channels, "input_size": input_size, "model": model_name,
+            "model_options": model_options(model)}
     if config is not None:
         meta.update(constraint=constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),

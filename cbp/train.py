@@ -367,7 +367,7 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         if run.scheduler is not None:
             run.scheduler.step()
         if quantized_layers(run.model):
-            row.update(cfs=metrics.cfs(run.model), on_levels=metrics.fraction_on_levels(run.model))
+            row.update(metrics.report(run.model))
         distributed.broadcast_buffers(run.model)  # all evaluate rank 0's BatchNorm statistics
         if distributed.debug_enabled():
             distributed.check_in_sync(run.model, run.optimizer, run.lagrangian, ctx.device)

@@ -62,7 +62,7 @@ def test_post_training_rounding_forward_is_the_converted_network():
 
 def test_schedule_reaches_g_final_and_drops_lr_at_g_20():
     epochs, drop = compare.schedule(compare.FULL)
-    # g = 1..10 (9 updates), 20 (10th: lr drop), ..., 100 (18th), 200 (19th) > g_final
+    # g = 1..10 (9 updates), 20 (10th: lr drop), ..., 100 (18th), 200 (19th) > stop_once_g_exceeds
     assert (epochs, drop) == (19 * compare.FULL.p_max, 10 * compare.FULL.p_max)
 
 
@@ -80,9 +80,29 @@ def test_quick_comparison_produces_every_row_in_range(tmp_path):
         if r["method"] in ("ste", "no_window", "cbp", "brevitas"):
             assert r["epochs"] == epochs and r["sec_per_epoch"] > 0
     cbp_runs = [r for r in results if r["method"] == "cbp"]
-    assert len(cbp_runs) == 2 and all(r["g"] > size.g_final for r in cbp_runs)
+    assert len(cbp_runs) == 2 and all(r["g"] > size.stop_once_g_exceeds for r in cbp_runs)
     assert all(math.isinf(r["g"]) for r in results if r["method"] == "no_window")
     text = compare.table(results, size, ["binary"])
     for method in expected:
         assert compare.LABELS[method] in text
     assert "CBP − STE-only" in text and "±" in text
+
+
+def test_table_rows_and_verdicts_by_hand():
+    """The numbers the README's comparison rests on: mean ± sample std over seeds, and a
+    difference called real only beyond the two spreads added."""
+    def row(method, top1, **extra):
+        return {"method": method, "levels": "binary", "top1": top1, "top5": 99.0, "cfs": 1e-3,
+                "on_levels": 0.5, "sec_per_epoch": 2.0, **extra}
+    results = [row("fp", 92.0), row("fp", 92.0),
+               row("cbp", 90.0), row("cbp", 91.0),              # 90.50 ± 0.71
+               row("ste", 88.5), row("ste", 89.5),              # 89.00 ± 0.71: 1.50 > 1.41
+               row("no_window", 90.0), row("no_window", 90.4)]  # 90.20 ± 0.28: 0.30 < 0.99
+    text = compare.table(results, compare.QUICK, ["binary"])
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    assert lines[compare.LABELS["cbp"]].startswith(
+        f"| {compare.LABELS['cbp']} | 90.50 ± 0.71 | 99.00 ± 0.00 | 1.00e-03 ± 0.00e+00 |")
+    assert lines[compare.LABELS["fp"]].startswith(f"| {compare.LABELS['fp']} | 92.00 ± 0.00 |")
+    assert f"| {compare.LABELS['rounding']} | not run |" in text
+    assert ("top-1 differences: CBP − STE-only: +1.50 (real); CBP − no-window: +0.30 (within "
+            "spread); FP − STE-only: +3.00 (real)") in text

@@ -58,7 +58,7 @@ def pretrained():
 def quantize_with_cbp(pretrained, levels, use_constraint=True):
     model, x, y, _ = pretrained
     config = cbp.CBPConfig(levels=levels, use_constraint=use_constraint, multiplier_lr=2e-3,
-                           p_max=2, g_final=100, lr_drop_at_g=20)
+                           p_max=2, stop_once_g_exceeds=100, lr_drop_at_g=20)
     model = cbp.prepare(_copy(model), config)
     optimizer = torch.optim.SGD(cbp.param_groups(model, 0.0), lr=0.05, momentum=0.9)
     lagrangian = cbp.Lagrangian(model, config, optimizer)

@@ -126,14 +126,14 @@ def test_export_refuses_to_replace_a_checkpoint_or_a_users_file(reference_run, t
 # ---- 3: values that would silently break training ------------------------------------------------
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--grad-clip", "-1"], "--grad-clip must be a number > 0"),
+    (["--grad-clip", "-1"], "--grad-clip-value must be a number > 0"),
     (["--weight-clamp", "-1"], "--weight-clamp must be a number > 0"),
     (["--lr-drop-factor", "-0.1"], "--lr-drop-factor must be a number > 0 and <= 1"),
     (["--lr-drop-factor", "nan"], "--lr-drop-factor must be"),
     (["--multiplier-lr", "nan"], "--multiplier-lr must be a finite number >= 0"),
     (["--p-max", "0"], "--p-max must be an integer >= 1"),
     (["--g-init", "nan"], "--g-init must be"),
-    (["--g-final", "0.5"], "--g-final must be a number >= 1"),
+    (["--g-final", "0.5"], "--stop-once-g-exceeds must be a number >= 1"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--lr", "-0.1"], "--lr must be"),
     (["--momentum", "1.5"], "--momentum must be a number >= 0 and < 1"),
@@ -155,7 +155,7 @@ def test_pretrain_checks_its_numbers_too(tiny_fashion, tmp_path, capsys):
 @pytest.mark.parametrize("field, value", [
     ("grad_clip_value", -1.0), ("weight_clamp", -1.0), ("lr_drop_factor", math.nan),
     ("lr_drop_factor", 0.0), ("multiplier_lr", math.inf), ("p_max", 2.5), ("g_init", 0.5),
-    ("g_final", math.nan), ("lr_drop_at_g", -1.0),
+    ("stop_once_g_exceeds", math.nan), ("lr_drop_at_g", -1.0),
     ("g_increments", ((10, 1), (100, 10))), ("g_increments", ((10, -1), (math.inf, 100))),
 ])
 def test_cbpconfig_refuses_bad_values_naming_the_field(field, value):
@@ -164,7 +164,7 @@ def test_cbpconfig_refuses_bad_values_naming_the_field(field, value):
 
 
 def test_cbpconfig_accepts_infinity_where_it_means_never():
-    config = cbp.CBPConfig(g_init=math.inf, g_final=None, lr_drop_at_g=math.inf,
+    config = cbp.CBPConfig(g_init=math.inf, stop_once_g_exceeds=None, lr_drop_at_g=math.inf,
                            grad_clip_value=math.inf, weight_clamp=None)
     assert config.g_init == math.inf
 

@@ -1,0 +1,406 @@
+"""The command line's options and config files: one set of names and defaults.
+
+The CBP flags of ``cbp quantize`` are made from ``dataclasses.fields(CBPConfig)``: a field
+``multiplier_lr`` is the flag ``--multiplier-lr``, with the field's default and its documentation
+as help, so a new field is a new flag. A TOML config (a file, or the name of a packaged one such
+as ``demo`` or ``paper/resnet50-binary``) sets the defaults of the same parser - its keys are the
+flags' names (``multiplier_lr`` or ``multiplier-lr``) - and flags on the command line win.
+:func:`load_config` gives a library user what the CLI would run with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, fields
+from importlib import resources
+
+from .config import CBPConfig, SettingError
+from .data import DATASET_NAMES
+from .levels import LEVEL_SETS
+from .models import MODEL_NAMES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONSTRAINTS = (*LEVEL_SETS, "custom")
+TABLES = ("pretrain", "quantize")   # the commands a config file configures
+
+
+# ---- value types ---------------------------------------------------------------------------------
+
+def _optional_float(text: str) -> float | None:
+    """A float, or None for "none"/"off" (switches a reference extra off); "inf" is infinity."""
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (sizes and counts; 0 or less is a mistake)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return integer
+
+
+def _increments(text: str) -> tuple[tuple[float, float], ...]:
+    """``10:1,100:10,inf:100`` as ``((10, 1), (100, 10), (inf, 100))``."""
+    try:
+        pairs = tuple(tuple(float(x) for x in pair.split(":")) for pair in text.split(","))
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected BOUND:INCREMENT,..., e.g. 10:1,100:10,inf:100; "
+                                         f"got {text!r}")
+    return pairs
+
+
+# A CBPConfig field's annotation -> how its flag reads a value.
+_KINDS = {
+    "bool": {"action": argparse.BooleanOptionalAction},
+    "bool | None": {"action": argparse.BooleanOptionalAction},
+    "int": {"type": int},
+    "float": {"type": float},
+    "float | None": {"type": _optional_float},
+    "str": {},
+    "Sequence[str]": {"nargs": "*"},
+    "Sequence[tuple[float, float]]": {"type": _increments},
+}
+
+
+def cbp_fields() -> list:
+    """The CBPConfig fields that are flags (``levels`` is spelt ``--constraint`` / ``--levels``)."""
+    return [f for f in fields(CBPConfig) if f.init and f.metadata.get("flag", True)]
+
+
+# ---- the parser ----------------------------------------------------------------------------------
+
+class Flags:
+    """The flags of one command, by every name a config file may give them (dest or option)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.by_key: dict[str, tuple[argparse.Action, bool]] = {}  # key -> (action, negated)
+
+    def add(self, group, *flags: str, **kwargs) -> argparse.Action:
+        action = group.add_argument(*flags, **kwargs)
+        for option in action.option_strings:
+            key = option.lstrip("-").replace("-", "_")
+            negated = isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-")
+            self.by_key[key] = (action, negated)
+        self.by_key.setdefault(action.dest, (action, False))
+        return action
+
+    def set_from_config(self, values: dict, name: str) -> None:
+        """Make a config's values the defaults, each checked as the flag's value would be."""
+        keys = {key: self.by_key.get(key.replace("-", "_")) for key in values}
+        unknown = [key for key, entry in keys.items() if entry is None or entry[0].dest == "config"]
+        if unknown:
+            raise ValueError(f"config {name}: unknown key(s) {', '.join(unknown)} for "
+                             f"`cbp {self.parser.prog.split()[-1]}`")
+        defaults = {}
+        for key, (action, negated) in keys.items():
+            try:
+                defaults[action.dest] = _config_value(action, negated, values[key])
+            except argparse.ArgumentTypeError as err:   # a value the flag would refuse: as argparse
+                self.parser.error(f"config {name}: argument {action.option_strings[0]}: {err}")
+            except ValueError as err:
+                raise ValueError(f"config {name}: {key} {err}") from None
+        self.parser.set_defaults(**defaults)
+
+
+def _config_value(action: argparse.Action, negated: bool, value):
+    """A TOML value as the flag's action would store it."""
+    if action.nargs == 0:   # a switch
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return value != negated
+        return action.const if value else not action.const
+    if isinstance(value, list):
+        if action.nargs not in ("*", "+"):
+            raise ValueError("takes one value, not a list")
+        return [_convert(action, v) for v in value]
+    converted = _convert(action, value)
+    return [converted] if action.nargs in ("*", "+") else converted
+
+
+def _convert(action: argparse.Action, value):
+    """One value through the flag's type and choices; ``ArgumentTypeError`` in argparse's words."""
+    if isinstance(value, dict):
+        raise ValueError("is a table, not a value")
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        result = action.type(text) if action.type is not None else text
+    except argparse.ArgumentTypeError:
+        raise
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"invalid {action.type.__name__} value: {text!r}") from None
+    if action.choices is not None and result not in action.choices:
+        raise argparse.ArgumentTypeError(f"invalid choice: {result!r} (choose from "
+                                         f"{', '.join(map(repr, action.choices))})")
+    return result
+
+
+def _add_cbp_flags(flags: Flags, group) -> None:
+    """``--constraint`` / ``--levels``, then one flag per CBPConfig field."""
+    flags.add(group, "--constraint", choices=CONSTRAINTS, default="binary")
+    flags.add(group, "--levels",
+              help="custom level factors, comma separated, e.g. -1,-0.5,0,0.5,1")
+    for f in cbp_fields():
+        if f.type not in _KINDS:
+            raise TypeError(f"CBPConfig.{f.name}: no command-line form for {f.type!r}; add one to "
+                            "cbp.options._KINDS or give the field flag=False")
+        kind = dict(_KINDS[f.type])
+        flag = "--" + f.name.replace("_", "-")
+        aliases = f.metadata.get("aliases", ())
+        doc = f.metadata["help"]
+        if kind.get("action") is argparse.BooleanOptionalAction:
+            flags.add(group, flag, default=f.default, **kind,
+                      help=doc + (f" ({', '.join(aliases)} is --no-{flag[2:]})" if aliases else ""))
+            for alias in aliases:   # an old switch meaning the opposite of the default
+                flags.add(group, alias, dest=f.name, action="store_const", const=not f.default,
+                          default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
+        if kind.get("nargs"):
+            default, shown = list(f.default), ""
+        elif f.name == "g_increments":
+            default, shown = f.default, ",".join(f"{b:g}:{i:g}" for b, i in f.default)
+        else:
+            default, shown = f.default, "none" if f.default is None else str(f.default)
+        flags.add(group, flag, *aliases, dest=f.name, default=default,
+                  choices=f.metadata.get("choices"), **kind,
+                  help=f"{doc} (default: {shown})" if shown else doc)
+
+
+def _common(flags: Flags, *, lr: float, weight_decay: float, batch_size: int, epochs: int) -> None:
+    p = flags.parser
+    g = p.add_argument_group("data")
+    flags.add(g, "--data", choices=DATASET_NAMES, default="fashion-mnist")
+    flags.add(g, "--data-dir", help="dataset folder (Fashion-MNIST IDX files, or train/ and val/)")
+    flags.add(g, "--download", action="store_true", help="fetch Fashion-MNIST if it is missing")
+    flags.add(g, "--limit", type=_at_least(1), help="use only this many training images")
+    flags.add(g, "--val-limit", type=_at_least(1), help="use only this many validation images")
+    flags.add(g, "--image-size", type=_at_least(1), default=224,
+              help="crop size for image folders")
+    flags.add(g, "--workers", type=_at_least(0), default=0, help="data-loading processes")
+    g = p.add_argument_group("training")
+    flags.add(g, "--epochs", type=_at_least(1), default=epochs)
+    flags.add(g, "--epoch-iters", type=_at_least(1),
+              help="steps per epoch (default: a full pass); CBP's end-of-epoch rule runs after each")
+    flags.add(g, "--batch-size", type=_at_least(1), default=batch_size, help="global batch size")
+    flags.add(g, "--lr", type=float, default=lr, help="weight learning rate")
+    flags.add(g, "--momentum", type=float, default=0.9)
+    flags.add(g, "--weight-decay", type=float, default=weight_decay,
+              help="on Conv/Linear weights only")
+    flags.add(g, "--seed", type=int, default=0)
+    flags.add(g, "--device", help="cpu or cuda (default: cuda when available)")
+    flags.add(g, "--sync-bn", action="store_true",
+              help="BatchNorm statistics over all processes (GPU only; default: per process)")
+    flags.add(g, "--channels-last", action=argparse.BooleanOptionalAction, default=True,
+              help="channels-last memory format (faster convolutions on CPU)")
+    flags.add(g, "--out", required=True, help="run directory: log, checkpoint, plots")
+    flags.add(g, "--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    flags.add(g, "--overwrite", action="store_true",
+              help="start afresh even if OUT holds a run (its files are replaced)")
+    flags.add(g, "--on-nan", choices=("stop", "lower-lr"), default="stop",
+              help="when the loss becomes NaN/inf: stop, or go back to the last checkpoint "
+                   "with the learning rate times 0.1 (at most 3 times)")
+    flags.add(g, "--quiet", action="store_true", help="no progress bars")
+    flags.add(g, "--config", help="TOML file (or packaged config name) with the same keys")
+
+
+def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[str, Flags]]:
+    """The ``cbp`` parser, and the flags of the commands a config file may configure."""
+    parser = argparse.ArgumentParser(prog="cbp", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    pretrain = Flags(sub.add_parser("pretrain", help="plain full-precision training; saves a checkpoint"))
+    pretrain.add(pretrain.parser, "--model", choices=MODEL_NAMES, default="resnet20")
+    pretrain.add(pretrain.parser, "--weights", help="start from 'torchvision' weights (the paper's), "
+                 "'torchvision:MEMBER' (e.g. torchvision:IMAGENET1K_V2) or a local file")
+    _common(pretrain, lr=0.1, weight_decay=5e-4, batch_size=128, epochs=10)
+
+    quantize = Flags(sub.add_parser("quantize", help="CBP from a pretrained checkpoint"))
+    src = quantize.parser.add_argument_group("pretrained model (one of)")
+    quantize.add(src, "--from", dest="from_checkpoint", help="checkpoint of `cbp pretrain`")
+    quantize.add(src, "--model", choices=MODEL_NAMES, help="model name, with --weights")
+    quantize.add(src, "--weights", help="'torchvision' (the paper's published weights), "
+                 "'torchvision:MEMBER' or a local weights file")
+    _add_cbp_flags(quantize, quantize.parser.add_argument_group("CBP (defaults: the paper's)"))
+    _common(quantize, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 and CFS of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data-dir")
+    p.add_argument("--val-limit", type=_at_least(1))
+    p.add_argument("--image-size", type=_at_least(1), default=224)
+    p.add_argument("--device")
+
+    p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--onnx", help="also write an ONNX file here, checked against PyTorch")
+
+    p = sub.add_parser("summary", help="per-layer bits, bytes and compression of a checkpoint")
+    p.add_argument("checkpoint")
+
+    p = sub.add_parser("plot", help="write curves.png and histograms.png of a run directory")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("demo", help="Fashion-MNIST: pretrain ResNet-20, CBP binary, table, plots")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--config", default="demo")
+    p.add_argument("--quiet", action="store_true")
+    return parser, {"pretrain": pretrain, "quantize": quantize}
+
+
+# ---- config files --------------------------------------------------------------------------------
+
+def read_config(name: str, command: str) -> dict:
+    """The keys a TOML config gives ``command``: its ``[command]`` table, or its flat keys.
+
+    A file holds either flat keys (for any command) or ``[pretrain]`` / ``[quantize]`` tables;
+    anything else - another table, a flat key beside tables, no table for this command - is an
+    error, not a silently ignored setting.
+    """
+    if os.path.exists(name):
+        with open(name, "rb") as f:
+            text = f.read()
+    else:
+        packaged = resources.files("cbp") / "configs" / f"{name}.toml"
+        if not packaged.is_file():
+            raise ValueError(f"config {name!r} is neither a file nor a packaged config")
+        text = packaged.read_bytes()
+    try:
+        data = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config {name} is not valid TOML: {err}") from err
+    tables = [key for key, value in data.items() if isinstance(value, dict)]
+    flat = [key for key, value in data.items() if not isinstance(value, dict)]
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        raise ValueError(f"config {name}: unknown table [{unknown[0]}]; a config has [pretrain] "
+                         "and/or [quantize] tables, or flat keys only")
+    if not tables:
+        return data
+    if flat:
+        raise ValueError(f"config {name}: key(s) {', '.join(flat)} outside the "
+                         f"[{'] / ['.join(tables)}] table(s); move them into one")
+    if command not in tables:
+        raise ValueError(f"config {name} has no [{command}] table (it has "
+                         f"[{'] / ['.join(tables)}])")
+    return data[command]
+
+
+_NUMBER_LIST = re.compile(r"^-[^-].*,")  # "-1,0,1", "-inf,1": no option holds a comma
+
+
+def _negative_value(token: str) -> bool:
+    """A negative number or a list starting with one: "-1,0,1", "-1e-4", "-inf"."""
+    try:
+        float(token)
+    except ValueError:
+        return bool(_NUMBER_LIST.match(token))
+    return token.startswith("-")
+
+
+def _glue_number_lists(argv: list[str]) -> list[str]:
+    """``--levels -1,0,1`` as ``--levels=-1,0,1``: argparse takes "-1,0,1" for an option."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _negative_value(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namespace:
+    """Parse the command line; with ``--config``, the config's values become the defaults."""
+    argv = _glue_number_lists(list(sys.argv[1:] if argv is None else argv))
+    parser, commands = build_parsers(description)
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) and args.command in commands:
+        commands[args.command].set_from_config(read_config(args.config, args.command), args.config)
+        args = parser.parse_args(argv)
+    if args.command in ("pretrain", "quantize"):
+        args._given = _given_settings(argv)
+    return args
+
+
+def _given_settings(argv: list[str]) -> set[str]:
+    """The settings ``argv`` sets, as opposed to defaults (``--config``'s values are defaults)."""
+    parser, _ = build_parsers()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def cbp_config(args: argparse.Namespace) -> CBPConfig:
+    """The CBPConfig of parsed ``quantize`` arguments."""
+    if args.constraint == "custom":
+        if not args.levels:
+            raise ValueError("--constraint custom needs --levels, e.g. --levels -1,0,1")
+        try:
+            levels = [float(x) for x in args.levels.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--levels must be comma-separated numbers, got {args.levels!r}") from err
+    elif args.levels:
+        raise ValueError(f"--levels needs --constraint custom (the constraint is {args.constraint})")
+    else:
+        levels = args.constraint
+    for pattern in (*args.include, *args.exclude):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"--include/--exclude: {pattern!r} is not a regular expression: "
+                             f"{err}") from err
+    try:
+        return CBPConfig(levels=levels, **{f.name: getattr(args, f.name) for f in cbp_fields()})
+    except SettingError as err:   # CBPConfig's check, in the words of the command line
+        raise ValueError(f"--{err.name.replace('_', '-')} {err.requirement}") from None
+
+
+# ---- for the library -----------------------------------------------------------------------------
+
+_RUN_ONLY = ("command", "config", "out", "resume", "overwrite", "quiet")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What ``cbp COMMAND --config NAME`` runs with: the CBP settings and the training settings.
+
+    ``training`` holds every other setting of the command by its flag's name: ``lr``,
+    ``momentum``, ``weight_decay``, ``batch_size``, ``epochs``, ``epoch_iters`` (steps per epoch;
+    None: a full pass over the training set), ``seed``, the data and the model.
+    """
+
+    cbp: CBPConfig | None     # None for pretraining
+    training: dict
+
+
+def load_config(name: str, command: str = "quantize") -> Recipe:
+    """The settings of a config file or packaged config, read exactly as the CLI reads them.
+
+    ``cbp.load_config("demo")`` is what ``cbp quantize --config demo`` (the demo's CBP run) uses,
+    ``cbp.load_config("demo", "pretrain")`` its pretraining, ``"paper/resnet50-binary"`` a paper
+    cell; the CLI's defaults fill in what the file does not set.
+    """
+    if command not in TABLES:
+        raise ValueError(f"command must be one of {', '.join(TABLES)}, got {command!r}")
+    args = parse_args([command, "--config", name, "--out", os.devnull])
+    cbp_keys = {"constraint", "levels", *(f.name for f in cbp_fields())}
+    training = {k: v for k, v in vars(args).items()
+                if k not in _RUN_ONLY and (command == "pretrain" or k not in cbp_keys)}
+    return Recipe(cbp_config(args) if command == "quantize" else None, training)
