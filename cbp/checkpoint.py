@@ -92,11 +92,12 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
         os.close(dir_fd)
 
 
-def remove_stale_temporaries(directory: str, targets: tuple[str, ...]) -> None:
-    """Delete the temporaries that writes of ``targets`` killed half-way left (SIGKILL, power
-    loss); other files, whatever their names, are not ours to delete."""
+def remove_stale_temporaries(directory: str, targets: tuple[str, ...] | None = None) -> None:
+    """Delete the temporaries that writes of ``targets`` (None: of any file) killed half-way left
+    (SIGKILL, power loss); other files, whatever their names, are not ours to delete."""
     for name in os.listdir(directory):
-        if name.endswith(TMP_SUFFIX) and any(name.startswith(f".{t}.") for t in targets):
+        if name.endswith(TMP_SUFFIX) and (targets is None
+                                          or any(name.startswith(f".{t}.") for t in targets)):
             os.unlink(os.path.join(directory, name))
 
 
