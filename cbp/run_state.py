@@ -54,8 +54,8 @@ def _meta_checks(meta: dict) -> list[tuple[str, bool, str]]:
          f"a list of 1 to 4 positive integers with a product of at most {MAX_INPUT_ELEMENTS:,}"),
         ("meta.settings", isinstance(meta.get("settings", {}), dict), "a table of settings"),
         ("meta.model_options", isinstance(meta.get("model_options", {}), dict) and all(
-            isinstance(k, str) and isinstance(v, bool)
-            for k, v in meta.get("model_options", {}).items()), "a table of true/false options"),
+            isinstance(k, str) and isinstance(v, (bool, int, float, str))
+            for k, v in meta.get("model_options", {}).items()), "a table of plain options"),
         ("meta.classes", meta.get("classes") is None or (isinstance(meta["classes"], list) and all(
             isinstance(c, str) for c in meta["classes"])), "a list of class names"),
     ]

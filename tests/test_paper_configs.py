@@ -128,7 +128,7 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
     assert config.factors == FACTORS[want["constraint"]]
     assert (config.p_max, config.lr_drop_at_g, config.multiplier_lr) == (
         want["p_max"], want["lr_drop_at_g"], want["multiplier_lr"])
-    assert (config.multiplier_rule, config.g_init, config.g_final, config.lr_drop_factor) == (
+    assert (config.multiplier_rule, config.g_init, config.stop_once_g_exceeds, config.lr_drop_factor) == (
         "adam", 1.0, None, 0.1)
     assert (config.use_constraint, config.initial_multiplier_update) == (True, True)
     assert decay_group["momentum"] == 0.9

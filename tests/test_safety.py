@@ -290,7 +290,7 @@ def bad_copy(reference_run, folder, field: str, value) -> str:
     ("meta.input_size", [1, 100_000, 100_000], "meta.input_size must be"),
     ("meta.in_channels", "1", "meta.in_channels must be"),
     ("meta.model", "vgg", "meta.model must be one of"),
-    ("meta.model_options", {"transform_input": "yes"}, "meta.model_options must be a table of"),
+    ("meta.model_options", {"transform_input": [1]}, "meta.model_options must be a table of"),
     ("meta.factors", [1.0, -1.0], "meta.factors: level factors must be strictly increasing"),
     ("epoch", "1", "epoch must be an integer >= 0"),
     ("model", [1, 2], "model must be a table of tensors"),

@@ -16,6 +16,7 @@ import torch
 import cbp
 import cbp.train
 from cbp import cli
+from cbp.options import build_parsers
 
 
 @pytest.fixture
@@ -44,22 +45,26 @@ def run_of(runs: list, argv: list[str]):
 # go (checked by the end-to-end tests) are listed apart.
 QUANTIZE_FLAGS = {
     "--constraint": ["custom"], "--levels": ["-1,-0.25,0,2"], "--multiplier-lr": ["0.03"],
-    "--multiplier-rule": ["plain"], "--p-max": ["7"], "--g-init": ["2.5"], "--g-final": ["300"],
+    "--multiplier-rule": ["plain"], "--p-max": ["7"], "--g-init": ["2.5"], "--stop-once-g-exceeds": ["300"],
     "--lr-drop-at-g": ["40"], "--lr-drop-factor": ["0.3"], "--grad-clip": ["0.5"],
     "--weight-clamp": ["2"], "--no-initial-update": [], "--include": ["layer2", "layer3"],
     "--exclude": ["downsample"], "--quantize-first-last": [],
     "--epochs": ["3"], "--epoch-iters": ["2"], "--batch-size": ["16"], "--lr": ["0.02"],
     "--momentum": ["0.8"], "--weight-decay": ["3e-4"], "--seed": ["5"], "--workers": ["1"],
     "--no-channels-last": [], "--on-nan": ["lower-lr"], "--quiet": [], "--limit": ["40"],
-    "--val-limit": ["24"], "--device": ["cpu"],
+    "--val-limit": ["24"], "--device": ["cpu"], "--g-increments": ["5:2,inf:7"],
+    "--compile-penalty": [],
 }
 ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--download",
              "--image-size", "--out", "--resume", "--overwrite", "--config", "--sync-bn",
-             "--no-constraint", "-h"}
+             "--optimizer", "-h",
+             # the older spellings of CBPConfig's flags (tests/test_options.py)
+             "--no-constraint", "--g-final", "--grad-clip-value", "--use-constraint",
+             "--skip-first-last", "--initial-multiplier-update"}
 
 
 def options(command: str) -> set[str]:
-    parser = cli.build_parser()
+    parser = build_parsers()[0]
     sub = parser._subparsers._group_actions[0].choices[command]
     return {opt for action in sub._actions for opt in action.option_strings
             if not (opt.startswith("--no-") and f"--{opt[5:]}" in action.option_strings)}
@@ -77,7 +82,8 @@ def test_every_quantize_flag_reaches_the_run(runs, pretrained, tiny_fashion, tmp
     config = run.lagrangian.config
     assert config.factors == (-1.0, -0.25, 0.0, 2.0)
     assert (config.multiplier_lr, config.multiplier_rule, config.p_max) == (0.03, "plain", 7)
-    assert (config.g_init, config.g_final, config.lr_drop_at_g) == (2.5, 300, 40)
+    assert (config.g_init, config.stop_once_g_exceeds, config.lr_drop_at_g) == (2.5, 300, 40)
+    assert tuple(config.g_increments) == ((5, 2), (float("inf"), 7)) and config.compile_penalty
     assert (config.lr_drop_factor, config.grad_clip_value, config.weight_clamp) == (0.3, 0.5, 2)
     assert (config.initial_multiplier_update, config.use_constraint) == (False, True)
     assert (list(config.include), list(config.exclude)) == (["layer2", "layer3"], ["downsample"])
@@ -104,10 +110,10 @@ def test_switching_reference_extras_off(runs, pretrained, tiny_fashion, tmp_path
                                         expected):
     run = run_of(runs, ["quantize", "--from", pretrained, "--data-dir", tiny_fashion, "--out",
                         str(tmp_path), "--grad-clip", value, "--weight-clamp", value,
-                        "--lr-drop-at-g", value, "--g-final", value, "--no-constraint"])
+                        "--lr-drop-at-g", value, "--stop-once-g-exceeds", value, "--no-constraint"])
     config = run.lagrangian.config
     assert (config.grad_clip_value, config.weight_clamp) == (expected, expected)
-    assert (config.lr_drop_at_g, config.g_final) == (expected, expected)
+    assert (config.lr_drop_at_g, config.stop_once_g_exceeds) == (expected, expected)
     assert config.use_constraint is False and run.lagrangian.multipliers == {}
 
 
@@ -117,7 +123,7 @@ def test_quantize_defaults_are_the_papers(runs, pretrained, tiny_fashion, tmp_pa
     config = run.lagrangian.config
     assert config.factors == (-1.0, 1.0) and config.skip_first_last
     assert (config.multiplier_lr, config.multiplier_rule, config.p_max) == (1e-4, "adam", 20)
-    assert (config.g_init, config.g_final, config.lr_drop_at_g, config.lr_drop_factor) == (
+    assert (config.g_init, config.stop_once_g_exceeds, config.lr_drop_at_g, config.lr_drop_factor) == (
         1.0, None, 20, 0.1)
     assert (config.grad_clip_value, config.weight_clamp) == (1.0, 1.0)
     assert config.use_constraint and config.initial_multiplier_update
@@ -147,7 +153,7 @@ def test_the_demo_config_reaches_the_runs(runs, pretrained, tiny_fashion, tmp_pa
                         tiny_fashion, "--out", str(tmp_path / "q")])
     config = run.lagrangian.config
     assert config.factors == (-1.0, 1.0)
-    assert (config.multiplier_lr, config.p_max, config.g_final, config.lr_drop_at_g) == (
+    assert (config.multiplier_lr, config.p_max, config.stop_once_g_exceeds, config.lr_drop_at_g) == (
         2e-2, 2, 200, 100)
     decay, _ = run.optimizer.param_groups
     assert (decay["lr"], decay["weight_decay"]) == (1e-3, 1e-4)
