@@ -1,32 +1,47 @@
-"""Low-bit methods side by side: the paper's ablation, two baselines and Brevitas, one harness.
+"""When is CBP worth it? Low-bit methods side by side, paired, before and after BN re-estimation.
 
-    .venv/bin/python benchmarks/compare.py                 # full size, see benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/compare.py --quick         # CI size, under a minute
+    .venv/bin/python benchmarks/compare.py            # the headline cells, <= 20 min on 2 cores
+    .venv/bin/python benchmarks/compare.py --full     # the whole grid
+    .venv/bin/python benchmarks/compare.py --quick    # CI size, < 3 min
 
-One full-precision ResNet-20 is pretrained on Fashion-MNIST (cached under ``--cache``) and every
-method starts from it, per level set and seed:
+Two networks, each pretrained once on Fashion-MNIST (cached under ``--cache``): a tiny
+MobileNetV2 (``cbp.models.mobilenetv2_tiny``, depthwise convs, the primary model) and ResNet-20
+width 8 (the control). Every method starts from that checkpoint, per level set and seed:
 
-  fp          the checkpoint itself (reference; one checkpoint, so no spread)
-  rounding    nearest level with a = mean|W|, BatchNorm statistics re-estimated (no training)
-  ste         STE-only fine-tuning: ``CBPConfig(use_constraint=False)``
-  no_window   CBP with g = inf from the start (paper Table 2 ablation)
-  cbp         CBP as published: window schedule g = 1, 2, ..., 10, 20, ..., 100, 200
-  brevitas    Brevitas QAT, its binary / ternary per-tensor weight quantizers (optional extra)
+  fp          the checkpoint itself (reference)
+  rounding    post-training rounding, a = mean|W| (``cbp.post_training_rounding``)
+  ste         STE-only fine-tuning: ``CBPConfig(use_constraint=False)`` on CBP's g / p clock
+  dampen      STE + oscillation dampening, Nagel et al. ICML 2022 (``cbp.OscillationDampening``)
+  freeze      STE + iterative weight freezing, Nagel et al. (``cbp.IterativeFreezing``)
+  cbp_1e-4    CBP as published, eta_lambda 1e-4 (the paper's), window schedule g = 1, 2, ...
+  cbp_1e-3    the same with eta_lambda 1e-3
+  cbp_1e-2    the same with eta_lambda 1e-2
+  no_window   CBP with g = inf from the start (paper Table 2 ablation), eta_lambda 1e-2
+  no_window_1e-4  the same with the paper's eta_lambda 1e-4: a gentle pull on every weight that
+              grows through the run, like dampening (a second variant, added after the first
+              default run showed dampening ahead)
+  cbp_gated   CBP (eta_lambda 1e-2) whose pull acts only on weights seen oscillating
+              (``cbp.OscillationGatedCBP``, this project's variant)
+  brevitas    Brevitas QAT, its binary / ternary per-tensor weight quantizers (``bench`` extra)
 
-Equal budget: every trained method runs the same epochs of ``epoch_iters`` steps on the same data
-order (seed) with the same SGD, batch, lr and weight decay. The epoch count is what the CBP
-schedule needs for g to exceed ``stop_once_g_exceeds`` (so CBP ends with the weights on the
-levels), and every method's lr drops x0.1 at the epoch where CBP's does (g reaches 20): through
-``lr_drop_at_g`` for CBP and a ``MultiStepLR`` for the others. STE-only and no-window CBP get
-CBP's gradient clipping and weight clamping too (they run through the same ``Lagrangian.step``);
-Brevitas runs plain SGD steps.
-Each run goes through ``cbp.train.fit``; the end-of-epoch evaluation uses a small validation slice
-and the reported numbers come from one evaluation on the test set at the end.
+Equal budget, paired seeds: per seed every trained method runs the same steps on the same data
+order with the same SGD, batch, lr and weight decay, from the same checkpoint. The length is what
+the CBP schedule (p_max 1) needs to pass ``g_final``: 19 epochs of 50 steps; the lr drops x0.1
+where CBP's does (g reaches 20, after epoch 10): through the shared g / p clock for the methods
+built on ``cbp.Lagrangian`` (also STE-only, dampening and freezing, which take CBP's gradient
+clipping and weight clamping too), a ``MultiStepLR`` for no-window CBP (whose g is inf) and
+Brevitas (plain SGD steps). Every trained cell is evaluated on the 10,000 test images twice:
+with the BatchNorm statistics training left, and after re-estimating them on 50 training batches
+(``cbp.recalibrate_bn``, the same batches for every method of a seed). Differences to STE-only
+are per-seed pairs, mean ± standard error; "real" when |mean| > 2 SE and >= 80% of the pairs
+agree in sign.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import platform
@@ -44,75 +59,94 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import cbp
-from cbp.baselines import post_training_rounding
 from cbp.data import load_fashion_mnist, make_loader
 from cbp.distributed import setup
 from cbp.layers import select_layers
-from cbp.models import load_weights, resnet20
+from cbp.models import load_weights, mobilenetv2_tiny, resnet20
+from cbp.oscillation import OscillationTracker
 from cbp.train import Run, evaluate, fit
 
-METHODS = ("fp", "rounding", "ste", "no_window", "cbp", "brevitas")
-LABELS = {"fp": "full precision", "rounding": "post-training rounding + BN re-estimation",
-          "ste": "STE-only fine-tuning", "no_window": "CBP without window (g = inf)",
-          "cbp": "CBP as published (window schedule)", "brevitas": "Brevitas QAT"}
-LEVELS = ("binary", "ternary", "shift1", "shift2")
-BREVITAS_LEVELS = ("binary", "ternary")  # Brevitas has no {0, +-1, +-1/2(, +-1/4)} quantizer
+MODELS = {"mobilenet": "tiny MobileNetV2", "resnet": "ResNet-20 width 8"}
+LEVELS = ("binary", "ternary")
+TRAINED = ("ste", "dampen", "freeze", "cbp_1e-4", "cbp_1e-3", "cbp_1e-2", "no_window",
+           "no_window_1e-4", "cbp_gated", "brevitas")
+METHODS = ("fp", "rounding", *TRAINED)
+LABELS = {"fp": "full precision", "rounding": "post-training rounding",
+          "ste": "STE-only", "dampen": "STE + oscillation dampening (Nagel)",
+          "freeze": "STE + iterative freezing (Nagel)", "cbp_1e-4": "CBP, η_λ 1e-4 (paper)",
+          "cbp_1e-3": "CBP, η_λ 1e-3", "cbp_1e-2": "CBP, η_λ 1e-2",
+          "no_window": "CBP without window, η_λ 1e-2",
+          "no_window_1e-4": "CBP without window, η_λ 1e-4 (variant)",
+          "cbp_gated": "oscillation-gated CBP, η_λ 1e-2 (variant)",
+          "brevitas": "Brevitas QAT"}
+BASELINE = "ste"
 
 
 @dataclass(frozen=True)
 class Size:
-    """Everything that decides the numbers; the cached checkpoint is keyed by the pretraining part."""
+    """Everything that decides the numbers; the cached checkpoints are keyed by the pretraining part."""
 
-    width: int                 # ResNet-20 base width (16 is the demo's; 8 makes quantization cost;
-                               # 4 crashes oneDNN's channels-last conv backward in torch 2.14 on CPU)
     train_limit: int | None    # first N training images, for pretraining and fine-tuning
     val_limit: int             # test images evaluated after every epoch (monitoring only)
-    test_limit: int | None     # test images of the final evaluation (None: all 10,000)
+    test_limit: int | None     # test images of the two final evaluations (None: all 10,000)
     pretrain_epochs: int
     pretrain_batch: int
     batch: int
     epoch_iters: int
     lr: float
     weight_decay: float
-    multiplier_lr: float       # eta_lambda
     p_max: int
-    stop_once_g_exceeds: float
-    bn_batches: int            # batches for the BatchNorm re-estimation of post-training rounding
-    seeds: int
+    g_final: float
+    bn_batches: int            # batches of the BatchNorm re-estimation (training batch size)
+    seeds_primary: int         # seeds of the MobileNetV2 cells
+    seeds_control: int         # seeds of the ResNet-20 cells
 
 
-FULL = Size(width=8, train_limit=10000, val_limit=256, test_limit=None, pretrain_epochs=3,
-            pretrain_batch=128, batch=32, epoch_iters=12, lr=1e-3, weight_decay=1e-4,
-            multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=100, bn_batches=50, seeds=3)
-QUICK = Size(width=8, train_limit=1024, val_limit=64, test_limit=512, pretrain_epochs=1,
-             pretrain_batch=64, batch=16, epoch_iters=2, lr=1e-3, weight_decay=1e-4,
-             multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=10, bn_batches=4, seeds=2)
+FULL = Size(train_limit=10000, val_limit=256, test_limit=None, pretrain_epochs=3,
+            pretrain_batch=128, batch=32, epoch_iters=50, lr=1e-2, weight_decay=1e-4, p_max=1,
+            g_final=100, bn_batches=50, seeds_primary=5, seeds_control=3)
+QUICK = Size(train_limit=1024, val_limit=64, test_limit=512, pretrain_epochs=1,
+             pretrain_batch=64, batch=16, epoch_iters=2, lr=1e-2, weight_decay=1e-4, p_max=1,
+             g_final=10, bn_batches=4, seeds_primary=2, seeds_control=2)
+
+# (model, level set, methods): the default run is the headline - every method on the primary
+# cell - plus the cells that decide the reading: do what wins there (oscillation dampening) and
+# what CBP does hold for ternary? ~17 min on 2 cores. --full adds the rest of ternary and the
+# ResNet-20 control (~40 min).
+DECIDING = ("fp", "rounding", "ste", "dampen", "cbp_1e-2")
+DEFAULT_PLAN = (("mobilenet", "binary", METHODS), ("mobilenet", "ternary", DECIDING))
+FULL_PLAN = tuple((m, lv, METHODS) for m in MODELS for lv in LEVELS)
+
+
+def seeds(size: Size, model: str) -> int:
+    return size.seeds_primary if model == "mobilenet" else size.seeds_control
+
+
+def build(model: str) -> nn.Module:
+    return mobilenetv2_tiny() if model == "mobilenet" else resnet20(width=8)
 
 
 def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
-    """The library configuration of one trained method (Brevitas has none)."""
+    """The library configuration of a method built on ``cbp.Lagrangian``."""
     # compile_penalty off: compiling costs more than it saves on these short CPU runs
-    base = cbp.CBPConfig(levels=levels, multiplier_lr=size.multiplier_lr, p_max=size.p_max,
-                         stop_once_g_exceeds=size.stop_once_g_exceeds, compile_penalty=False)
-    if method == "cbp":
-        return base
-    # The others take the lr drop from a MultiStepLR at CBP's drop epoch, and never "finish".
-    base = replace(base, lr_drop_at_g=None, stop_once_g_exceeds=None)
-    if method == "ste":
+    base = cbp.CBPConfig(levels=levels, multiplier_lr=1e-2, p_max=size.p_max,
+                         stop_once_g_exceeds=size.g_final, compile_penalty=False)
+    if method in ("ste", "dampen", "freeze"):
         return replace(base, use_constraint=False)
-    if method == "no_window":
-        return replace(base, g_init=math.inf)
+    if method.startswith("cbp_1e-"):
+        return replace(base, multiplier_lr=float(method[4:]))
+    if method == "cbp_gated":
+        return base
+    if method.startswith("no_window"):  # g = inf: the clock would drop the lr and stop at once
+        eta = 1e-4 if method == "no_window_1e-4" else 1e-2
+        return replace(base, g_init=math.inf, lr_drop_at_g=None, stop_once_g_exceeds=None,
+                       multiplier_lr=eta)
     raise ValueError(f"no CBP configuration for method {method!r}")
 
 
-def schedule(size: Size) -> tuple[int, int]:
-    """``(epochs, lr_drop_epoch)`` of the CBP schedule of ``size``, see :func:`schedule_epochs`."""
-    return schedule_epochs(cbp_config(size, "binary", "cbp"))
-
-
-def schedule_epochs(config: cbp.CBPConfig) -> tuple[int, int]:
+def schedule_epochs(config: cbp.CBPConfig) -> tuple[int, int | None]:
     """``(epochs, lr_drop_epoch)`` of a CBP schedule that updates g once every ``p_max`` epochs
-    (``lr_drop_epoch`` None: g_final comes first).
+    (``lr_drop_epoch`` None: the stop comes first). Also used by ``compare_gpt.py``.
 
     With ``p_max <= 2`` that is exact: after an update ``L_sum_pre`` is reset to +inf, so the
     ``L_sum >= L_sum_pre`` test cannot fire before the ``p == p_max`` one.
@@ -126,6 +160,11 @@ def schedule_epochs(config: cbp.CBPConfig) -> tuple[int, int]:
     return updates * config.p_max, (drop * config.p_max if drop else None)
 
 
+def schedule(size: Size) -> tuple[int, int | None]:
+    """``(epochs, lr_drop_epoch)`` every trained cell of ``size`` runs: CBP's."""
+    return schedule_epochs(cbp_config(size, "binary", "cbp_1e-2"))
+
+
 @lru_cache(maxsize=2)
 def datasets(size: Size):
     train = load_fashion_mnist(train=True, limit=size.train_limit)
@@ -133,14 +172,14 @@ def datasets(size: Size):
     return train, Subset(test, range(size.val_limit)), test
 
 
-def checkpoint_path(size: Size, cache: str) -> str:
-    key = f"w{size.width}-n{size.train_limit}-e{size.pretrain_epochs}-b{size.pretrain_batch}"
-    return os.path.join(cache, f"fp-resnet20-{key}.safetensors")
+def checkpoint_path(size: Size, cache: str, model: str) -> str:
+    key = f"n{size.train_limit}-e{size.pretrain_epochs}-b{size.pretrain_batch}"
+    return os.path.join(cache, f"fp-{model}-{key}.safetensors")
 
 
-def pretrain(size: Size, cache: str) -> str:
-    """The shared full-precision checkpoint: trained once, then read from the cache."""
-    path = checkpoint_path(size, cache)
+def pretrain(size: Size, cache: str, model: str) -> str:
+    """The shared full-precision checkpoint of ``model``: trained once, then read from the cache."""
+    path = checkpoint_path(size, cache, model)
     if os.path.exists(path):
         return path
     from safetensors.torch import save_file
@@ -148,13 +187,13 @@ def pretrain(size: Size, cache: str) -> str:
     torch.set_num_threads(1)  # on a shared machine, one thread per process is much faster
     torch.manual_seed(0)
     train, val, _ = datasets(size)
-    model = resnet20(width=size.width).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(cbp.param_groups(model, 5e-4), lr=0.1, momentum=0.9)
-    fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
-            out_dir=os.path.join(cache, "pretrain"), epochs=size.pretrain_epochs,
+    net = build(model).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(cbp.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+    fit(Run(model=net, optimizer=optimizer, train_data=train, val_data=val,
+            out_dir=os.path.join(cache, f"pretrain-{model}"), epochs=size.pretrain_epochs,
             batch_size=size.pretrain_batch, ctx=setup("cpu"), channels_last=True, show_progress=False,
             scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, size.pretrain_epochs)))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path + ".tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
 
@@ -175,8 +214,9 @@ def brevitas_model(model: nn.Module, levels: str) -> nn.Module:
         conv = model.get_submodule(name)
         scale = float(conv.weight.detach().abs().mean())
         new = qnn.QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                              stride=conv.stride, padding=conv.padding, bias=conv.bias is not None,
-                              weight_quant=quant, weight_scaling_const=scale)
+                              stride=conv.stride, padding=conv.padding, groups=conv.groups,
+                              bias=conv.bias is not None, weight_quant=quant,
+                              weight_scaling_const=scale)
         new.weight = conv.weight
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -201,48 +241,96 @@ def brevitas_stats(model: nn.Module, levels: str, tolerance: float = 0.01) -> di
     return {"cfs": y_sum / n, "on_levels": on / n}
 
 
-def run_one(size: Size, checkpoint: str, cache: str, method: str, levels: str, seed: int) -> dict:
-    """One cell of one seed: train (or not) from the checkpoint, then evaluate on the test set."""
+class TimedTracker(OscillationTracker):
+    """The oscillation tracker, timing itself: what keeping it on costs."""
+
+    seconds = 0.0
+
+    def step(self) -> None:
+        tic = time.perf_counter()
+        super().step()
+        self.seconds += time.perf_counter() - tic
+
+
+def lagrangian_for(method: str, model: nn.Module, config: cbp.CBPConfig, optimizer,
+                   total_steps: int) -> cbp.Lagrangian:
+    if method == "dampen":
+        return cbp.OscillationDampening(model, config, optimizer, total_steps=total_steps)
+    if method == "freeze":
+        return cbp.IterativeFreezing(model, config, optimizer, total_steps=total_steps)
+    if method == "cbp_gated":
+        return cbp.OscillationGatedCBP(model, config, optimizer)
+    return cbp.Lagrangian(model, config, optimizer)
+
+
+def bn_loader(size: Size, train, seed: int):
+    """The re-estimation batches: the same for every method of a seed."""
+    loader = make_loader(train, size.batch, train=True, seed=10_000 + seed)
+    loader.sampler.set_epoch(0)
+    return loader
+
+
+def run_one(size: Size, checkpoint: str, cache: str, model_name: str, method: str, levels: str,
+            seed: int) -> dict:
+    """One cell: train (or not) from the checkpoint, evaluate, re-estimate BN, evaluate again."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    tic = time.perf_counter()
     train, val, test = datasets(size)
     ctx = setup("cpu")
-    model = load_weights(resnet20(width=size.width), checkpoint)
+    model = load_weights(build(model_name), checkpoint)
     model.to(memory_format=torch.channels_last)  # ~1.4x faster convolutions on CPU
-    result = {"method": method, "levels": levels, "seed": seed, "sec_per_epoch": None, "g": None}
+    result = {"model": model_name, "method": method, "levels": levels, "seed": seed}
     if method == "rounding":
-        loader = make_loader(train, size.batch, train=True, seed=seed)
-        loader.sampler.set_epoch(0)
-        post_training_rounding(model, cbp.CBPConfig(levels), loader, size.bn_batches)
+        cbp.prepare(model, cbp.CBPConfig(levels))
     elif method != "fp":
         epochs, drop = schedule(size)
-        lagrangian = None
+        lagrangian = scheduler = tracker = None
         if method == "brevitas":
             brevitas_model(model, levels)
         else:
             config = cbp_config(size, levels, method)
             cbp.prepare(model, config)
+            tracker = TimedTracker(model)
         optimizer = torch.optim.SGD(cbp.param_groups(model, size.weight_decay), lr=size.lr,
                                     momentum=0.9)
-        scheduler = None  # CBP drops its lr itself (lr_drop_at_g); the others at the same epoch
-        if method != "cbp":
+        if method.startswith("no_window") or method == "brevitas":  # no usable g clock: drop by epoch
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [drop], 0.1)
         if method != "brevitas":
-            lagrangian = cbp.Lagrangian(model, config, optimizer)
+            lagrangian = lagrangian_for(method, model, config, optimizer,
+                                        epochs * size.epoch_iters)
+        train_tic = time.perf_counter()
         rows = fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
-                       out_dir=os.path.join(cache, "runs", f"{method}-{levels}-{seed}"),
+                       out_dir=os.path.join(cache, "runs", f"{model_name}-{method}-{levels}-{seed}"),
                        epochs=epochs, batch_size=size.batch, ctx=ctx, lagrangian=lagrangian,
                        scheduler=scheduler, epoch_iters=size.epoch_iters, seed=seed,
-                       channels_last=True, show_progress=False))
-        result["sec_per_epoch"] = statistics.mean(r["seconds"] for r in rows)
-        result["g"] = rows[-1].get("g")
-        result["epochs"] = len(rows)
+                       channels_last=True, show_progress=False, oscillation=tracker))
+        train_seconds = time.perf_counter() - train_tic
+        last = rows[-1]
+        result.update(epochs=len(rows), g=last.get("g"), train_seconds=train_seconds,
+                      lr_drop_epoch=next((r["epoch"] for r in rows if r["lr"] < size.lr), None))
+        if tracker is not None:
+            result["tracker_share"] = tracker.seconds / train_seconds
+            # flips and oscillations per step over the last quarter of the epochs
+            tail = rows[-max(1, len(rows) // 4):]
+            for key in ("flips_per_step", "oscillations_per_step"):
+                result[key] = statistics.mean(r[key] for r in tail)
+            for key in ("oscillation_frequency", "late_flippers", "level_changes"):
+                result[key] = last[key]
+            result["frozen"] = last.get("frozen")
+            result["gated"] = last.get("gated")
     if method == "brevitas":
         result.update(brevitas_stats(model, levels))
     elif method != "fp":
         result.update(cfs=cbp.cfs(model), on_levels=cbp.fraction_on_levels(model))
-    scores = evaluate(model, test, ctx, channels_last=True)
-    result.update(top1=scores["top1"], top5=scores["top5"])
+    result["top1_train_bn"] = evaluate(model, test, ctx, channels_last=True)["top1"]
+    if method != "fp":
+        cbp.recalibrate_bn(model, bn_loader(size, train, seed), size.bn_batches)
+        result["top1"] = evaluate(model, test, ctx, channels_last=True)["top1"]
+        result["bn_gap"] = result["top1"] - result["top1_train_bn"]
+    else:
+        result["top1"] = result["top1_train_bn"]
+    result["seconds"] = time.perf_counter() - tic
     return result
 
 
@@ -255,127 +343,293 @@ def brevitas_missing() -> str | None:
     return None
 
 
-def tasks(size: Size, methods, levels) -> list[tuple[str, str, int]]:
-    out = [("fp", "-", 0)] if "fp" in methods else []
-    for method in methods:
-        for lv in levels:
-            if method != "fp" and (method != "brevitas" or lv in BREVITAS_LEVELS):
-                out += [(method, lv, seed) for seed in range(size.seeds)]
+def tasks(size: Size, plan, methods=METHODS, levels=LEVELS, models=tuple(MODELS)) -> list[tuple]:
+    """``(model, method, levels, seed)`` of every cell of ``plan`` that passes the filters."""
+    out = []
+    for model, lv, plan_methods in plan:
+        if model not in models or lv not in levels:
+            continue
+        for method in plan_methods:
+            if method not in methods:
+                continue
+            if method == "fp":
+                if ("fp" not in [t[1] for t in out if t[0] == model]):
+                    out.append((model, "fp", "-", 0))
+            else:
+                out += [(model, method, lv, s) for s in range(seeds(size, model))]
     return out
 
 
-def run_all(size: Size, cache: str, methods=METHODS, levels=LEVELS, jobs: int = 1) -> list[dict]:
-    """Every (method, level set, seed) cell; ``jobs > 1`` runs cells in worker processes."""
+def result_path(size: Size, cache: str, task: tuple) -> str:
+    key = hashlib.sha1(json.dumps(asdict(size), sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(cache, "results", key, "-".join(map(str, task)) + ".json")
+
+
+def _pin_worker(cores) -> None:
+    """Worker initializer: one core of its own and one torch thread (no oversubscription)."""
+    core = cores.get()
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+
+
+def _run_cached(size: Size, checkpoints: dict, cache: str, task: tuple) -> dict:
+    result = run_one(size, checkpoints[task[0]], cache, *task)
+    path = result_path(size, cache, task)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=LEVELS,
+            models=tuple(MODELS), jobs: int = 2, reuse: bool = False,
+            cached_only: bool = False) -> list[dict]:
+    """Every cell of ``plan``; up to ``jobs`` worker processes, each pinned to its own core.
+
+    With ``reuse`` a cell whose result file (keyed by the size) exists is read, not rerun;
+    ``cached_only`` reads those and runs nothing (the table of an interrupted run).
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
     if "brevitas" in methods and brevitas_missing():
         methods = [m for m in methods if m != "brevitas"]
-    checkpoint = pretrain(size, cache)
-    todo = tasks(size, methods, levels)
-    with tqdm(total=len(todo), desc="cells (method, level set, seed)", unit="cell") as bar:
-        if jobs <= 1:
-            results = []
-            for task in todo:
-                results.append(run_one(size, checkpoint, cache, *task))
+    todo = tasks(size, plan, methods, levels, models)
+    results, pending = [], []
+    for task in todo:
+        path = result_path(size, cache, task)
+        if (reuse or cached_only) and os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+        elif not cached_only:
+            pending.append(task)
+    checkpoints = {m: pretrain(size, cache, m) for m in sorted({t[0] for t in pending})}
+    cores = sorted(os.sched_getaffinity(0))[:max(1, jobs)]
+    with tqdm(total=len(pending), desc="cells (model, method, level set, seed)",
+              unit="cell") as bar:
+        if len(cores) == 1:
+            for task in pending:
+                results.append(_run_cached(size, checkpoints, cache, task))
                 bar.update()
             return results
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, size, checkpoint, cache, *t) for t in todo]
-            for _ in as_completed(futures):
+        context = get_context("spawn")
+        queue = context.Queue()
+        for core in cores:
+            queue.put(core)
+        with ProcessPoolExecutor(len(cores), mp_context=context, initializer=_pin_worker,
+                                 initargs=(queue,)) as pool:
+            futures = [pool.submit(_run_cached, size, checkpoints, cache, t) for t in pending]
+            for future in as_completed(futures):
+                results.append(future.result())
                 bar.update()
-            return [f.result() for f in futures]
+    return results
 
 
-def _cell(values: list[float], fmt: str) -> str:
+# ---- tables -------------------------------------------------------------------------------------
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.mean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return mean, se
+
+
+def paired(a: list[dict], b: list[dict], key: str) -> dict | None:
+    """Per-seed differences ``a - b`` of ``key``: mean, SE, sign agreement and the verdict."""
+    other = {r["seed"]: r[key] for r in b}
+    diffs = [r[key] - other[r["seed"]] for r in a if r["seed"] in other]
+    if len(diffs) < 2:
+        return None
+    mean, se = mean_se(diffs)
+    sign = 1 if mean >= 0 else -1
+    agree = sum(1 for d in diffs if d * sign > 0) / len(diffs)
+    real = abs(mean) > 2 * se and agree >= 0.8
+    return {"mean": mean, "se": se, "agree": agree, "n": len(diffs), "real": real}
+
+
+def _fmt(values: list[float], fmt: str) -> str:
+    values = [v for v in values if v is not None]
     if not values:
         return "—"
-    mean = statistics.mean(values)
+    mean, se = mean_se(values)
     if len(values) == 1:
         return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(mean, fmt)} ± {format(se, fmt.lstrip('+'))}"
 
 
-def _spread(rows: list[dict], key: str) -> tuple[float, float]:
-    values = [r[key] for r in rows]
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _diff(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    verdict = "**real**" if d["real"] else "tie"
+    return (f"{d['mean']:+.2f} ± {d['se']:.2f} ({round(d['agree'] * d['n'])}/{d['n']} agree; "
+            f"{verdict})")
 
 
-def verdict(a: list[dict], b: list[dict]) -> str:
-    """Top-1 of a minus b, called real only when it exceeds the two spreads added."""
-    (ma, sa), (mb, sb) = _spread(a, "top1"), _spread(b, "top1")
-    diff = ma - mb
-    return f"{diff:+.2f} ({'real' if abs(diff) > sa + sb else 'within spread'})"
+def _rows(results, model, lv, method):
+    if method == "fp":
+        return [r for r in results if r["model"] == model and r["method"] == "fp"]
+    return [r for r in results if r["model"] == model and r["method"] == method
+            and r["levels"] == lv]
 
 
-def table(results: list[dict], size: Size, levels=LEVELS, missing: str | None = None) -> str:
-    """One markdown table per level set, methods as rows, mean ± std over seeds."""
-    fp = [r for r in results if r["method"] == "fp"]
+def accuracy_table(results: list[dict], model: str, lv: str) -> list[str]:
+    """Top-1 after BN re-estimation (headline) and with training BN, and the paired differences."""
+    out = ["| method | top-1, BN re-estimated | Δ vs STE-only (paired) | top-1, training BN | "
+           "Δ vs STE-only (paired) |", "|---|---|---|---|---|"]
+    base = _rows(results, model, lv, BASELINE)
+    for method in METHODS:
+        rows = _rows(results, model, lv, method)
+        if not rows:
+            continue
+        cols = [_fmt([r["top1"] for r in rows], ".2f"), "",
+                _fmt([r["top1_train_bn"] for r in rows], ".2f"), ""]
+        if method not in ("fp", BASELINE) and base:
+            cols[1] = _diff(paired(rows, base, "top1"))
+            cols[3] = _diff(paired(rows, base, "top1_train_bn"))
+        out.append(f"| {LABELS[method]} | " + " | ".join(cols) + " |")
+    return out
+
+
+def oscillation_table(results: list[dict], model: str, lv: str) -> list[str]:
+    out = ["| method | flips / step | oscillations / step | EMA osc. frequency | "
+           "late flippers | level changes | BN gap (points) | CFS | frozen / gated | "
+           "tracker cost | s / cell |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method in METHODS[1:]:
+        rows = _rows(results, model, lv, method)
+        if not rows:
+            continue
+
+        def col(key, fmt, scale=1.0, rows=rows):
+            return _fmt([r[key] * scale if r.get(key) is not None else None for r in rows], fmt)
+
+        held = col("frozen", ".2f", 100) if rows[0].get("frozen") is not None else (
+            col("gated", ".2f", 100) if rows[0].get("gated") is not None else "—")
+        out.append(f"| {LABELS[method]} | {col('flips_per_step', '.1f')} | "
+                   f"{col('oscillations_per_step', '.1f')} | {col('oscillation_frequency', '.2e')} | "
+                   f"{col('late_flippers', '.2f', 100)}% | {col('level_changes', '.2f', 100)}% | "
+                   f"{col('bn_gap', '+.2f')} | {col('cfs', '.1e')} | {held}% | "
+                   f"{col('tracker_share', '.1f', 100)}% | {col('seconds', '.0f')} |")
+    return [line.replace("—%", "—") for line in out]
+
+
+def table(results: list[dict], size: Size, missing: str | None = None) -> str:
     out = []
-    for lv in levels:
-        out += [f"### {lv}", "",
-                "| method | top-1 (%) | top-5 (%) | CFS | on levels | s / epoch |",
-                "|---|---|---|---|---|---|"]
-        for method in METHODS:
-            rows = fp if method == "fp" else [r for r in results
-                                               if r["method"] == method and r["levels"] == lv]
-            if not rows:
-                why = missing if method == "brevitas" and missing else "not run"
-                if method == "brevitas" and lv not in BREVITAS_LEVELS:
-                    why = "n/a: no such weight quantizer in Brevitas"
-                out.append(f"| {LABELS[method]} | {why} | | | | |")
-                continue
-            cols = [_cell([r["top1"] for r in rows], ".2f"), _cell([r["top5"] for r in rows], ".2f")]
-            for key, fmt in (("cfs", ".2e"), ("on_levels", ".3f"), ("sec_per_epoch", ".2f")):
-                cols.append(_cell([r[key] for r in rows if r.get(key) is not None], fmt))
-            out.append(f"| {LABELS[method]} | " + " | ".join(cols) + " |")
-        by = {m: [r for r in results if r["method"] == m and r["levels"] == lv] for m in METHODS}
-        notes = [f"{name}: {verdict(by['cbp'], by[other])}"
-                 for name, other in (("CBP − STE-only", "ste"), ("CBP − no-window", "no_window"))
-                 if by["cbp"] and by[other]]
-        if fp and by["ste"]:
-            notes.append(f"FP − STE-only: {verdict(fp, by['ste'])}")
-        out += ["", "top-1 differences: " + "; ".join(notes) if notes else "", ""]
+    cells = sorted({(r["model"], r["levels"]) for r in results if r["method"] != "fp"},
+                   key=lambda c: (list(MODELS).index(c[0]), LEVELS.index(c[1])))
+    for model, lv in cells:
+        n = seeds(size, model)
+        out += [f"### {MODELS[model]}, {lv} ({n} paired seeds)", "",
+                *accuracy_table(results, model, lv), "", "Oscillations (last quarter of the "
+                "run; late flippers: last flip in the last quarter of the steps; level changes: "
+                "weights on another level than after rounding the checkpoint):", "",
+                *oscillation_table(results, model, lv), ""]
+    if missing:
+        out += [f"Brevitas not run: {missing}", ""]
     epochs, drop = schedule(size)
+    trained = [r for r in results if r.get("epochs") is not None]
+    ran = sorted({(r["epochs"], r["lr_drop_epoch"]) for r in trained}, key=str)
+    out += [f"Checked: every trained cell ran (epochs, first epoch at the dropped lr) = "
+            f"{', '.join(map(str, ran))}." if trained else ""]
     out += [f"Every trained cell: {epochs} epochs × {size.epoch_iters} steps of batch {size.batch} "
-            f"(lr {size.lr}, ×0.1 after epoch {drop}); CBP η_λ = {size.multiplier_lr}, "
-            f"p_max = {size.p_max}, stop once g exceeds {size.stop_once_g_exceeds}; "
-            f"{size.seeds} seeds.",
+            f"(lr {size.lr}, ×0.1 after epoch {drop}, momentum 0.9, weight decay "
+            f"{size.weight_decay}); p_max = {size.p_max}, g_final = {size.g_final}; BN "
+            f"re-estimated on {size.bn_batches} batches of {size.batch}. Top-1 in % on "
+            f"{'all 10,000' if size.test_limit is None else size.test_limit} test images, "
+            "mean ± standard error over seeds.",
             f"Settings: `{asdict(size)}`"]
     return "\n".join(out) + "\n"
 
 
+def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> None:
+    """Flips and oscillations per step over the epochs, each method's mean over seeds (from the
+    cells' ``log.jsonl``), and the top-1 before and after BN re-estimation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cbp.runs import LOG_NAME, read_jsonl
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    shown = []
+    for i, method in enumerate(m for m in TRAINED if m != "brevitas"):
+        rows = _rows(results, model, lv, method)
+        logs = [read_jsonl(os.path.join(cache, "runs", f"{model}-{method}-{lv}-{r['seed']}",
+                                        LOG_NAME)) for r in rows]
+        if not logs:
+            continue
+        shown.append(method)
+        epochs = [row["epoch"] for row in logs[0]]
+        for ax, key in zip(axes[:2], ("flips_per_step", "oscillations_per_step")):
+            mean = [statistics.mean(log[e][key] for log in logs) for e in range(len(epochs))]
+            ax.plot(epochs, mean, marker=".", color=f"C{i}", label=LABELS[method])
+    for ax, what in zip(axes[:2], ("level flips", "oscillations (reversed flips)")):
+        ax.set(xlabel="epoch", ylabel="weights per step",
+               title=f"{what} per step", yscale="symlog")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    methods = [m for m in METHODS[1:] if _rows(results, model, lv, m)]
+    x = range(len(methods))
+    for offset, key, label in ((-0.2, "top1_train_bn", "training BN"),
+                               (0.2, "top1", "BN re-estimated")):
+        means = [statistics.mean(r[key] for r in _rows(results, model, lv, m)) for m in methods]
+        axes[2].bar([i + offset for i in x], means, width=0.4, label=label)
+    axes[2].set_xticks(list(x), methods, rotation=60, fontsize=7)
+    top = max(statistics.mean(r["top1"] for r in _rows(results, model, lv, m)) for m in methods)
+    axes[2].set(ylabel="top-1 (%)", title="test top-1, mean over seeds", ylim=(top - 15, top + 2))
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"{MODELS[model]}, {lv}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, 1 thread per worker")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI size (under a minute)")
-    p.add_argument("--seeds", type=int, help="override the size's number of seeds")
-    p.add_argument("--lr", type=float, help="override the size's fine-tuning lr")
-    p.add_argument("--epoch-iters", type=int, help="override the size's steps per epoch")
+    p.add_argument("--quick", action="store_true", help="CI size (< 3 min)")
+    p.add_argument("--full", action="store_true", help="the whole grid, not only the headline")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level sets")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel worker processes")
-    p.add_argument("--cache", default="runs/bench", help="checkpoint and run directory")
+    p.add_argument("--seeds", type=int, help="override both seed counts")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes, each pinned to a core")
+    p.add_argument("--cache", default="runs/bench", help="checkpoints, runs and cell results")
+    p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
+    p.add_argument("--cached", action="store_true",
+                   help="only tabulate the cells already computed; train nothing")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--json", help="also write every cell's result to this file")
+    p.add_argument("--plot", help="write a PNG of flips, oscillations and top-1 of the first cell")
     args = p.parse_args(argv)
     size = QUICK if args.quick else FULL
-    overrides = {"seeds": args.seeds, "lr": args.lr, "epoch_iters": args.epoch_iters}
-    size = replace(size, **{k: v for k, v in overrides.items() if v is not None})
-    levels = [lv for lv in args.levels.split(",") if lv]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(levels) - set(LEVELS)) + sorted(set(methods) - set(METHODS))
+    if args.seeds:
+        size = replace(size, seeds_primary=args.seeds, seeds_control=args.seeds)
+    models, levels, methods = ([x for x in s.split(",") if x]
+                               for s in (args.models, args.levels, args.methods))
+    unknown = (sorted(set(models) - set(MODELS)) + sorted(set(levels) - set(LEVELS))
+               + sorted(set(methods) - set(METHODS)))
     if unknown:
-        p.error(f"unknown level set or method: {', '.join(unknown)}")
+        p.error(f"unknown model, level set or method: {', '.join(unknown)}")
     tic = time.perf_counter()
-    results = run_all(size, args.cache, methods, levels, args.jobs)
-    text = table(results, size, levels, brevitas_missing())
-    text += (f"\nMachine: {machine()}; {args.jobs} job(s); total wall "
+    plan = FULL_PLAN if args.full else DEFAULT_PLAN
+    results = run_all(size, args.cache, plan, methods, levels, models, args.jobs, args.reuse,
+                      args.cached)
+    text = table(results, size, brevitas_missing() if "brevitas" in methods else None)
+    text += (f"\nMachine: {machine()}; {args.jobs} worker(s); total wall "
              f"{time.perf_counter() - tic:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        first = next(r for r in results if r["method"] in TRAINED)
+        plot(results, args.cache, first["model"], first["levels"], args.plot)
     return 0
 
 

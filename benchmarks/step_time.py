@@ -1,12 +1,14 @@
 """What does CBP cost per training step? Full precision vs STE-only vs CBP, same model and batch.
 
-    .venv/bin/python benchmarks/step_time.py            # ~5 min on 2 CPU cores
-    .venv/bin/python benchmarks/step_time.py --quick    # ~1 min, noisier
+    .venv/bin/python benchmarks/step_time.py              # ~5 min on 2 CPU cores
+    .venv/bin/python benchmarks/step_time.py --quick      # ~1 min, noisier
+    .venv/bin/python benchmarks/step_time.py --repeat 3   # 3 full runs: median and spread
 
 Each model is built three times from the same weights: plain (FP), prepared with
 ``use_constraint=False`` (STE: quantized forward, straight-through backward, the same clipping,
 SGD and clamping as CBP) and prepared with CBP on. A CBP step is STE plus
-``Lagrangian.add_penalty_grad``, so the CBP/STE ratio is exactly the price of the constraint term.
+``Lagrangian.add_penalty_grad`` (which clips the quantized weights' gradients in its own pass,
+where STE clips them apart), so the CBP/STE ratio is the price of the constraint term.
 Modes alternate step by step (FP STE CBP ..., rotated each round) after a warm-up, and the median of each is
 reported, so slow drifts (other processes, frequency scaling) hit all modes alike. CBP runs with
 the compiled fused kernel (``compile_penalty=True``, what a long run uses from its start); the
@@ -20,6 +22,10 @@ CPU, the growth of the peak resident set size (Linux ``VmHWM``, reset through
 builds the model and runs steps of one mode only (after one untimed step): activations and
 temporaries of the step, as the OS saw them. "State kept between steps" sums the bytes of the
 weights, buffers, gradients, momentum, lambda and lambda's Adam moments.
+
+``--repeat N`` makes N full timing runs, each in a fresh process (a run's heap layout, and so its
+page faults, is part of what varies between runs), and reports each ratio's median and spread
+(lowest - highest) over the runs.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from tqdm import trange
 
 import cbp
 from cbp.models import DEFAULT_SELECTION, LANGUAGE_MODELS, gpt, resnet20
@@ -79,8 +86,8 @@ def build(model_name: str, mode: str, levels: str, rule: str, device: torch.devi
     opt = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
     lagrangian = cbp.Lagrangian(model, config, opt)
     lagrangian.g = 5.0  # mid-schedule: the window is on, and lambda is not all zero
-    if config.use_constraint:  # compiles the fused kernel now, not in a timed step
-        lagrangian.add_penalty_grad()
+    if config.use_constraint:  # compiles the fused kernel step() calls now, not in a timed step
+        lagrangian.add_penalty_grad(config.grad_clip_value)
         model.zero_grad(set_to_none=True)
     return model, lambda loss: lagrangian.step(), lagrangian, opt
 
@@ -151,8 +158,9 @@ def time_model(args, model_name: str, device: torch.device) -> dict:
             info["quantized_weights"] = sum(m.numel() for m in lagrangian.multipliers.values())
     info["bytes_per_weight_plain"] = cbp_bytes_per_weight(
         build(model_name, "cbp", args.levels, "plain", device)[2])
-    info["penalty_alone_s"] = statistics.median(timed(cbp_lagrangian.add_penalty_grad, device)
-                                                for _ in range(20))
+    clip = cbp_lagrangian.config.grad_clip_value   # as step() calls it: the clip is in the pass
+    info["penalty_alone_s"] = statistics.median(
+        timed(lambda: cbp_lagrangian.add_penalty_grad(clip), device) for _ in range(20))
     reps = args.reps[model_name]
     times = {mode: [] for mode in MODES}
     for i in range(args.warmup + reps):
@@ -217,16 +225,37 @@ def measure_memory(args, model_name: str, device: torch.device) -> dict:
     return results
 
 
-def report(model_name: str, info: dict, memory: dict | None, args) -> None:
-    med = info["median_s"]
+RATIOS = {"CBP/STE": ("cbp", "ste"), "CBP/FP": ("cbp", "fp"), "STE/FP": ("ste", "fp"),
+          "CBP eager/STE": ("cbp_eager", "ste")}
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """``median (lowest-highest)`` of one figure over runs; just the value for one run."""
+    text = format(statistics.median(values), fmt)
+    return text if len(values) == 1 else f"{text} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def timing_child(args, model_name: str) -> dict:
+    """One full timing run of ``model_name`` in a fresh process."""
+    cmd = [sys.executable, __file__, "--_timing-child", model_name, "--levels", args.levels,
+           "--batch", str(args.batch), "--device", args.device, *(["--quick"] * args.quick)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def report(model_name: str, runs: list[dict], memory: dict | None, args) -> None:
+    """Step medians, ratios and the penalty pass: each a median over runs, with the spread."""
+    info, meds = runs[0], [run["median_s"] for run in runs]
     n = info["quantized_weights"]
-    print(f"\n== {model_name}, batch {args.batch}, {args.levels}, {n:,} quantized weights ==")
+    over = f", median (spread) of {len(runs)} runs" if len(runs) > 1 else ""
+    print(f"\n== {model_name}, batch {args.batch}, {args.levels}, {n:,} quantized weights{over} ==")
     for mode in MODES:
-        print(f"  {mode:10s} median step {med[mode] * 1e3:9.2f} ms")
-    print(f"  CBP/STE {med['cbp'] / med['ste']:.4f}   CBP/FP {med['cbp'] / med['fp']:.4f}   "
-          f"STE/FP {med['ste'] / med['fp']:.4f}   CBP eager/STE {med['cbp_eager'] / med['ste']:.4f}")
-    print(f"  add_penalty_grad alone (fused): {info['penalty_alone_s'] * 1e3:.2f} ms = "
-          f"{info['penalty_alone_s'] / med['ste'] * 100:.2f}% of an STE step")
+        print(f"  {mode:10s} median step {spread([m[mode] * 1e3 for m in meds], '.2f')} ms")
+    print("  " + "   ".join(f"{name} {spread([m[a] / m[b] for m in meds], '.4f')}"
+                            for name, (a, b) in RATIOS.items()))
+    penalty = [run["penalty_alone_s"] for run in runs]
+    print(f"  add_penalty_grad alone (fused): {spread([p * 1e3 for p in penalty], '.2f')} ms = "
+          f"{spread([p / m['ste'] * 100 for p, m in zip(penalty, meds)], '.2f')}% of an STE step")
     print(f"  fused kernel: build + compile {info['build_s']:.1f} s, "
           f"max |grad - autograd(penalty)| = {info['max_grad_diff']:.2e}")
     print(f"  CBP state per quantized weight: {info['bytes_per_weight']:.2f} B (adam: lambda + 2 "
@@ -246,7 +275,10 @@ def main() -> None:
     parser.add_argument("--levels", default="binary")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="full timing runs, each in a fresh process (median and spread)")
     parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_timing-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args._memory_child:
@@ -258,11 +290,18 @@ def main() -> None:
     args.reps = {"resnet20": 200 if fast else (15 if args.quick else 60),
                  "resnet18": 100 if fast else (6 if args.quick else 25),
                  "gpt": 200 if fast else (10 if args.quick else 40)}
+    if args._timing_child:
+        print(json.dumps(time_model(args, args._timing_child, device)))
+        return
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     for model_name in args.models.split(","):
-        info = time_model(args, model_name, device)
+        if args.repeat == 1:
+            runs = [time_model(args, model_name, device)]
+        else:
+            runs = [timing_child(args, model_name) for _ in trange(
+                args.repeat, desc=f"{model_name} runs", leave=False)]
         memory = None if args.no_memory else measure_memory(args, model_name, device)
-        report(model_name, info, memory, args)
+        report(model_name, runs, memory, args)
 
 
 if __name__ == "__main__":

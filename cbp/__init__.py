@@ -5,11 +5,13 @@
     ... loss.backward(); lagrangian.step() ... lagrangian.end_epoch(loss_sum)
     cbp.cfs(model)                                                 # paper Eq. 19, latent weights
     cbp.agreement(float_model, model, loader)                      # same predictions?
+    cbp.recalibrate_bn(model, train_loader, batches=50)            # BN statistics of the final weights
     recipe = cbp.load_config("demo")                               # a config's CBPConfig + training
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
 """
 
+from .baselines import post_training_rounding, recalibrate_bn
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
 from .export import ExportError, export, load_packed, read_packed
@@ -19,6 +21,8 @@ from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
 from .metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
 from .onnx_export import check_onnx, export_onnx
 from .options import Recipe, load_config
+from .oscillation import OscillationTracker
+from .peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP
 from .summary import Summary, summary
 
 __all__ = [
@@ -26,6 +30,8 @@ __all__ = [
     "load_packed", "read_packed", "summary", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
     "Recipe", "load_config", "param_groups", "prepare", "quantize", "quantized_layers",
-    "resolve_factors", "sawtooth", "select_layers", "Agreement", "agreement",
+    "resolve_factors", "sawtooth", "select_layers", "Agreement", "agreement", "recalibrate_bn",
+    "post_training_rounding", "OscillationTracker", "OscillationDampening", "IterativeFreezing",
+    "OscillationGatedCBP",
 ]
 __version__ = "0.1.0"

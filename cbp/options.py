@@ -21,6 +21,7 @@ from .config import CBPConfig, SettingError
 from .data import DATASET_NAMES
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES
+from .peers import OSCILLATION_FIXES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -239,6 +240,14 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     quantize.add(src, "--weights", help="'torchvision' (the paper's published weights), "
                  "'torchvision:MEMBER' or a local weights file")
     _add_cbp_flags(quantize, quantize.parser.add_argument_group("CBP (defaults: the paper's)"))
+    g = quantize.parser.add_argument_group("oscillations and BatchNorm (see benchmarks/RESULTS.md)")
+    quantize.add(g, "--oscillation-fix", choices=tuple(OSCILLATION_FIXES),
+                 help="dampen / freeze: Nagel et al. (ICML 2022), with --no-constraint for their "
+                      "STE methods, annealed over --epochs; gate: CBP's pull on oscillating "
+                      "weights only (this project's variant)")
+    quantize.add(g, "--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
+                 help="at the end, re-estimate BatchNorm statistics on N training batches "
+                      "(saved in the checkpoint; top-1 reported before and after)")
     _common(quantize, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 (loss and bits per character) and CFS")
@@ -247,6 +256,12 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     p.add_argument("--val-limit", type=_at_least(1))
     p.add_argument("--image-size", type=_at_least(1), default=224)
     p.add_argument("--device")
+    p.add_argument("--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
+                   help="also report top-1 after re-estimating BatchNorm statistics on N training "
+                        "batches (the checkpoint is not changed)")
+    p.add_argument("--batch-size", type=_at_least(1), default=256,
+                   help="batch size of the BatchNorm re-estimation")
+    p.add_argument("--seed", type=int, default=0, help="order of the re-estimation batches")
 
     p = sub.add_parser("generate", help="sample text from a language-model checkpoint")
     p.add_argument("checkpoint")

@@ -1,9 +1,9 @@
 """The penalty gradient of one step, ``lambda * d cs / d w`` per quantized layer: eager or compiled.
 
-:func:`penalty_grad_` is the whole computation for one layer. Run eagerly it makes some twenty
-passes over the weight tensor; ``torch.compile`` fuses it into one that reads ``w``, ``lambda``
-and the gradient once, which is what keeps a CBP step within ~2% of an STE step
-(``benchmarks/step_time.py``). Both run the same function, so they give the same numbers
+:func:`penalty_grad_` is the whole computation for one layer, the gradient clip included. Run
+eagerly it makes some twenty passes over the weight tensor; ``torch.compile`` fuses it into one
+that reads ``w``, ``lambda`` and the gradient once, which is what keeps a CBP step within ~1% of
+an STE step (``benchmarks/step_time.py``). Both run the same function, so they give the same numbers
 (``tests/test_fast_path.py``).
 
 Compiling takes seconds (7 to 25 s on a CPU), worth it only for a long run. ``CBPConfig.compile_penalty``
@@ -27,15 +27,20 @@ AUTO_COMPILE_STEPS = 200
 
 
 def penalty_grad_(w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor, factors: torch.Tensor,
-                  scale: torch.Tensor, g: float | torch.Tensor) -> torch.Tensor:
-    """``grad += lam * d cs / d w`` for one layer; returns ``sum(lam * cs)``.
+                  scale: torch.Tensor, g: float | torch.Tensor,
+                  clip: float | None = None) -> torch.Tensor:
+    """``grad += lam * d cs / d w`` for one layer, then ``grad`` clipped to ``[-clip, clip]`` if
+    ``clip`` is given; returns ``sum(lam * cs)``.
 
     Takes the layer's factors and scale rather than its levels so that, compiled, computing the
-    levels is part of the one fused pass.
+    levels is part of the one fused pass - and so is the clip, which would otherwise read and
+    write the gradient again.
     """
     levels = (factors * scale).to(w.dtype)  # as QuantizedLayer.levels
     cs, slope = constraint_and_grad(w, levels, g)
     grad.addcmul_(lam, slope)
+    if clip is not None:
+        grad.clamp_(-clip, clip)
     return (lam * cs).sum()
 
 
@@ -94,10 +99,12 @@ class PenaltyKernel:
         return self._g[1]
 
     def __call__(self, w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor,
-                 factors: torch.Tensor, scale: torch.Tensor, g: float) -> torch.Tensor:
+                 factors: torch.Tensor, scale: torch.Tensor, g: float,
+                 clip: float | None = None) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                return self.compiled(w, lam, grad, factors, scale, self._g_tensor(g, w.device))
+                return self.compiled(w, lam, grad, factors, scale, self._g_tensor(g, w.device),
+                                     clip)
             except Exception:  # compiling failed (it happens at the first call): eager, for good
                 self.compiled, self.failed = None, True
-        return penalty_grad_(w, lam, grad, factors, scale, g)
+        return penalty_grad_(w, lam, grad, factors, scale, g, clip)

@@ -1,5 +1,5 @@
-"""Pictures of a run: accuracy (or a language model's loss), CFS and g over epochs; one layer's
-weights bifurcating onto levels."""
+"""Pictures of a run: accuracy (or a language model's loss), CFS and g over epochs; flips and
+oscillations; one layer's weights bifurcating onto levels."""
 
 from __future__ import annotations
 
@@ -45,6 +45,31 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def plot_oscillations(rows: list[dict], path: str, title: str = "") -> None:
+    """Per epoch: level flips and oscillations per step; late flippers and net level changes."""
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax = axes[0]
+    ax.plot(epochs, [r["flips_per_step"] for r in rows], marker=".", label="level flips")
+    ax.plot(epochs, [r["oscillations_per_step"] for r in rows], marker=".",
+            label="oscillations (reversed flips)")
+    ax.set(xlabel="epoch", ylabel="weights per step", title="flips per step (epoch mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    for key, label in (("level_changes", "on another level than at the start"),
+                       ("late_flippers", "last flip in the last quarter of the steps so far")):
+        ax.plot(epochs, [100 * r[key] for r in rows], marker=".", label=label)
+    ax.set(xlabel="epoch", ylabel="% of quantized weights", title="where the weights went")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_histograms(hists: list[dict], path: str, panels: int = 5) -> None:
     """The histogram of w / scale for one layer at ``panels`` epochs, levels marked in red."""
     picks = sorted({hists[round(i * (len(hists) - 1) / (panels - 1))]["epoch"]
@@ -67,7 +92,7 @@ def plot_histograms(hists: list[dict], path: str, panels: int = 5) -> None:
 
 
 def plot_run(run_dir: str) -> list[str]:
-    """Write ``curves.png`` (and ``histograms.png`` for CBP runs) into ``run_dir``."""
+    """Write ``curves.png`` (and ``oscillations.png`` and ``histograms.png`` for quantized runs)."""
     log_path = os.path.join(run_dir, LOG_NAME)
     if not os.path.exists(log_path):
         raise ValueError(f"{run_dir} holds no {LOG_NAME}: not a cbp run directory")
@@ -76,10 +101,13 @@ def plot_run(run_dir: str) -> list[str]:
         raise ValueError(f"{log_path} is empty: the run has not finished an epoch yet")
     written = [os.path.join(run_dir, CURVES_PNG)]
     plot_curves(rows, written[0], title=os.path.basename(os.path.abspath(run_dir)))
+    if "flips_per_step" in rows[0]:
+        written.append(os.path.join(run_dir, "oscillations.png"))
+        plot_oscillations(rows, written[-1], title=os.path.basename(os.path.abspath(run_dir)))
     hist_path = os.path.join(run_dir, HIST_NAME)
     if os.path.exists(hist_path):
         hists = read_jsonl(hist_path)
         if hists:
             written.append(os.path.join(run_dir, HISTOGRAMS_PNG))
-            plot_histograms(hists, written[1])
+            plot_histograms(hists, written[-1])
     return written

@@ -133,20 +133,22 @@ def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_cla
 
 
 def checkpoint_state(pos: Position, meta: dict, model: nn.Module,
-                     optimizer: torch.optim.Optimizer, lagrangian=None, scheduler=None) -> dict:
+                     optimizer: torch.optim.Optimizer, lagrangian=None, scheduler=None,
+                     oscillation=None) -> dict:
     """Everything a checkpoint holds (``cbp.checkpoint.save_checkpoint`` adds the format)."""
     return {
         "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum, "meta": meta,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "cbp": lagrangian.state_dict() if lagrangian else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
+        "oscillation": oscillation.state_dict() if oscillation else None,
         "rng": torch.get_rng_state(),
     }
 
 
 def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
                   optimizer: torch.optim.Optimizer, lagrangian=None, scheduler=None,
-                  world_size: int = 1) -> Position:
+                  world_size: int = 1, oscillation=None) -> Position:
     """Load a checkpoint's ``state`` into the run's parts; returns where it stands.
 
     Refuses one of another run (``IDENTITY_KEYS``) or one that does not fit the model.
@@ -163,6 +165,8 @@ def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
             lagrangian.load_state_dict(state["cbp"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if oscillation is not None and state.get("oscillation") is not None:  # none before v2
+            oscillation.load_state_dict(state["oscillation"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{source} does not fit this model: "
                               f"{str(err).splitlines()[0]}") from err

@@ -18,7 +18,7 @@ class LayerRow:
     name: str
     kind: str
     params: int
-    bits: int  # bits per weight: the packed width if quantized, else the float width
+    bits: float  # bits per weight: packed (bits per group / indices per group), else float width
     float_bytes: int
     packed_bytes: int
 
@@ -51,7 +51,7 @@ class Summary:
 
     def __str__(self) -> str:
         head = ("layer", "kind", "params", "bits", "float bytes", "packed bytes", "ratio")
-        body = [(r.name or "(root)", r.kind, f"{r.params:,}", str(r.bits), f"{r.float_bytes:,}",
+        body = [(r.name or "(root)", r.kind, f"{r.params:,}", f"{r.bits:.4g}", f"{r.float_bytes:,}",
                  f"{r.packed_bytes:,}", f"{r.ratio:.1f}x") for r in self.rows]
         total = ("total", "", f"{self.params:,}", "", f"{self.float_bytes:,}",
                  f"{self.packed_bytes:,}", f"{self.ratio:.1f}x")
@@ -82,7 +82,8 @@ def summary(model: nn.Module) -> Summary:
         params = list(module.parameters(recurse=False))
         weight = getattr(module, "weight", None)
         if name in quantized:
-            bits = layout[f"{name}.weight" if name else "weight"]["bits"]
+            size, group_bits = layout[f"{name}.weight" if name else "weight"]["group"]
+            bits = group_bits / size
         elif isinstance(weight, torch.Tensor):
             bits = weight.element_size() * 8
         else:

@@ -35,6 +35,7 @@ from .distributed import Context, all_reduce_sum
 from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
+from .oscillation import OscillationTracker
 from .run_state import load_run_checkpoint
 from .runs import (
     CHECKPOINT_NAME,
@@ -75,6 +76,10 @@ class Run:
     show_progress: bool = True
     on_nan: str = "stop"      # or "lower-lr": back to the last checkpoint with a lower lr
     task: type = Classification  # the loss and the validation metrics (cbp.tasks)
+    # level flips and oscillations of the quantized weights, logged per epoch; fit creates one
+    # for a prepared model unless track_oscillations is off
+    oscillation: OscillationTracker | None = None
+    track_oscillations: bool = True
 
 
 def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +180,8 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
             run.optimizer.step()
         else:
             run.lagrangian.step()
+        if run.oscillation is not None:
+            run.oscillation.step()
         loss = loss.detach()
         loss_sum += loss
         first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step, first_bad)
@@ -244,7 +251,7 @@ def _check_same_plan(run: Run, state: dict, source: str) -> None:
 
 def _state(run: Run, pos: Position) -> dict:
     state = checkpoint_state(pos, run.meta, run.model, run.optimizer, run.lagrangian,
-                             run.scheduler)
+                             run.scheduler, run.oscillation)
     return {**state, "plan": _plan(run)}
 
 
@@ -256,7 +263,7 @@ def restore(run: Run, path: str) -> Position:
 def _load_state(run: Run, state: dict, source: str) -> Position:
     _check_same_plan(run, state, source)
     return restore_state(state, source, run.meta, run.model, run.optimizer, run.lagrangian,
-                         run.scheduler, run.ctx.world_size)
+                         run.scheduler, run.ctx.world_size, run.oscillation)
 
 
 def _finite(model: nn.Module) -> bool:
@@ -281,6 +288,8 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
     ``NAN_LR_FACTOR`` per retry, up to ``NAN_RETRIES`` times.
     """
     ctx = run.ctx
+    if run.oscillation is None and run.track_oscillations and quantized_layers(run.model):
+        run.oscillation = OscillationTracker(run.model)
     os.makedirs(run.out_dir, exist_ok=True)
     ckpt_path = os.path.join(run.out_dir, CHECKPOINT_NAME)
     fresh = not (resume and os.path.exists(ckpt_path))
@@ -366,6 +375,10 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
             if run.lagrangian.multipliers:
                 lams = torch.cat([lam.flatten() for lam in run.lagrangian.multipliers.values()])
                 row.update(lambda_mean=float(lams.mean()), lambda_max=float(lams.max()))
+            if hasattr(run.lagrangian, "epoch_stats"):   # the oscillation fixes of cbp.peers
+                row.update(run.lagrangian.epoch_stats())
+        if run.oscillation is not None:
+            row.update(run.oscillation.epoch_stats())
         if run.scheduler is not None:
             run.scheduler.step()
         if quantized_layers(run.model):

@@ -112,7 +112,8 @@ def assert_same_run():
     """Compare two run directories: checkpoints bit for bit, log rows except their timings."""
     def check(dir_a: str, dir_b: str) -> None:
         a, b = (load_checkpoint(os.path.join(d, CHECKPOINT_NAME)) for d in (dir_a, dir_b))
-        for key in ("epoch", "step", "model", "optimizer", "cbp", "scheduler", "rng"):
+        for key in ("epoch", "step", "model", "optimizer", "cbp", "scheduler", "oscillation",
+                    "rng"):
             _assert_same(a[key], b[key], key)
         rows_a, rows_b = (read_jsonl(os.path.join(d, LOG_NAME)) for d in (dir_a, dir_b))
         for row in (*rows_a, *rows_b):

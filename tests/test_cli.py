@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import REFERENCE_EPOCHS, one_thread
 
+import cbp
 from cbp import cli
 from cbp.checkpoint import load_checkpoint
-from cbp.data import load_dataset
+from cbp.data import load_dataset, make_loader
 from cbp.distributed import Context
 from cbp.export import read_packed
 from cbp.layers import convert, quantized_layers
@@ -196,6 +197,51 @@ p_max = 1
     test_data, _, _ = load_dataset("fashion-mnist", tiny_fashion, False)
     full = evaluate(model, test_data, Context(0, 1, torch.device("cpu")))
     # the table's top-1 is the whole (here 128-image) test set, not the 32-image monitor
-    assert float(table["CBP binary top-1 (%)"]) == pytest.approx(full["top1"], abs=5e-3)
+    assert float(table["CBP binary top-1 (%), training BN statistics"]) == pytest.approx(
+        full["top1"], abs=5e-3)
+    # and after re-estimating BN on the 2 batches of 128 the 256 training images give
+    train_data, _, _ = load_dataset("fashion-mnist", tiny_fashion, True)
+    cbp.recalibrate_bn(model, make_loader(train_data, 128, train=True, seed=0), 2)
+    after = evaluate(model, test_data, Context(0, 1, torch.device("cpu")))
+    assert float(table["CBP binary top-1 (%), BN re-estimated (2 batches of 128)"]) == \
+        pytest.approx(after["top1"], abs=5e-3)
     assert table["final g / CBP epochs"].endswith("/ 2")
     assert os.path.isfile(os.path.join(out, "binary", "curves.png"))
+
+
+def test_ste_with_freezing_and_bn_recalibration_from_the_cli(quantize_argv, tiny_fashion,
+                                                             tmp_path, capsys):
+    """STE-only + iterative freezing on CBP's clock, BN re-estimated at the end, then evaluated."""
+    out = str(tmp_path / "freeze")
+    capsys.readouterr()
+    assert cli.main(quantize_argv(out, 3, "--no-constraint", "--oscillation-fix", "freeze",
+                                  "--lr-drop-at-g", "3", "--recalibrate-bn", "2")) == 0
+    printed = capsys.readouterr().out
+    rows = read_jsonl(os.path.join(out, LOG_NAME))
+    assert [r["g"] for r in rows] == [2, 3, 4]              # the clock runs without the constraint
+    assert [r["lr"] for r in rows] == [1e-3, 1e-3, pytest.approx(1e-4)]
+    for row in rows:
+        assert row["flips_per_step"] >= row["oscillations_per_step"] >= 0
+        assert 0 <= row["late_flippers"] <= 1 and 0 <= row["level_changes"] <= 1
+        assert 0 <= row["frozen"] <= 1 and "lambda_mean" not in row
+    last = rows[-1]
+    assert last["bn_gap"] == pytest.approx(last["top1_recalibrated"] - last["top1"])
+    assert f"{last['top1_recalibrated']:.2f}% after re-estimating them on 2 batches" in printed
+    assert_picture(os.path.join(out, "oscillations.png"))
+    ckpt = os.path.join(out, CHECKPOINT_NAME)
+    assert load_checkpoint(ckpt)["meta"]["bn_recalibrated"] == 2
+    # the checkpoint holds the re-estimated statistics: evaluating it gives the logged top-1
+    assert cli.main(["evaluate", ckpt, "--data-dir", tiny_fashion, "--val-limit", "64",
+                     "--recalibrate-bn", "2", "--batch-size", "32"]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.strip().splitlines())
+    assert abs(float(printed["top1"]) - last["top1_recalibrated"]) <= 100 / 64
+    assert float(printed["bn_gap"]) == pytest.approx(
+        float(printed["top1_recalibrated"]) - float(printed["top1"]), abs=1e-3)
+
+
+def test_recalibration_asking_for_more_batches_than_the_data_fails_before_training(
+        quantize_argv, tmp_path, capsys):
+    out = str(tmp_path / "too-many")
+    assert cli.main(quantize_argv(out, 1, "--recalibrate-bn", "4")) == 2   # 96 images: 3 batches
+    assert "--recalibrate-bn 4: the training set gives only 3 batches" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, CHECKPOINT_NAME))

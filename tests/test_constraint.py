@@ -137,3 +137,33 @@ def test_constraint_is_never_negative_and_exactly_zero_on_levels(name):
         cs = constraint(w, q, g)
         assert torch.all(cs >= 0)
         assert torch.all(cs[: len(q)] == 0)
+
+
+def where_chain(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The plain form of ``quantize``: ``q = where(w > m_k, q_{k+1}, q)`` over the midpoints."""
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    q = levels[0].expand_as(w)
+    for k in range(len(midpoints)):
+        q = torch.where(w > midpoints[k], levels[k + 1], q)
+    return q
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("factors", [(-1.0, 1.0), (-1.0, 0.0, 1.0), LEVEL_SETS["shift2"],
+                                     (-2.0, -0.5, -0.0, 1.0, 3.0), tuple(range(-128, 128))])
+def test_quantize_is_the_where_chain_bit_for_bit(dtype, factors):
+    levels = (torch.tensor(factors, dtype=torch.float32) * 0.37).to(dtype)
+    mids = (levels[1:] + levels[:-1]) / 2
+    special = torch.cat([levels, mids, torch.nextafter(mids, mids + 1),
+                         torch.nextafter(mids, mids - 1),
+                         torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0], dtype=dtype)])
+    w = torch.cat([special, (torch.randn(3000) * 40).to(dtype)])
+    assert torch.equal(raw_bytes(quantize(w, levels)), raw_bytes(where_chain(w, levels)))
+    conv = torch.randn(8, 4, 3, 3).to(dtype).to(memory_format=torch.channels_last)
+    q = quantize(conv, levels)
+    assert q.dtype == dtype and q.stride() == conv.stride()
+    assert torch.equal(raw_bytes(q), raw_bytes(where_chain(conv, levels)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import sys
 import zlib
@@ -16,57 +17,90 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import cbp
-from cbp.export import ExportError, export, load_packed
+from cbp.export import ExportError, checksum, export, load_packed
 from cbp.onnx_export import MissingDependencyError, check_onnx, export_onnx
-from cbp.packing import pack_indices, packed_nbytes, unpack_indices
+from cbp.packing import (
+    MAX_GROUP_BITS,
+    Grouping,
+    field_grouping,
+    grouping,
+    pack_indices,
+    unpack_indices,
+)
 from cbp.summary import summary
 
 CUSTOM = (-1.0, -0.3, 0.0, 0.6, 1.5)
-LEVELS = {"binary": 1, "ternary": 2, "shift1": 3, "shift2": 3, CUSTOM: 3}  # -> bits per weight
+LEVELS = ["binary", "ternary", "shift1", "shift2", CUSTOM,
+          *(tuple(torch.linspace(-1, 1, k).tolist()) for k in (6, 129, 256))]
 
 
 # -- packing ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("count", [0, 1, 7, 13, 1001])
-def test_pack_round_trip(bits, count):
-    indices = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(count))
-    packed = pack_indices(indices, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == (count * bits + 7) // 8
-    assert torch.equal(unpack_indices(packed, bits, count), indices)
+def test_grouping_by_hand():
+    # 3**29 = 2**45.96: 29 trits in 46 bits; 5**3 = 125 < 2**7 (taken as 24 in 56, same density).
+    assert grouping(3) == Grouping(3, 29, 46)
+    assert grouping(5) == Grouping(5, 24, 56) and grouping(5).bits_per_index == 7 / 3
+    assert grouping(7) == Grouping(7, 16, 45)   # 7**16 = 2**44.9
+    assert grouping(2) == Grouping(2, 56, 56) and grouping(256) == Grouping(256, 7, 56)
+    for k in range(2, 257):
+        group = grouping(k)
+        assert k**group.size <= 2**group.bits <= 2**MAX_GROUP_BITS
+        assert group.bits_per_index <= field_grouping(k).bits  # never worse than ceil(log2 k)
+        assert group.bits_per_index <= 1.02 * math.log2(k)     # worst: k = 129, 7.14 bits of 7.01
+
+
+@pytest.mark.parametrize("k", range(2, 257))
+def test_pack_round_trip_every_k(k):
+    gen = torch.Generator().manual_seed(k)
+    for group in (grouping(k), field_grouping(k)):
+        for count in sorted({0, 1, group.size - 1, group.size, group.size + 1, 3 * group.size + 2,
+                             1001}):
+            indices = torch.randint(0, k, (count,), generator=gen)
+            indices[::7] = k - 1   # the largest group values too
+            packed = pack_indices(indices, group)
+            assert packed.dtype == torch.uint8 and packed.numel() == group.nbytes(count)
+            assert packed.numel() == math.ceil(group.stream_bits(count) / 8)
+            assert torch.equal(unpack_indices(packed, group, count), indices)
 
 
 def test_pack_bit_order_by_hand():
-    # 1,2,3,4,5 in 3 bits, LSB first: 100 010 110 001 10|1 -> bytes 0b11010001, 0b01011000.
-    assert pack_indices(torch.tensor([1, 2, 3, 4, 5]), 3).tolist() == [209, 88]
-    bits = torch.randint(0, 2, (29,))
+    # five trits per byte: 1 + 2*3 + 0*9 + 1*27 + 2*81 = 196; a last group of two trits,
+    # 1 + 2*3 = 7, takes bit_length(3**2 - 1) = 4 bits.
+    trits = Grouping(3, 5, 8)
+    assert pack_indices(torch.tensor([1, 2, 0, 1, 2]), trits).tolist() == [196]
+    assert pack_indices(torch.tensor([2, 2, 2, 2, 2, 1, 2]), trits).tolist() == [242, 7]
+    assert trits.stream_bits(7) == 12
+    # 1,2,3,4,5 in 3 bits, LSB first: 100 010 110 001 10|1 -> bytes 0b11010001, 0b01011000,
+    # one field per index (format version 2) or 18 per 54-bit group alike.
+    for group in (field_grouping(8), grouping(8)):
+        assert pack_indices(torch.tensor([1, 2, 3, 4, 5]), group).tolist() == [209, 88]
+    bits = torch.randint(0, 2, (129,))
     expected = np.packbits(bits.numpy().astype(np.uint8), bitorder="little")
-    assert pack_indices(bits, 1).tolist() == expected.tolist()
-    assert pack_indices(torch.tensor([[7, 200], [0, 255]], dtype=torch.uint8), 8).tolist() == [
-        7, 200, 0, 255]
+    assert pack_indices(bits, grouping(2)).tolist() == expected.tolist()
+    assert pack_indices(torch.tensor([[7, 200], [0, 255]], dtype=torch.uint8),
+                        field_grouping(256)).tolist() == [7, 200, 0, 255]
 
 
 def test_pack_rejects_bad_input():
-    with pytest.raises(ValueError, match="bits"):
-        pack_indices(torch.tensor([0]), 9)
-    with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        pack_indices(torch.tensor([0, 4]), 2)
+    with pytest.raises(ValueError, match="invalid grouping"):
+        Grouping(3, 6, 9)   # 3**6 = 729 > 2**9
+    with pytest.raises(ValueError, match="invalid grouping"):
+        Grouping(2, 57, 57)
+    with pytest.raises(ValueError, match="from 2 to 256"):
+        grouping(257)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        pack_indices(torch.tensor([0, 3]), grouping(3))
     with pytest.raises(ValueError, match="integer"):
-        pack_indices(torch.tensor([0.5]), 2)
+        pack_indices(torch.tensor([0.5]), grouping(3))
     with pytest.raises(ValueError, match="take 2 bytes, got 3"):
-        unpack_indices(torch.zeros(3, dtype=torch.uint8), 3, 5)
-    for bits in (0, -1, 2.0):
-        with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
-            pack_indices(torch.tensor([0]), bits)
-        with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
-            unpack_indices(torch.zeros(1, dtype=torch.uint8), bits, 1)
+        unpack_indices(torch.zeros(3, dtype=torch.uint8), Grouping(3, 5, 8), 7)
     with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
-        pack_indices(torch.tensor([0, -1, 1]), 2)
+        pack_indices(torch.tensor([0, -1, 1]), grouping(3))
     with pytest.raises(ValueError, match="integer tensor, got torch.bool"):
-        pack_indices(torch.tensor([True]), 1)
+        pack_indices(torch.tensor([True]), grouping(2))
     for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.uint8)):
         with pytest.raises(ValueError, match="1-D uint8"):
-            unpack_indices(bad, 8, 2)
+            unpack_indices(bad, field_grouping(256), 2)
 
 
 # -- round trip ------------------------------------------------------------------------------------
@@ -98,7 +132,7 @@ def header_size(path) -> int:
         return split(f.read(8))
 
 
-@pytest.mark.parametrize("levels", list(LEVELS), ids=str)
+@pytest.mark.parametrize("levels", LEVELS, ids=lambda levels: f"{len(cbp.resolve_factors(levels))}")
 def test_load_packed_predicts_exactly_like_the_prepared_model(tmp_path, levels):
     model = prepared_net(levels)
     path = export(model, tmp_path / "m.safetensors")
@@ -116,10 +150,11 @@ def test_load_packed_predicts_exactly_like_the_prepared_model(tmp_path, levels):
     for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "13.bias", "0.weight"):
         assert torch.equal(plain.state_dict()[key], model.state_dict()[key])
     meta, layout = read_meta(path.read_bytes())
-    assert (meta["format"], meta["version"]) == ("cbp-packed", 2)
+    assert (meta["format"], meta["version"]) == ("cbp-packed", 3)
     assert [e["key"] for e in layout] == list(model.state_dict())
-    bits = {e["bits"] for e in layout if "bits" in e}
-    assert bits == {LEVELS[levels]}
+    k = len(cbp.resolve_factors(levels))
+    groups = [(e["n_levels"], e["group"]) for e in layout if "group" in e]
+    assert groups == [(k, [grouping(k).size, grouping(k).bits])] * 3
     assert set(st_load(path.read_bytes())) == {"packed", "float32", "int64"}
 
 
@@ -155,13 +190,14 @@ def test_file_size_is_close_to_ideal(tmp_path):
     cbp.prepare(model, cbp.CBPConfig(levels="ternary"))
     path = export(model, tmp_path / "m.safetensors")
     quantized = cbp.quantized_layers(model)
-    packed = sum(packed_nbytes(m.weight.numel(), 2) for m in quantized.values())
+    bound = sum(m.weight.numel() for m in quantized.values()) * math.log2(3) / 8  # information
     floats = sum(t.nbytes for k, t in model.state_dict().items()
                  if k.rpartition(".")[0] not in quantized or not k.endswith("weight"))
     size = os.path.getsize(path)
-    assert packed > 3 * floats
-    assert packed + floats < size < 1.1 * (packed + floats)
-    assert size == 8 + header_size(path) + summary(model).packed_bytes
+    payload = size - 8 - header_size(path)
+    assert bound > 3 * floats
+    assert bound + floats < payload <= 1.001 * (bound + floats)  # 1.6 bits per trit: 1.009
+    assert payload == summary(model).packed_bytes
 
 
 def test_summary_by_hand():
@@ -171,16 +207,17 @@ def test_summary_by_hand():
     result = summary(model)
     rows = {r.name: r for r in result.rows}
     assert list(rows) == ["0", "1", "2", "3"]
-    assert rows["2"].kind == "QuantLinear" and rows["2"].params == 15 and rows["2"].bits == 3
-    # float: 12 weights + 3 biases; packed: ceil(36 bits / 8) + 3 biases + 5 factors + 1 scale.
-    assert (rows["2"].float_bytes, rows["2"].packed_bytes) == (60, 5 + 12 + 20 + 4)
+    assert rows["2"].kind == "QuantLinear" and rows["2"].params == 15 and rows["2"].bits == 7 / 3
+    # float: 12 weights + 3 biases; packed: 12 indices into 5 levels, one short group of
+    # bit_length(5**12 - 1) = 28 bits -> 4 bytes; + 3 biases + 5 factors + 1 scale.
+    assert (rows["2"].float_bytes, rows["2"].packed_bytes) == (60, 4 + 12 + 20 + 4)
     # BatchNorm: weight, bias, running mean and var (float32), num_batches_tracked (int64).
     assert (rows["1"].params, rows["1"].bits, rows["1"].float_bytes) == (8, 32, 4 * 16 + 8)
     assert rows["1"].packed_bytes == rows["1"].float_bytes
     assert result.params == sum(p.numel() for p in model.parameters())
     assert result.float_bytes == sum(t.nbytes for t in cbp.convert(model).state_dict().values())
     text = str(result)
-    assert "QuantLinear" in text and "total" in text and f"{result.ratio:.1f}x" in text
+    assert " 2.333 " in text and "QuantLinear" in text and "total" in text and f"{result.ratio:.1f}x" in text
 
 
 def test_summary_of_plain_model_is_all_float():
@@ -252,17 +289,20 @@ def read_meta(data: bytes) -> tuple[dict, list[dict]]:
     return meta, json.loads(zlib.decompress(base64.b64decode(meta["layout"])))
 
 
-def resave(path, data, edit_tensors=None, edit_layout=None, edit_meta=None):
-    """Rewrite an export with edited tensors or layout, keeping a valid CRC (a deliberate forgery)."""
+def resave(path, data, edit_tensors=None, edit_layout=None, edit_meta=None, crc_of_payload=False):
+    """Rewrite an export with edited tensors, layout or metadata and a CRC recomputed as export
+    does (a deliberate forgery), or only over the tensor data as format version 2 did."""
     tensors = st_load(data)
     meta, layout = read_meta(data)
     for edit, target in ((edit_tensors, tensors), (edit_layout, layout), (edit_meta, meta)):
         if edit:
             edit(target)
-    payload = st_save(tensors)
-    meta["crc32"] = zlib.crc32(payload[8 + split(payload) :])
     if not edit_meta:
         meta["layout"] = base64.b64encode(zlib.compress(json.dumps(layout).encode())).decode()
+    del meta["crc32"]
+    unsigned = st_save(tensors, metadata={"cbp": json.dumps(meta)})
+    header, payload = json.loads(unsigned[8 : 8 + split(unsigned)]), unsigned[8 + split(unsigned) :]
+    meta["crc32"] = zlib.crc32(payload) if crc_of_payload else checksum(header, payload)
     path.write_bytes(st_save(tensors, metadata={"cbp": json.dumps(meta)}))
 
 
@@ -278,14 +318,14 @@ def test_inconsistent_contents(tmp_path, exported):
                               f"entries, '9.weight' needs {packed_bytes}")
     resave(path, data, edit_tensors=lambda t: t.update(packed=torch.cat([t["packed"], t["packed"][:1]])))
     assert_export_error(path, "tensor 'packed' holds 1 entries that no layer uses")
-    resave(path, data, edit_tensors=lambda t: t["packed"].fill_(255))  # index 7 of 5 levels
-    assert_export_error(path, "level index 7 of 5")
+    resave(path, data, edit_tensors=lambda t: t["packed"].fill_(255))  # groups of 24 in 56 bits
+    assert_export_error(path, f"level index {(2**56 - 1) // 5**23} of 5")     # top digit: 6
     resave(path, data, edit_tensors=lambda t: t.update(float32=t["float32"].double()))
     assert_export_error(path, "tensor 'float32' holding '0.weight' is missing or malformed")
     resave(path, data, edit_layout=lambda layout: layout.remove(entry(layout, "6.cbp_scale")),
            edit_tensors=lambda t: t.update(float32=t["float32"][:-1]))   # sizes still add up
     assert_export_error(path, "'6.cbp_scale' is missing")
-    resave(path, data, edit_layout=lambda layout: entry(layout, "3.weight").update(bits=2))
+    resave(path, data, edit_layout=lambda layout: entry(layout, "3.weight").update(group=[24, 55]))
     assert_export_error(path, "corrupted cbp metadata for '3.weight'")
     resave(path, data, edit_meta=lambda meta: meta.update(layout="bm90IHpsaWI="))  # "not zlib"
     assert_export_error(path, "corrupted cbp metadata .layout: error")
@@ -295,13 +335,66 @@ def test_inconsistent_contents(tmp_path, exported):
 
 @pytest.mark.parametrize("change", [
     {"n_levels": 257, "bits": 9}, {"n_levels": 1, "bits": 1}, {"n_levels": 5.0},
-    {"bits": 4}, {"dtype": "int32"}, {"dtype": "tensor"}, {"shape": [-1, 4]}, {"shape": [2.5]},
+    {"group": [24, 55]}, {"group": [0, 8]}, {"group": "24"},
+    {"dtype": "int32"}, {"dtype": "tensor"}, {"shape": [-1, 4]}, {"shape": [2.5]},
     {"key": 3}])
 def test_layout_entries_are_type_checked(tmp_path, exported, change):
     """A layout entry that could not have been written: refused by name, before any unpacking."""
     path, data = exported
     resave(path, data, edit_layout=lambda layout: entry(layout, "3.weight").update(change))
     assert_export_error(path, "corrupted cbp metadata for ")
+
+
+def swap(first, second):
+    """A layout edit: entries ``first`` and ``second`` trade places (and so their data)."""
+    def edit(layout):
+        i, j = layout.index(entry(layout, first)), layout.index(entry(layout, second))
+        layout[i], layout[j] = layout[j], layout[i]
+    return edit
+
+
+def test_checksum_covers_layout_and_metadata(tmp_path, exported):
+    path, data = exported
+    original = cbp.read_packed(path)
+    # BatchNorm weight and bias have the same shape: swapped, they would load scrambled ...
+    resave(path, data, edit_layout=swap("1.weight", "1.bias"))
+    scrambled = cbp.read_packed(path)
+    assert torch.equal(scrambled["1.weight"], original["1.bias"])
+    assert not torch.equal(scrambled["1.weight"], original["1.weight"])
+    # ... but a file whose CRC covers only the tensor data, as in version 2, is refused.
+    edits = {"swap": {"edit_layout": swap("1.weight", "1.bias")},
+             "shape": {"edit_layout": lambda layout: entry(layout, "1.weight").update(shape=[2, 4])},
+             "levels": {"edit_layout": lambda layout: entry(layout, "3.weight").update(
+                 group=[23, 54])},
+             "metadata": {"edit_meta": lambda meta: meta.update(note="edited")}}
+    for edit in edits.values():
+        resave(path, data, crc_of_payload=True, **edit)
+        assert_export_error(path, "header or tensor data fails its CRC-32 check")
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def fixture_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 13), nn.BatchNorm1d(13), nn.Linear(13, 6),
+                         nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("levels", ["ternary", "shift1"])
+def test_version_2_file_still_loads(levels):
+    """``fixtures/export_v2_*`` were written by main at 78925a4 (format version 2, one
+    ceil(log2 k)-bit field per index: 2 bits ternary, 3 bits shift1) from ``fixture_net`` prepared
+    with these levels, next to its ``cbp.convert``-ed float state_dict (``*_expected``)."""
+    path = os.path.join(FIXTURES, f"export_v2_{levels}.safetensors")
+    data = open(path, "rb").read()
+    meta, layout = read_meta(data)
+    assert meta["version"] == 2 and "group" not in str(layout)
+    assert {e["bits"] for e in layout if "bits" in e} == {2 if levels == "ternary" else 3}
+    expected = st_load(open(path.replace(".safetensors", "_expected.safetensors"), "rb").read())
+    model = load_packed(path, fixture_net)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert len(model[1].weight.unique()) <= len(cbp.resolve_factors(levels))
 
 
 def test_model_that_does_not_fit(exported):

@@ -222,3 +222,59 @@ def test_compiled_kernel_trains_like_the_eager_form():
         if key != "model":
             assert torch.equal(eager[key], compiled[key]), key
     assert compiled_sums == pytest.approx(eager_sums, rel=1e-6)
+
+
+def reference_step(lag: cbp.Lagrangian) -> None:
+    """``Lagrangian.step`` as it was before the clip moved into the penalty pass: penalty
+    gradient, then every gradient clipped, SGD, weight clamp."""
+    cfg = lag.config
+    with torch.no_grad():
+        for layer, lam in zip(lag.layers.values(), lag.multipliers.values()):
+            if cfg.use_constraint:
+                _, slope = constraint_and_grad(layer.weight, layer.levels, lag.g)
+                layer.weight.grad.addcmul_(lam, slope)
+        grads = [p.grad for p in lag.parameters]
+        torch._foreach_clamp_min_(grads, -cfg.grad_clip_value)
+        torch._foreach_clamp_max_(grads, cfg.grad_clip_value)
+        lag.optimizer.step()
+        weights = [layer.weight for layer in lag.layers.values()]
+        torch._foreach_clamp_min_(weights, -cfg.weight_clamp)
+        torch._foreach_clamp_max_(weights, cfg.weight_clamp)
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+@pytest.mark.parametrize("use_constraint", [True, False], ids=["cbp", "ste"])
+def test_step_with_the_clip_in_the_penalty_pass_is_bit_identical(levels, use_constraint):
+    states = []
+    for step in (reference_step, cbp.Lagrangian.step):
+        lag, _ = setup(levels, 3.0)
+        lag.config = cbp.CBPConfig(levels=levels, grad_clip_value=0.5, weight_clamp=1.0,
+                                   use_constraint=use_constraint)
+        lag.optimizer = torch.optim.SGD(lag.parameters, lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in lag.parameters:
+                p.grad = torch.randn(p.shape, generator=gen)   # some beyond the clip
+            step(lag)
+        states.append([p.detach().clone() for p in lag.parameters])
+    assert all(torch.equal(a, b) for a, b in zip(*states, strict=True))
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_kernel_clips_like_the_eager_form(levels):
+    """The function that torch.compile fuses, run eagerly, with and without the clip: the
+    penalty gradient added, then clipped, as the closed form followed by clamp_."""
+    lag, weights = setup(levels, 3.0)
+    for clip in (None, 0.75):
+        for (layer, lam), w in zip(zip(lag.layers.values(), lag.multipliers.values()), weights):
+            grad = torch.linspace(-2, 2, w.numel()).view_as(w)
+            cs, slope = constraint_and_grad(w.detach(), layer.levels, 3.0)
+            expected = grad + lam * slope
+            if clip is not None:
+                expected = expected.clamp(-clip, clip)
+            total = penalty_grad_(w.detach(), lam, grad, layer.cbp_factors, layer.cbp_scale,
+                                  torch.tensor(3.0), clip)
+            assert torch.equal(grad, expected)
+            assert float(total) == pytest.approx(float((lam * cs).sum()), rel=1e-6)
+            if clip is not None:
+                assert float(grad.abs().max()) == clip

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+import cbp
 from cbp import CBPConfig, prepare, select_layers
 from cbp.checkpoint import save_checkpoint
 from cbp.models import ModelError, build_model, model_options, resnet20, torchvision_weights
@@ -140,6 +141,16 @@ def test_bad_names_and_unpublished_weights():
             build_model(name, 10, weights="torchvision")
     with pytest.raises(ModelError, match="1000 classes"):  # refused before any download
         build_model("resnet18", 10, weights="torchvision")
+
+
+def test_tiny_mobilenetv2_quantizes_every_conv_but_the_stem_depthwise_ones_included():
+    model = build_model("mobilenetv2_tiny", 10, in_channels=1)
+    layers = cbp.quantized_layers(cbp.prepare(model, cbp.CBPConfig("binary")))
+    depthwise = [n for n, m in layers.items() if m.groups > 1 and m.groups == m.in_channels]
+    assert len(layers) == 24 and len(depthwise) == 8
+    assert sum(m.weight.numel() for m in layers.values()) == 98832
+    assert "stem.0" not in layers and "fc" not in layers
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 # -- published weights: which file would be fetched (the download itself is mocked) -------------

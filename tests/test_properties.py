@@ -8,7 +8,7 @@ from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from cbp.constraint import constrained_mask, constraint, constraint_and_grad, quantize, sawtooth
-from cbp.packing import pack_indices, packed_nbytes, unpack_indices
+from cbp.packing import field_grouping, grouping, pack_indices, unpack_indices
 
 # The same examples on every run (no flaky test, no example database); under mutation testing
 # (scripts/mutation.sh) a failure is not shrunk: any failure kills the mutant.
@@ -71,14 +71,16 @@ def test_slope_is_plus_or_minus_two_outside_the_window_and_zero_inside(levels, w
 
 
 @FAST
-@given(st.integers(1, 8), st.data())
-def test_packing_round_trips_any_index_array(bits, data):
+@given(st.integers(2, 256), st.booleans(), st.data())
+def test_packing_round_trips_any_index_array(k, fields, data):
+    layout = field_grouping(k) if fields else grouping(k)
     count = data.draw(st.integers(0, 200))
-    values = data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=count, max_size=count))
+    values = data.draw(st.lists(st.integers(0, k - 1), min_size=count, max_size=count))
     indices = torch.tensor(values, dtype=torch.int64)
-    packed = pack_indices(indices, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(count, bits)
-    assert packed.numel() == math.ceil(count * bits / 8)
-    assert torch.equal(unpack_indices(packed, bits, count), indices)
-    if count * bits % 8:   # the unused high bits of the last byte are zero: one file per model
-        assert int(packed[-1]) >> (count * bits % 8) == 0
+    packed = pack_indices(indices, layout)
+    bits = layout.stream_bits(count)
+    assert packed.dtype == torch.uint8 and packed.numel() == layout.nbytes(count)
+    assert packed.numel() == math.ceil(bits / 8)
+    assert torch.equal(unpack_indices(packed, layout, count), indices)
+    if bits % 8:   # the unused high bits of the last byte are zero: one file per model
+        assert int(packed[-1]) >> (bits % 8) == 0

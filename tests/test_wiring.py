@@ -60,7 +60,9 @@ ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--downlo
              "--optimizer", "-h",
              # the older spellings of CBPConfig's flags (tests/test_options.py)
              "--no-constraint", "--g-final", "--grad-clip-value", "--use-constraint",
-             "--skip-first-last", "--initial-multiplier-update"}
+             "--skip-first-last", "--initial-multiplier-update",
+             # the oscillation fix and the final BN re-estimation, end to end in tests/test_cli.py
+             "--oscillation-fix", "--recalibrate-bn"}
 
 
 def options(command: str) -> set[str]:
