@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -18,11 +19,36 @@ import torch
 
 FORMAT = "cbp-checkpoint-v2"
 FORMAT_V1 = "cbp-checkpoint-v1"  # still read: cbp.runs brings it up to date
-TMP_PREFIX = ".tmp-"
+TMP_SUFFIX = ".cbp-tmp"   # temporaries are ".<target name>.<random>.cbp-tmp": never a user's name
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, unsafe or from another run; one-line message."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, no permission); names the file, one line."""
+
+
+class _RecordingFile:
+    """A file that remembers the first ``OSError`` of a write.
+
+    ``torch.save`` turns a failed write (a full disk) into a ``RuntimeError`` about a zip
+    position; remembering the real error lets :func:`atomic_write` name it and the file.
+    """
+
+    def __init__(self, file) -> None:
+        self._file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
 
 
 def _new_file_mode() -> int:
@@ -33,20 +59,31 @@ def _new_file_mode() -> int:
 
 
 def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file, fsync it and rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file, fsync it and rename it to ``path``.
+
+    A failed write (a full disk) leaves ``path`` as it was and raises :class:`WriteError`
+    naming it.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
+    tmp, recording = None, None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX,
+                                   dir=directory)
         with os.fdopen(fd, mode) as f:
             os.fchmod(f.fileno(), _new_file_mode())  # mkstemp's 0600 would hide it from others
-            write(f)
+            recording = _RecordingFile(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        cause = recording.error if recording is not None and recording.error else err
+        if isinstance(cause, OSError) and not isinstance(cause, WriteError):
+            kept = "; the previous file is untouched" if os.path.exists(path) else ""
+            raise WriteError(f"cannot write {path}: {cause.strerror or cause}{kept}") from err
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
@@ -55,10 +92,12 @@ def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -
         os.close(dir_fd)
 
 
-def remove_stale_temporaries(directory: str) -> None:
-    """Delete the temporary files of writes killed half-way (SIGKILL, power loss)."""
+def remove_stale_temporaries(directory: str, targets: tuple[str, ...] | None = None) -> None:
+    """Delete the temporaries that writes of ``targets`` (None: of any file) killed half-way left
+    (SIGKILL, power loss); other files, whatever their names, are not ours to delete."""
     for name in os.listdir(directory):
-        if name.startswith(TMP_PREFIX):
+        if name.endswith(TMP_SUFFIX) and (targets is None
+                                          or any(name.startswith(f".{t}.") for t in targets)):
             os.unlink(os.path.join(directory, name))
 
 
@@ -82,6 +121,20 @@ def _check_archive(path: str) -> None:
         raise CheckpointError(f"checkpoint {path} is corrupted: {bad} fails its checksum")
 
 
+def refused_as_unsafe(err: Exception) -> bool:
+    """Whether ``torch.load(weights_only=True)`` raised because the file holds more than plain
+    data (rather than because it is no pickle at all)."""
+    return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+
+
+def unsafe_reason(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without PyTorch's advice to load it
+    with ``weights_only=False`` - which would run whatever code the file carries."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    what = f"it would call {found.group(1)}" if found else "it holds more than plain data"
+    return f"{what} when unpickled, and cbp never runs code from a file"
+
+
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`, or raise ``CheckpointError``."""
     if not os.path.isfile(path):
@@ -90,9 +143,9 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"refusing to load {path}: it is not a plain-data checkpoint "
-                              f"({first_line})") from err
+        if refused_as_unsafe(err):
+            raise CheckpointError(f"refusing to load {path}: {unsafe_reason(err)}") from err
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted") from err
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_V1):

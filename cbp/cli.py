@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -30,9 +31,10 @@ import torch
 from . import distributed, metrics
 from .baselines import recalibrate_bn
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .config import CBPConfig
-from .data import TEXT_DATASETS, load_dataset, make_loader
+from .config import CBPConfig, check_number
+from .data import TEXT_DATASETS, check_same_classes, class_names, load_dataset, make_loader
 from .export import export as export_packed
+from .guards import check_run_dir, recorded_settings, resume_settings
 from .interrupts import Interrupted
 from .lagrangian import Lagrangian
 from .layers import param_groups, prepare
@@ -46,6 +48,13 @@ from .summary import summary
 from .tasks import Classification, LanguageModel, task_of
 from .text import CharVocab
 from .train import Run, evaluate, fit
+
+
+def check_training_numbers(args: argparse.Namespace) -> None:
+    """The optimizer's settings in range (CBP's own are :meth:`CBPConfig.validate`'s)."""
+    check_number("--lr", args.lr, above=0, below=math.inf)
+    check_number("--momentum", args.momentum, at_least=0, below=1)
+    check_number("--weight-decay", args.weight_decay, at_least=0, below=math.inf)
 
 
 def _pretrained_model(args, num_classes: int, in_channels: int,
@@ -96,10 +105,11 @@ def check_output_dir(path: str) -> None:
 def run_training(args: argparse.Namespace) -> list[dict]:
     """`cbp pretrain` and `cbp quantize`: build data, model, optimizer, then `train.fit`."""
     check_output_dir(args.out)
-    if (not (args.resume or args.overwrite)
-            and os.path.exists(os.path.join(args.out, CHECKPOINT_NAME))):
-        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
+    resume = check_run_dir(args.out, args.resume, args.overwrite)
+    if resume:
+        for line in resume_settings(args, args._given):
+            print(f"cbp: {line}", file=sys.stderr, flush=True)
+    check_training_numbers(args)
     config = cbp_config(args) if args.command == "quantize" else None  # its mistakes first
     ctx = distributed.setup(args.device)
     train_data, num_classes, in_channels = load_dataset(
@@ -110,6 +120,8 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--recalibrate-bn {args.recalibrate_bn}: the training set gives only "
                          f"{len(train_data) // args.batch_size} batches of {args.batch_size}")
     vocab = train_data.vocab.chars if hasattr(train_data, "vocab") else None
+    classes = class_names(train_data)
+    check_same_classes(classes, class_names(val_data), f"{args.data_dir}/val")
     torch.manual_seed(args.seed)
     lagrangian = scheduler = None
     if args.command == "pretrain":
@@ -123,6 +135,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     meta = describe(args.command, model, model_name, args.data, num_classes, in_channels,
                     list(train_data[0][0].shape), getattr(args, "constraint", None), config,
                     task.name, vocab)
+    meta.update(settings=recorded_settings(args), **({"classes": classes} if classes else {}))
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)
@@ -138,7 +151,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
               meta=meta, show_progress=not args.quiet, on_nan=args.on_nan, task=task)
-    rows = fit(run, resume=args.resume)
+    rows = fit(run, resume=resume)
     if args.command == "quantize" and args.recalibrate_bn and rows:
         recalibrate_run(run, args.recalibrate_bn, rows[-1]["top1"])
     if ctx.is_main and rows:
@@ -207,6 +220,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                          f"classes and {in_channels} channels")
     if getattr(val_data, "vocab", None) is not None and val_data.vocab.chars != meta.get("vocab"):
         raise ValueError(f"{args.checkpoint} was trained on another vocabulary (text) than this data's")
+    check_same_classes(meta.get("classes"), class_names(val_data), f"{args.data_dir}/val")
     result = task_of(meta).evaluate(model.to(ctx.device), val_data, ctx)
     if args.recalibrate_bn:
         train_data, _, _ = load_dataset(meta["dataset"], args.data_dir, True, None, args.image_size)

@@ -18,6 +18,46 @@ from .ascent import ASCENT_RULES
 from .levels import resolve_factors
 
 
+class SettingError(ValueError):
+    """A setting out of its range; ``name`` says which, ``requirement`` the rest of the message."""
+
+    def __init__(self, name: str, requirement: str) -> None:
+        super().__init__(f"{name} {requirement}")
+        self.name, self.requirement = name, requirement
+
+
+def check_number(name: str, value, *, above: float | None = None, at_least: float | None = None,
+                 at_most: float | None = None, below: float | None = None,
+                 none_ok: bool = False, integer: bool = False) -> None:
+    """Raise ``SettingError("<name> must be ..., got <value>")`` unless ``value`` is in range.
+
+    The one place every numeric setting is checked (``CBPConfig`` and the CLI's training
+    settings), so that a NaN, a sign or a zero that would silently break training never gets in.
+    Infinity passes only where an upper bound allows it.
+    """
+    if value is None and none_ok:
+        return
+    finite = below == math.inf
+    bounds = [f"> {above:g}" if above is not None else "",
+              f">= {at_least:g}" if at_least is not None else "",
+              f"<= {at_most:g}" if at_most is not None else "",
+              f"< {below:g}" if below is not None and not finite else ""]
+    wanted = ("a finite " if finite else "an " if integer else "a ") + (
+        "integer" if integer else "number")
+    wanted += " " + " and ".join(b for b in bounds if b) if any(bounds) else ""
+    wanted += ", or None" if none_ok else ""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if integer:
+        is_number = isinstance(value, int) and not isinstance(value, bool)
+    ok = is_number and not math.isnan(value)
+    if ok:
+        ok = ((above is None or value > above) and (at_least is None or value >= at_least)
+              and (at_most is None or value <= at_most) and (below is None or value < below)
+              and (math.isfinite(value) or (at_most is None and below is None and value > 0)))
+    if not ok:
+        raise SettingError(name, f"must be {wanted}, got {value!r}")
+
+
 def _doc(default, help: str, **cli):
     """A field with its documentation. ``cli``: ``flag=False`` (no command-line flag: the CLI
     spells it otherwise), ``aliases`` (older flag spellings that still work; for a switch, flags
@@ -93,15 +133,37 @@ class CBPConfig:
         if self.multiplier_rule not in ASCENT_RULES:
             raise ValueError(f"multiplier_rule must be one of {', '.join(ASCENT_RULES)}, "
                              f"got {self.multiplier_rule!r}")
-        if not self.g_init >= 1:
-            raise ValueError(f"g_init must be >= 1, got {self.g_init}")
-        if self.p_max < 1:
-            raise ValueError(f"p_max must be >= 1, got {self.p_max}")
         if self.compile_penalty not in (None, True, False):
             raise ValueError(f"compile_penalty must be None (auto), True or False, got "
                              f"{self.compile_penalty!r}")
-        if self.multiplier_lr < 0 or not math.isfinite(self.multiplier_lr):
-            raise ValueError(f"multiplier_lr must be a finite number >= 0, got {self.multiplier_lr}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Every numeric field in its range, or ``ValueError`` naming the field (one line).
+
+        Infinity is accepted where it means "never" (``g_init``: no window,
+        ``stop_once_g_exceeds``,
+        ``lr_drop_at_g``, ``grad_clip_value``, ``weight_clamp``); NaN nowhere.
+        """
+        check_number("multiplier_lr", self.multiplier_lr, at_least=0, below=math.inf)
+        check_number("p_max", self.p_max, at_least=1, integer=True)
+        check_number("g_init", self.g_init, at_least=1)
+        check_number("stop_once_g_exceeds", self.stop_once_g_exceeds, at_least=self.g_init,
+                     none_ok=True)
+        check_number("lr_drop_at_g", self.lr_drop_at_g, above=0, none_ok=True)
+        check_number("lr_drop_factor", self.lr_drop_factor, above=0, at_most=1)
+        check_number("grad_clip_value", self.grad_clip_value, above=0, none_ok=True)
+        check_number("weight_clamp", self.weight_clamp, above=0, none_ok=True)
+        bounds = []
+        for pair in self.g_increments:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"g_increments must hold (bound, increment) pairs, got {pair!r}")
+            check_number("a g_increments bound", pair[0], above=bounds[-1] if bounds else 0)
+            check_number("a g_increments increment", pair[1], above=0, below=math.inf)
+            bounds.append(pair[0])
+        if not bounds or bounds[-1] != math.inf:
+            raise ValueError("g_increments must end with an infinite bound (else g would stop "
+                             f"growing and the schedule never end), got {self.g_increments!r}")
 
     def g_increment(self, g: float) -> float:
         """Delta g at the current g (paper: 1 below 10, 10 below 100, 100 above)."""

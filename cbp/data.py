@@ -164,6 +164,37 @@ def _spread_over_classes(targets: list[int], limit: int) -> list[int]:
     return order[:limit]
 
 
+def class_names(dataset: Dataset) -> list[str] | None:
+    """The class names of an image folder (through any ``Subset``), None for other datasets."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    classes = getattr(dataset, "classes", None)
+    return list(classes) if classes is not None else None
+
+
+def _listed(names: list[str], at_most: int = 5) -> str:
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
+
+
+def check_same_classes(expected: list[str] | None, found: list[str] | None, where: str) -> None:
+    """Refuse labels that mean other classes: ``found`` (e.g. ``val/``) must list exactly the
+    classes of ``expected`` (``train/``, or the checkpoint's), in the same order.
+
+    An image folder numbers its classes by sorted folder name, so one missing or extra folder
+    shifts every label after it: accuracy against unrelated classes, or an IndexError late on.
+    """
+    if expected is None or found is None or list(expected) == list(found):
+        return
+    missing = [c for c in expected if c not in found]
+    extra = [c for c in found if c not in expected]
+    details = "; ".join(part for part in (f"lacks {_listed(missing)}" if missing else "",
+                                          f"has {_listed(extra)} besides" if extra else "") if part)
+    raise DataError(f"{where} does not hold the same classes ({len(found)}) as the training "
+                    f"data ({len(expected)}): it {details}; every split needs the same class "
+                    "folders")
+
+
 DATASET_NAMES = ("fashion-mnist", "imagefolder", "shakespeare")
 TEXT_DATASETS = ("shakespeare",)  # character-level language modelling (cbp.text)
 TEXT_CONTEXT = 128                # characters per training window

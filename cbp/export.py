@@ -43,7 +43,7 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .checkpoint import atomic_write
+from .checkpoint import WriteError, atomic_write
 from .constraint import quantize
 from .layers import convert, quantized_layers
 from .packing import Grouping, field_grouping, grouping, pack_indices, unpack_indices
@@ -83,10 +83,34 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, layout
 
 
+def _is_packed_export(data: bytes) -> bool:
+    try:
+        meta = _read_header(data, "")["__metadata__"][_META_KEY]
+        return json.loads(meta)["format"] == FORMAT
+    except (ExportError, KeyError, TypeError, ValueError):
+        return False
+
+
+def check_replaceable(path: Path, ours: Callable[[bytes], bool], what: str) -> None:
+    """An existing file is replaced only if it is an earlier ``what``: never a checkpoint (its
+    run would be gone) or any other file cbp did not write."""
+    if not path.exists():
+        return
+    try:
+        earlier = path.is_file() and ours(path.read_bytes())
+    except OSError:
+        earlier = False
+    if not earlier:
+        raise ExportError(f"refusing to replace {path}: it is not {what} (a checkpoint, or a "
+                          "file of yours?); choose another path, or delete it first")
+
+
 def write_file(path: Path, data: bytes) -> None:
     """Atomic write (never a half-written file) with the error as an ``ExportError``."""
     try:
         atomic_write(str(path), lambda f: f.write(data))
+    except WriteError as err:   # it names the file already
+        raise ExportError(str(err)) from err
     except OSError as err:
         raise ExportError(f"{path}: cannot write ({err.strerror or err})") from err
 
@@ -117,6 +141,7 @@ def export(model: nn.Module, path: str | os.PathLike) -> Path:
     meta["crc32"] = checksum(_read_header(unsigned, "export"), _payload(unsigned))
     data = st_save(grouped, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
     path = Path(path)
+    check_replaceable(path, _is_packed_export, "a cbp export")
     write_file(path, data)
     return path
 

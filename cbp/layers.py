@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import CBPConfig
 from .constraint import quantize
+from .levels import check_distinct_in
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -98,9 +99,39 @@ def _swap_class(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` in ``model``; returns the model.
+
+    The root itself (``name == ""``, a bare layer given to ``prepare``) changes its class in
+    place instead: assigning it as its own child would make a module that contains itself.
+    """
+    if not name:
+        model.__class__ = type(module)
+        model.__dict__.update(module.__dict__)
+        return model
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return model
+
+
+def _check_quantizable(name: str, weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """The layer's scale ``a = mean|W|``, or ``ValueError`` naming a layer that cannot be quantized.
+
+    An all-zero (pruned) layer has ``a = 0``: every level would be 0 and every metric divide by
+    0. It is refused before any training, with the way to leave it out; so are levels that the
+    weights' dtype cannot tell apart at this scale.
+    """
+    label = repr(name) if name else "the model itself"
+    scale = weight.abs().mean().float().reshape(())
+    if not bool(scale > 0) or not bool(scale.isfinite()):
+        hint = (f"; leave it out with --exclude '^{re.escape(name)}$' (CBPConfig.exclude)"
+                if name else "")
+        raise ValueError(f"layer {label} has {'all-zero' if scale == 0 else 'non-finite'} "
+                         f"weights (scale mean|W| = {float(scale):g}), so it cannot be "
+                         f"quantized{hint}")
+    check_distinct_in((factors * scale).double(), weight.dtype, f"layer {label}'s levels "
+                      f"(factors times its scale {float(scale):g})")
+    return scale
 
 
 def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = True) -> nn.Module:
@@ -124,13 +155,14 @@ def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = T
     if not inplace:
         model = copy.deepcopy(model)
     factors = torch.tensor(config.factors, dtype=torch.float32)
+    scales = {name: _check_quantizable(name, model.get_submodule(name).weight.detach(), factors)
+              for name in names}   # every layer checked before any is changed
     for name in names:
         module = model.get_submodule(name)
         quant = _swap_class(module, _QUANT_OF[type(module)])
-        w = module.weight.detach()
-        quant.register_buffer("cbp_factors", factors.to(w.device))
-        quant.register_buffer("cbp_scale", w.abs().mean().float().reshape(()))
-        _set_submodule(model, name, quant)
+        quant.register_buffer("cbp_factors", factors.to(module.weight.device))
+        quant.register_buffer("cbp_scale", scales[name])
+        model = _set_submodule(model, name, quant)
     return model
 
 
@@ -163,7 +195,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
             layer.weight.copy_(quantize(layer.weight, layer.levels))
         plain = _swap_class(layer, _FLOAT_OF[type(layer)])
         del plain._buffers["cbp_factors"], plain._buffers["cbp_scale"]
-        _set_submodule(model, name, plain)
+        model = _set_submodule(model, name, plain)
     return model
 
 

@@ -40,7 +40,24 @@ def resolve_factors(levels: str | Sequence[float] | torch.Tensor) -> tuple[float
     if any(b <= a for a, b in zip(factors, factors[1:])):
         raise ValueError(f"level factors must be strictly increasing (sorted, no duplicates), "
                          f"got {factors}")
+    check_distinct_in(torch.tensor(factors, dtype=torch.float64), torch.float32,
+                      f"level factors {factors}")
     return factors
+
+
+def check_distinct_in(levels: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse levels that ``dtype`` cannot keep apart: overflowing to inf, or rounding to equal
+    (``-1e-50, 1e-50`` are both 0 in float32), or so far apart that their midpoint or spacing
+    overflows. Weights of such a set would all land on one level, or become NaN."""
+    cast = levels.to(dtype)
+    spacing = cast[1:].double() - cast[:-1].double()
+    midpoints = (cast[1:] + cast[:-1]) / 2
+    finite_spacing = torch.finfo(dtype).max
+    if (not bool(cast.isfinite().all()) or not bool((cast[1:] > cast[:-1]).all())
+            or not bool(midpoints.isfinite().all()) or not bool((spacing <= finite_spacing).all())):
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(f"{what} collapse or overflow in {name} (become {cast.tolist()}): "
+                         "choose levels of a moderate size")
 
 
 def bits_per_weight(n_levels: int) -> int:

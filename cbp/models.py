@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .checkpoint import refused_as_unsafe, unsafe_reason
 from .gpt import CBP_SELECTION as GPT_SELECTION
 from .gpt import GPT, GPTConfig, generate, gpt
 
@@ -300,6 +301,8 @@ def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling/safetensors raise many types; all mean "unusable"
+        if refused_as_unsafe(e):
+            raise ModelError(f"cannot read weights {path}: {unsafe_reason(e)}") from e
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot read weights {path}: {reason}") from e
     meta = {}

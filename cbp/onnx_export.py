@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .export import ExportError, write_file
+from .export import ExportError, check_replaceable, write_file
 from .layers import convert
 
 
@@ -28,9 +28,21 @@ def _onnx_runtime():
     return onnxruntime
 
 
+def _is_onnx_model(data: bytes) -> bool:
+    try:
+        import onnx
+
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+        return model.ir_version > 0 and len(model.graph.node) > 0
+    except Exception:  # protobuf raises its own error types; any means "not an ONNX model"
+        return False
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor) -> Path:
     """Write ``cbp.convert(model)`` (weights on their levels) as ONNX, batch dimension dynamic."""
     _onnx_runtime()
+    check_replaceable(Path(path), _is_onnx_model, "an ONNX model")
     plain = convert(model).eval()
     program = torch.onnx.export(plain, (example_input,), dynamo=True, external_data=False,
                                 input_names=["input"], output_names=["output"], verbose=False,

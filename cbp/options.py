@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, fields
 from importlib import resources
 
-from .config import CBPConfig
+from .config import CBPConfig, SettingError
 from .data import DATASET_NAMES
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES
@@ -330,11 +330,20 @@ def read_config(name: str, command: str) -> dict:
 _NUMBER_LIST = re.compile(r"^-[^-].*,")  # "-1,0,1", "-inf,1": no option holds a comma
 
 
+def _negative_value(token: str) -> bool:
+    """A negative number or a list starting with one: "-1,0,1", "-1e-4", "-inf"."""
+    try:
+        float(token)
+    except ValueError:
+        return bool(_NUMBER_LIST.match(token))
+    return token.startswith("-")
+
+
 def _glue_number_lists(argv: list[str]) -> list[str]:
     """``--levels -1,0,1`` as ``--levels=-1,0,1``: argparse takes "-1,0,1" for an option."""
     out: list[str] = []
     for token in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NUMBER_LIST.match(token):
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _negative_value(token):
             out[-1] = f"{out[-1]}={token}"
         else:
             out.append(token)
@@ -349,7 +358,18 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
     if getattr(args, "config", None) and args.command in commands:
         commands[args.command].set_from_config(read_config(args.config, args.command), args.config)
         args = parser.parse_args(argv)
+    if args.command in ("pretrain", "quantize"):
+        args._given = _given_settings(argv)
     return args
+
+
+def _given_settings(argv: list[str]) -> set[str]:
+    """The settings ``argv`` sets, as opposed to defaults (``--config``'s values are defaults)."""
+    parser, _ = build_parsers()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
 
 
 def cbp_config(args: argparse.Namespace) -> CBPConfig:
@@ -371,7 +391,10 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
         except re.error as err:
             raise ValueError(f"--include/--exclude: {pattern!r} is not a regular expression: "
                              f"{err}") from err
-    return CBPConfig(levels=levels, **{f.name: getattr(args, f.name) for f in cbp_fields()})
+    try:
+        return CBPConfig(levels=levels, **{f.name: getattr(args, f.name) for f in cbp_fields()})
+    except SettingError as err:   # CBPConfig's check, in the words of the command line
+        raise ValueError(f"--{err.name.replace('_', '-')} {err.requirement}") from None
 
 
 # ---- for the library -----------------------------------------------------------------------------

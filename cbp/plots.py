@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 
 from .runs import HIST_NAME, LOG_NAME, read_jsonl  # noqa: E402
 
+CURVES_PNG, HISTOGRAMS_PNG = "curves.png", "histograms.png"
+
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
     """Top-1 accuracy (validation loss for a language model), and for CBP runs the CFS (log
@@ -97,7 +99,7 @@ def plot_run(run_dir: str) -> list[str]:
     rows = read_jsonl(log_path)
     if not rows:
         raise ValueError(f"{log_path} is empty: the run has not finished an epoch yet")
-    written = [os.path.join(run_dir, "curves.png")]
+    written = [os.path.join(run_dir, CURVES_PNG)]
     plot_curves(rows, written[0], title=os.path.basename(os.path.abspath(run_dir)))
     if "flips_per_step" in rows[0]:
         written.append(os.path.join(run_dir, "oscillations.png"))
@@ -106,6 +108,6 @@ def plot_run(run_dir: str) -> list[str]:
     if os.path.exists(hist_path):
         hists = read_jsonl(hist_path)
         if hists:
-            written.append(os.path.join(run_dir, "histograms.png"))
+            written.append(os.path.join(run_dir, HISTOGRAMS_PNG))
             plot_histograms(hists, written[-1])
     return written

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import FORMAT_V1, CheckpointError, atomic_write, load_checkpoint
+from .checkpoint import FORMAT_V1, CheckpointError, WriteError, atomic_write
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
 from .models import model_options, rebuild_model
+from .run_state import load_run_checkpoint
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
+RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME)   # what a run writes (and a fresh one replaces)
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 # meta entries that must match for a checkpoint to continue a run
 IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors",
@@ -36,24 +38,49 @@ IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "cons
 
 def append_row(path: str, row: dict) -> None:
     """Append one JSON line and fsync it: a crash loses at most the row being written."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise WriteError(f"cannot append to {path}: {err.strerror or err}") from err
 
 
 def keep_rows_up_to(path: str, epoch: int) -> None:
-    """Drop log rows written after the checkpoint a resumed run starts from."""
+    """Drop log rows written after the checkpoint a resumed run starts from (and a torn line)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+    rows = [json.dumps(row) + "\n" for row in read_jsonl(path) if row["epoch"] <= epoch]
     atomic_write(path, lambda f: f.writelines(rows), mode="w")
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL log, one JSON object per line.
+
+    Every row is appended with its newline in one write, so a last line without a newline that
+    does not parse was torn by a crash mid-append: it is left out, and the run resumes and plots
+    from the rows before it. A damaged line anywhere else is an error naming it.
+    """
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        *lines, tail = f.read().split("\n")   # tail: "" after a final newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            row = _json_object(line)
+            if row is None:
+                raise ValueError(f"{path}, line {number}: not a JSON object; the log is damaged")
+            rows.append(row)
+    last = _json_object(tail) if tail.strip() else None
+    return rows + ([last] if last is not None else [])
+
+
+def _json_object(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def histogram_layer(model: nn.Module) -> str | None:
@@ -166,7 +193,7 @@ def _upgrade(state: dict, world_size: int) -> dict:
 
 def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
     """Rebuild the (prepared, for CBP runs) model of a checkpoint; returns it and its meta."""
-    state = load_checkpoint(checkpoint)
+    state = load_run_checkpoint(checkpoint, training=False)
     meta = state["meta"]
     model = rebuild_model(meta)
     if meta["mode"] == "quantize":
@@ -183,7 +210,7 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
 def load_pretrained(checkpoint: str, num_classes: int, in_channels: int,
                     vocab: str | None = None) -> tuple[nn.Module, str]:
     """The float model of a finished pretraining checkpoint (for ``quantize --from``), and its name."""
-    state = load_checkpoint(checkpoint)
+    state = load_run_checkpoint(checkpoint, training=False)
     meta = state["meta"]
     if meta.get("mode") != "pretrain":
         raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint")

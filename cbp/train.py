@@ -29,17 +29,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from . import distributed, metrics
-from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import CheckpointError, remove_stale_temporaries, save_checkpoint
 from .data import make_loader
 from .distributed import Context, all_reduce_sum
 from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
 from .oscillation import OscillationTracker
+from .run_state import load_run_checkpoint
 from .runs import (
     CHECKPOINT_NAME,
     HIST_NAME,
     LOG_NAME,
+    RUN_FILES,
     Position,
     append_row,
     checkpoint_state,
@@ -228,17 +230,38 @@ def evaluate(model: nn.Module, data: Dataset, ctx: Context, batch_size: int = 50
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss / n}
 
 
+def _plan(run: Run) -> dict:
+    """What fixes the batches of an epoch: a mid-epoch checkpoint resumes exactly only with it."""
+    return {"seed": run.seed, "batch_size": run.batch_size, "epoch_iters": run.epoch_iters,
+            "train_samples": len(run.train_data)}
+
+
+def _check_same_plan(run: Run, state: dict, source: str) -> None:
+    """Refuse to resume a checkpoint taken mid-epoch with another seed, batch size or epoch
+    length: the rest of the epoch would not be the batches the run skipped to."""
+    saved, now = state.get("plan"), _plan(run)
+    if not state.get("step") or saved is None or saved == now:
+        return
+    changed = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
+                        if saved.get(key) != now[key])
+    raise CheckpointError(f"{source} stopped in epoch {int(state['epoch']) + 1} after step "
+                          f"{state['step']}; it resumes exactly only with the same data order, "
+                          f"but {changed}: resume with the values it was started with")
+
+
 def _state(run: Run, pos: Position) -> dict:
-    return checkpoint_state(pos, run.meta, run.model, run.optimizer, run.lagrangian, run.scheduler,
-                            run.oscillation)
+    state = checkpoint_state(pos, run.meta, run.model, run.optimizer, run.lagrangian,
+                             run.scheduler, run.oscillation)
+    return {**state, "plan": _plan(run)}
 
 
 def restore(run: Run, path: str) -> Position:
     """Load a checkpoint into ``run``; returns where it stands."""
-    return _load_state(run, load_checkpoint(path), f"checkpoint {path}")
+    return _load_state(run, load_run_checkpoint(path, model=False), f"checkpoint {path}")
 
 
 def _load_state(run: Run, state: dict, source: str) -> Position:
+    _check_same_plan(run, state, source)
     return restore_state(state, source, run.meta, run.model, run.optimizer, run.lagrangian,
                          run.scheduler, run.ctx.world_size, run.oscillation)
 
@@ -270,12 +293,17 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
     os.makedirs(run.out_dir, exist_ok=True)
     ckpt_path = os.path.join(run.out_dir, CHECKPOINT_NAME)
     fresh = not (resume and os.path.exists(ckpt_path))
+    loader = make_loader(run.train_data, run.batch_size, train=True, seed=run.seed,
+                         world_size=ctx.world_size, rank=ctx.rank, num_workers=run.workers)
+    if epoch_steps(run, loader) == 0:
+        raise ValueError(f"no training step: {len(run.train_data)} training samples make no full "
+                         f"batch of {run.batch_size}")
     if ctx.is_main:
-        remove_stale_temporaries(run.out_dir)
+        remove_stale_temporaries(run.out_dir, RUN_FILES)
     if fresh:
         pos = Position(0)
         if ctx.is_main:
-            for name in (LOG_NAME, HIST_NAME, CHECKPOINT_NAME):
+            for name in RUN_FILES:
                 if os.path.exists(os.path.join(run.out_dir, name)):
                     os.unlink(os.path.join(run.out_dir, name))
         distributed.barrier()
@@ -287,17 +315,12 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
         keep_rows_up_to(os.path.join(run.out_dir, HIST_NAME), pos.epoch)
         if hist_layer and fresh:
             append_row(os.path.join(run.out_dir, HIST_NAME),
-                         weight_histogram(run.model, hist_layer, 0))
+                       weight_histogram(run.model, hist_layer, 0))
 
     net = run.model
     if ctx.world_size > 1:
         net = DistributedDataParallel(run.model, device_ids=[ctx.device.index] if
                                       ctx.device.type == "cuda" else None)
-    loader = make_loader(run.train_data, run.batch_size, train=True, seed=run.seed,
-                         world_size=ctx.world_size, rank=ctx.rank, num_workers=run.workers)
-    if epoch_steps(run, loader) == 0:
-        raise ValueError(f"no training step: {len(run.train_data)} training samples make no full "
-                         f"batch of {run.batch_size}")
     if run.lagrangian is not None:
         run.lagrangian.plan((run.epochs - pos.epoch) * epoch_steps(run, loader) - pos.step)
     start = copy.deepcopy(_state(run, pos)) if run.on_nan == "lower-lr" and fresh else None

@@ -435,9 +435,9 @@ def test_bad_custom_levels(files, capsys, levels):
      ["3-class", "the data has 2 classes"]),
     # checkpoints from another run, damaged or missing
     (lambda f: quantize(f, "--constraint", "ternary", "--out", f.ref_dir, "--resume"),
-     ["from another run (constraint: 'binary', this run: 'ternary')"]),
+     ["--constraint 'ternary' (the run's: 'binary')"]),
     (lambda f: ["pretrain", "--model", "resnet18", "--data-dir", f.data, "--out",
-                os.path.dirname(f.fp), "--resume"], ["from another run (model: 'resnet20'"]),
+                os.path.dirname(f.fp), "--resume"], ["--model 'resnet18' (the run's: 'resnet20')"]),
     (lambda f: ["pretrain", "--data-dir", f.data, "--out", f.ref_dir, "--resume"],
      ["from another run (mode: 'quantize'"]),
     (lambda f: quantize(f, "--from", f.ref), ["not a pretraining checkpoint"]),
