@@ -106,19 +106,24 @@ def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
 
 
 def schedule(size: Size) -> tuple[int, int]:
-    """``(epochs, lr_drop_epoch)`` of the CBP schedule: it updates g once every ``p_max`` epochs.
+    """``(epochs, lr_drop_epoch)`` of the CBP schedule of ``size``, see :func:`schedule_epochs`."""
+    return schedule_epochs(cbp_config(size, "binary", "cbp"))
+
+
+def schedule_epochs(config: cbp.CBPConfig) -> tuple[int, int]:
+    """``(epochs, lr_drop_epoch)`` of a CBP schedule that updates g once every ``p_max`` epochs
+    (``lr_drop_epoch`` None: g_final comes first).
 
     With ``p_max <= 2`` that is exact: after an update ``L_sum_pre`` is reset to +inf, so the
     ``L_sum >= L_sum_pre`` test cannot fire before the ``p == p_max`` one.
     """
-    config = cbp_config(size, "binary", "cbp")
     g, updates, drop = config.g_init, 0, None
     while g <= config.stop_once_g_exceeds:
         g += config.g_increment(g)
         updates += 1
         if drop is None and g >= config.lr_drop_at_g:
             drop = updates
-    return updates * size.p_max, drop * size.p_max
+    return updates * config.p_max, (drop * config.p_max if drop else None)
 
 
 @lru_cache(maxsize=2)

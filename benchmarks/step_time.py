@@ -38,13 +38,27 @@ import torch.nn.functional as F
 import torchvision
 
 import cbp
-from cbp.models import resnet20
+from cbp.models import DEFAULT_SELECTION, LANGUAGE_MODELS, gpt, resnet20
+from cbp.tasks import LanguageModel
 
 MODES = ("fp", "ste", "cbp", "cbp_eager")
 MODELS = {  # name: (builder, input shape without the batch)
     "resnet20": (lambda: resnet20(num_classes=10, in_channels=1), (1, 28, 28)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
+    "gpt": (lambda: gpt(84), (128,)),  # Shakespeare's 84 characters, windows of 128 (--batch 16)
 }
+
+
+def inputs(model_name: str, batch: int, device: torch.device,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for the model: images and labels, or a language model's tokens and next tokens."""
+    shape = MODELS[model_name][1]
+    if model_name in LANGUAGE_MODELS:
+        x, y = (torch.randint(0, 84, (batch, *shape), generator=generator) for _ in range(2))
+    else:
+        x = torch.randn((batch, *shape), generator=generator)
+        y = torch.randint(0, 10, (batch,), generator=generator)
+    return x.to(device), y.to(device)
 
 
 def build(model_name: str, mode: str, levels: str, rule: str, device: torch.device):
@@ -60,7 +74,7 @@ def build(model_name: str, mode: str, levels: str, rule: str, device: torch.devi
             opt.step()
         return model, update, None, opt
     config = cbp.CBPConfig(levels=levels, use_constraint=mode != "ste", multiplier_rule=rule,
-                           compile_penalty=mode == "cbp")
+                           compile_penalty=mode == "cbp", **DEFAULT_SELECTION.get(model_name, {}))
     cbp.prepare(model, config)
     opt = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
     lagrangian = cbp.Lagrangian(model, config, opt)
@@ -72,10 +86,12 @@ def build(model_name: str, mode: str, levels: str, rule: str, device: torch.devi
 
 
 def make_step(model: nn.Module, update: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    loss_of = LanguageModel.loss if x.dtype == torch.long else F.cross_entropy
+
     def step() -> None:
         for p in model.parameters():
             p.grad = None
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_of(model(x), y)
         loss.backward()
         update(loss)
     return step
@@ -121,10 +137,7 @@ def cbp_bytes_per_weight(lagrangian: cbp.Lagrangian) -> float:
 
 
 def time_model(args, model_name: str, device: torch.device) -> dict:
-    shape = MODELS[model_name][1]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn((args.batch, *shape), generator=gen).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    x, y = inputs(model_name, args.batch, device, torch.Generator().manual_seed(1))
     steps, info = {}, {}
     for mode in MODES:
         t0 = time.perf_counter()
@@ -174,8 +187,7 @@ def memory_child(model_name: str, mode: str, rule: str, levels: str, batch: int,
                  device: torch.device) -> None:
     """Runs in a fresh process: peak memory of steps of one mode, printed as JSON."""
     model, update, lagrangian, opt = build(model_name, mode, levels, rule, device)
-    shape = MODELS[model_name][1]
-    x, y = torch.randn((batch, *shape), device=device), torch.randint(0, 10, (batch,), device=device)
+    x, y = inputs(model_name, batch, device)
     step = make_step(model, update, x, y)
     step()  # allocates gradients, optimizer state, compiles
     if device.type == "cuda":
@@ -244,7 +256,8 @@ def main() -> None:
     args.warmup = 2 if args.quick else 5
     fast = device.type == "cuda"
     args.reps = {"resnet20": 200 if fast else (15 if args.quick else 60),
-                 "resnet18": 100 if fast else (6 if args.quick else 25)}
+                 "resnet18": 100 if fast else (6 if args.quick else 25),
+                 "gpt": 200 if fast else (10 if args.quick else 40)}
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     for model_name in args.models.split(","):
         info = time_model(args, model_name, device)

@@ -6,6 +6,10 @@
     cbp plot runs/binary
     cbp demo
 
+    cbp pretrain --config gpt --out runs/gpt/pretrain        # character-level GPT, Shakespeare
+    cbp quantize --config gpt --from runs/gpt/pretrain/checkpoint.pt --out runs/gpt/ternary
+    cbp generate runs/gpt/ternary/checkpoint.pt --prompt "ROMEO:" --tokens 300 --seed 0
+
 Flags mirror the paper's hyperparameters with its defaults (the CBP ones are CBPConfig's fields,
 see ``cbp.options``); ``--config FILE.toml`` (or the name of a packaged config such as ``demo``)
 sets the same keys, flags given on the command line win.
@@ -14,6 +18,7 @@ sets the same keys, flags given on the command line win.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -22,27 +27,55 @@ import time
 import torch
 
 from . import distributed, metrics
-from .data import load_dataset
+from .config import CBPConfig
+from .data import TEXT_DATASETS, load_dataset
 from .export import export as export_packed
 from .interrupts import Interrupted
 from .lagrangian import Lagrangian
 from .layers import param_groups, prepare
-from .models import build_model
+from .models import DEFAULT_SELECTION, LANGUAGE_MODELS, build_model, generate
 from .onnx_export import check_onnx, export_onnx
 from .options import build_parsers, cbp_config, load_config, parse_args
 from .plots import plot_run
 from .runs import CHECKPOINT_NAME, LOG_NAME, describe, load_model, load_pretrained, read_jsonl
 from .summary import summary
+from .tasks import Classification, LanguageModel, task_of
+from .text import CharVocab
 from .train import Run, evaluate, fit
 
 
-def _pretrained_model(args, num_classes: int, in_channels: int) -> tuple[torch.nn.Module, str]:
+def _pretrained_model(args, num_classes: int, in_channels: int,
+                      vocab: str | None = None) -> tuple[torch.nn.Module, str]:
     """The model to quantize, from `--from CHECKPOINT` or `--model NAME --weights W`."""
     if args.from_checkpoint:
-        return load_pretrained(args.from_checkpoint, num_classes, in_channels)
+        return load_pretrained(args.from_checkpoint, num_classes, in_channels, vocab)
     if not args.model:
         raise ValueError("quantize needs --from CHECKPOINT or --model NAME (with --weights)")
     return build_model(args.model, num_classes, in_channels, args.weights), args.model
+
+
+def model_selection(config: CBPConfig, model_name: str, args: argparse.Namespace) -> CBPConfig:
+    """The model's own layer selection (a transformer's blocks) unless the user chose layers."""
+    if model_name not in DEFAULT_SELECTION or args.include or not args.skip_first_last:
+        return config
+    return dataclasses.replace(config, **DEFAULT_SELECTION[model_name])
+
+
+def task_for(model_name: str, dataset: str):
+    """The task of a model on a dataset; a language model needs text and a CNN images."""
+    is_lm, is_text = model_name in LANGUAGE_MODELS, dataset in TEXT_DATASETS
+    if is_lm != is_text:
+        raise ValueError(f"model {model_name} does not fit dataset {dataset}: language models "
+                         f"({', '.join(LANGUAGE_MODELS)}) take text ({', '.join(TEXT_DATASETS)}), "
+                         "the others images")
+    return LanguageModel if is_lm else Classification
+
+
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.momentum, 0.99))
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
 def check_output_dir(path: str) -> None:
@@ -69,22 +102,26 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         args.data, args.data_dir, True, args.limit, args.image_size, args.download)
     val_data, _, _ = load_dataset(args.data, args.data_dir, False, args.val_limit,
                                   args.image_size, args.download)
+    vocab = train_data.vocab.chars if hasattr(train_data, "vocab") else None
     torch.manual_seed(args.seed)
     lagrangian = scheduler = None
     if args.command == "pretrain":
         model, model_name = build_model(args.model, num_classes, in_channels, args.weights), args.model
+        task = task_for(model_name, args.data)
     else:
-        model, model_name = _pretrained_model(args, num_classes, in_channels)
+        model, model_name = _pretrained_model(args, num_classes, in_channels, vocab)
+        task = task_for(model_name, args.data)
+        config = model_selection(config, model_name, args)
         prepare(model, config)
     meta = describe(args.command, model, model_name, args.data, num_classes, in_channels,
-                    list(train_data[0][0].shape), getattr(args, "constraint", None), config)
+                    list(train_data[0][0].shape), getattr(args, "constraint", None), config,
+                    task.name, vocab)
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
     model.to(ctx.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr,
-                                momentum=args.momentum)
+    optimizer = make_optimizer(args, model)
     if args.command == "pretrain":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     else:
@@ -93,7 +130,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
               out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, ctx=ctx,
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
-              meta=meta, show_progress=not args.quiet, on_nan=args.on_nan)
+              meta=meta, show_progress=not args.quiet, on_nan=args.on_nan, task=task)
     rows = fit(run, resume=args.resume)
     if ctx.is_main and rows:
         plot_run(args.out)
@@ -110,7 +147,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.checkpoint} is a {meta['num_classes']}-class, "
                          f"{meta['in_channels']}-channel model; the data has {num_classes} "
                          f"classes and {in_channels} channels")
-    result = evaluate(model.to(ctx.device), val_data, ctx)
+    if getattr(val_data, "vocab", None) is not None and val_data.vocab.chars != meta.get("vocab"):
+        raise ValueError(f"{args.checkpoint} was trained on another vocabulary (text) than this data's")
+    result = task_of(meta).evaluate(model.to(ctx.device), val_data, ctx)
     if meta["mode"] == "quantize":
         result.update(metrics.report(model))
     if ctx.is_main:   # under torchrun every process holds the same full-set figures
@@ -120,6 +159,21 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_generate(args: argparse.Namespace) -> str:
+    """Print ``--tokens`` characters sampled after ``--prompt``; the same seed, the same text."""
+    model, meta = load_model(args.checkpoint)
+    if meta.get("task") != LanguageModel.name:
+        raise ValueError(f"{args.checkpoint} is not a language model; generate needs one")
+    vocab = CharVocab(meta["vocab"])
+    if not args.prompt:
+        raise ValueError("--prompt must hold at least one character")
+    prompt = vocab.encode(args.prompt)[None]
+    text = vocab.decode(generate(model, prompt, args.tokens, seed=args.seed,
+                                 temperature=args.temperature, top_k=args.top_k)[0])
+    print(text)
+    return text
+
+
 def run_export(args: argparse.Namespace) -> None:
     model, meta = load_model(args.checkpoint)
     model.eval()
@@ -127,7 +181,8 @@ def run_export(args: argparse.Namespace) -> None:
     print(summary(model))
     print(f"\nwrote {path} ({os.path.getsize(path):,} bytes)")
     if args.onnx:
-        example = torch.randn(2, *meta["input_size"])
+        example = (torch.randint(0, meta["num_classes"], (2, *meta["input_size"]))
+                   if meta.get("task") == LanguageModel.name else torch.randn(2, *meta["input_size"]))
         export_onnx(model, args.onnx, example)
         error = check_onnx(args.onnx, model, example)
         print(f"wrote {args.onnx} (max |onnxruntime - torch| = {error:.2e})")
@@ -174,6 +229,7 @@ def run_demo(args: argparse.Namespace) -> None:
 COMMANDS = {
     "pretrain": run_training, "quantize": run_training, "evaluate": run_evaluate,
     "export": run_export, "summary": lambda args: print(summary(load_model(args.checkpoint)[0])),
+    "generate": run_generate,
     "plot": lambda args: print("\n".join(plot_run(args.run_dir))), "demo": run_demo,
 }
 

@@ -55,8 +55,10 @@ def _equations(
 
     ``Y`` is differentiable, and autograd gives exactly the slope returned here: ``+-2``, and 0 at
     a midpoint where ``minimum`` splits its tie. ``g`` may be a tensor (a new g then does not
-    recompile the fused kernel).
+    recompile the fused kernel). The levels are constants (the scale is fixed): no gradient
+    reaches them.
     """
+    levels = levels.detach()
     lo, hi = _interval(w, levels)
     offset = w - (lo + hi) / 2
     half_width = (hi - lo) / 2

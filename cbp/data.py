@@ -164,7 +164,9 @@ def _spread_over_classes(targets: list[int], limit: int) -> list[int]:
     return order[:limit]
 
 
-DATASET_NAMES = ("fashion-mnist", "imagefolder")
+DATASET_NAMES = ("fashion-mnist", "imagefolder", "shakespeare")
+TEXT_DATASETS = ("shakespeare",)  # character-level language modelling (cbp.text)
+TEXT_CONTEXT = 128                # characters per training window
 
 
 def load_dataset(name: str, data_dir: str | None, train: bool, limit: int | None = None,
@@ -172,7 +174,8 @@ def load_dataset(name: str, data_dir: str | None, train: bool, limit: int | None
     """``(dataset, num_classes, in_channels)`` for a dataset name the CLI accepts.
 
     ``imagefolder`` reads ``data_dir/train`` or ``data_dir/val``; its ``limit`` picks samples
-    from all classes in turn (deterministic).
+    from all classes in turn (deterministic). ``shakespeare`` gives windows of characters
+    (:mod:`cbp.text`, ``limit`` windows at most) and the vocabulary size as the class count.
     """
     if name == "fashion-mnist":
         dataset = load_fashion_mnist(data_dir, train=train, limit=limit, download=download)
@@ -185,6 +188,11 @@ def load_dataset(name: str, data_dir: str | None, train: bool, limit: int | None
         dataset = folder if limit is None else Subset(folder,
                                                       _spread_over_classes(folder.targets, limit))
         return dataset, len(folder.classes), 3
+    if name == "shakespeare":
+        from .text import load_text, shakespeare_dir
+
+        dataset = load_text(shakespeare_dir(data_dir, download), train, TEXT_CONTEXT, limit)
+        return dataset, len(dataset.vocab), 1
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 

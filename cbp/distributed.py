@@ -49,13 +49,32 @@ def setup(device: str | None = None) -> Context:
                                  f"{torch.cuda.device_count()}; lower --nproc_per_node")
             torch.cuda.set_device(target)
         if not dist.is_initialized():
+            _import_group_defaults()
             dist.init_process_group("nccl" if use_cuda else "gloo")
         return Context(dist.get_rank(), dist.get_world_size(), target)
     return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
 
 
+def _import_group_defaults() -> None:
+    """Import ``torch.distributed.nn`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated when the module is
+    first imported; DDP imports it lazily, i.e. after :func:`setup`. The defaults would then hold
+    the process group for good, :func:`teardown` could not free it, and its gloo threads would
+    outlive Python: one of them releasing a finished collective's tensors while the interpreter
+    shuts down aborts the process ("terminate called without an active exception", SIGABRT).
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
 def teardown() -> None:
+    """Leave the process group once every process is done with it.
+
+    The barrier keeps a process from closing its connections while another still talks; freeing
+    the group joins its worker threads, so that none is left running when Python exits.
+    """
     if is_distributed():
+        barrier()
         dist.destroy_process_group()
 
 

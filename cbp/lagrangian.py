@@ -37,7 +37,7 @@ from .ascent import ASCENT_RULES
 from .config import CBPConfig
 from .constraint import constraint
 from .distributed import all_reduce_mean
-from .layers import quantized_layers
+from .layers import distinct_quantized_layers
 from .penalty import PenaltyKernel
 
 
@@ -58,7 +58,7 @@ class Lagrangian:
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config = config
         self.optimizer = optimizer
-        self.layers = quantized_layers(model)
+        self.layers = distinct_quantized_layers(model)  # tied weights: one multiplier each
         if not self.layers:
             raise ValueError("the model has no quantized layer; call cbp.prepare(model, config) first")
         self.parameters = [p for p in model.parameters() if p.requires_grad]

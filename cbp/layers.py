@@ -139,6 +139,18 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
 
 
+def distinct_quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The prepared layers with one entry per weight Parameter: of layers sharing a weight (tied
+    weights) only the first by name is kept, so that the weight gets one multiplier, its penalty
+    gradient is added once, and the metrics count it once."""
+    seen, layers = set(), {}
+    for name, layer in quantized_layers(model).items():
+        if id(layer.weight) not in seen:
+            seen.add(id(layer.weight))
+            layers[name] = layer
+    return layers
+
+
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Plain ``nn.Conv*d`` / ``nn.Linear`` layers with weights snapped to their levels.
 
@@ -158,13 +170,16 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer groups with weight decay on Conv/Linear weights only, not on BatchNorm or biases.
 
-    Quantized layers are Conv/Linear subclasses, so they decay like the float ones.
+    Quantized layers are Conv/Linear subclasses, so they decay like the float ones. A weight
+    shared by two modules (an embedding tied to an output head) appears once, in the group its
+    first module in ``model.modules()`` order puts it.
     """
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:  # a tied weight: its first owner decides
                 continue
+            seen.add(id(p))
             is_weight = pname == "weight" and isinstance(module, tuple(_QUANT_OF))
             (decay if is_weight else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .constraint import quantize, sawtooth
-from .layers import quantized_layers
+from .layers import distinct_quantized_layers
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def layer_stats(model: nn.Module, tolerance: float = 0.01) -> list[dict]:
     A weight is on a level when ``|w - Q(w)| <= tolerance * scale``.
     """
     rows = []
-    for name, layer in quantized_layers(model).items():
+    for name, layer in distinct_quantized_layers(model).items():  # a tied weight counts once
         w, levels = layer.weight.detach(), layer.levels
         distance = (w - quantize(w, levels)).abs()
         scale = float(layer.cbp_scale)

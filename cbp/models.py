@@ -1,7 +1,8 @@
-"""Models of the paper (AlexNet-BN, ResNet-18/50, GoogLeNet) and a small ResNet-20, plus weights.
+"""Models of the paper (AlexNet-BN, ResNet-18/50, GoogLeNet), a small ResNet-20, a small GPT.
 
 ``cbp.prepare`` leaves the first and the last Conv/Linear in ``named_modules()`` order at full
-precision, so every model here registers its stem first and its classifier last.
+precision, so every CNN here registers its stem first and its classifier last. A transformer
+needs another rule (:data:`DEFAULT_SELECTION`): the Linear layers inside its blocks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import os
 
 import torch
 import torch.nn as nn
+
+from .gpt import CBP_SELECTION as GPT_SELECTION
+from .gpt import GPT, GPTConfig, generate, gpt
 
 
 class ModelError(ValueError):
@@ -117,7 +121,12 @@ def alexnet_bn(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     return AlexNetBN(num_classes, in_channels)
 
 
-MODEL_NAMES = ("resnet20", "resnet18", "resnet50", "googlenet", "alexnet_bn")
+MODEL_NAMES = ("resnet20", "resnet18", "resnet50", "googlenet", "alexnet_bn", "gpt")
+LANGUAGE_MODELS = ("gpt",)  # take token windows (cbp.text), not images
+# Layer selection a model gets when the user names none; the others use CBPConfig's defaults.
+DEFAULT_SELECTION = {"gpt": GPT_SELECTION}
+__all__ = ["GPT", "GPTConfig", "generate", "gpt", "build_model", "load_weights", "resnet20",
+           "alexnet_bn", "ModelError", "MODEL_NAMES", "LANGUAGE_MODELS", "DEFAULT_SELECTION"]
 _TORCHVISION = ("resnet18", "resnet50", "googlenet")
 
 # The torchvision weights the paper started from: the original ImageNet recipe, whose top-1
@@ -279,7 +288,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     :data:`PAPER_WEIGHTS`), "torchvision:MEMBER" (any member of torchvision's weights enum for
     the model) or a local file (safetensors, a state_dict, or a cbp checkpoint). ``options`` are
     settings a state_dict does not hold (see :func:`model_options`); a cbp checkpoint given as
-    ``weights`` supplies the ones it recorded, and those given here win.
+    ``weights`` supplies the ones it recorded, and those given here win. For a language model
+    ``num_classes`` is the vocabulary size and ``in_channels`` is unused.
     """
     if name not in MODEL_NAMES:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -297,6 +307,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         raise ModelError(f"torchvision publishes no weights for {name}; pass a weights file")
     elif name == "resnet20":
         model = resnet20(num_classes, in_channels)
+    elif name == "gpt":
+        model = gpt(num_classes)  # num_classes: the vocabulary size
     else:
         model = alexnet_bn(num_classes, in_channels)
     return model if state is None else _load_state(model, state, weights)

@@ -198,6 +198,8 @@ def _common(flags: Flags, *, lr: float, weight_decay: float, batch_size: int, ep
               help="steps per epoch (default: a full pass); CBP's end-of-epoch rule runs after each")
     flags.add(g, "--batch-size", type=_at_least(1), default=batch_size, help="global batch size")
     flags.add(g, "--lr", type=float, default=lr, help="weight learning rate")
+    flags.add(g, "--optimizer", choices=("sgd", "adamw"), default="sgd",
+              help="of the weights: SGD with momentum (the paper's), or AdamW (transformers)")
     flags.add(g, "--momentum", type=float, default=0.9)
     flags.add(g, "--weight-decay", type=float, default=weight_decay,
               help="on Conv/Linear weights only")
@@ -239,12 +241,20 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     _add_cbp_flags(quantize, quantize.parser.add_argument_group("CBP (defaults: the paper's)"))
     _common(quantize, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5 and CFS of a checkpoint")
+    p = sub.add_parser("evaluate", help="top-1/top-5 (loss and bits per character) and CFS")
     p.add_argument("checkpoint")
     p.add_argument("--data-dir")
     p.add_argument("--val-limit", type=_at_least(1))
     p.add_argument("--image-size", type=_at_least(1), default=224)
     p.add_argument("--device")
+
+    p = sub.add_parser("generate", help="sample text from a language-model checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="\n", help="text the sample continues")
+    p.add_argument("--tokens", type=_at_least(0), default=300, help="characters to generate")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=_at_least(1), help="sample from the k likeliest characters only")
 
     p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
     p.add_argument("checkpoint")

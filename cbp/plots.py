@@ -1,4 +1,5 @@
-"""Pictures of a run: accuracy, CFS and g over epochs; one layer's weights bifurcating onto levels."""
+"""Pictures of a run: accuracy (or a language model's loss), CFS and g over epochs; one layer's
+weights bifurcating onto levels."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from .runs import HIST_NAME, LOG_NAME, read_jsonl  # noqa: E402
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
-    """Top-1 accuracy, and for CBP runs the CFS (log scale) and g, against epochs."""
+    """Top-1 accuracy (validation loss for a language model), and for CBP runs the CFS (log
+    scale) and g, against epochs."""
     epochs = [r["epoch"] for r in rows]
+    key, label, panel = (("top1", "top-1 accuracy (%)", "validation accuracy") if "top1" in rows[0]
+                         else ("val_loss", "loss (nats per character)", "validation loss"))
     cbp_run = "g" in rows[0]
     fig, axes = plt.subplots(1, 3 if cbp_run else 1, figsize=(13 if cbp_run else 5, 3.6),
                              squeeze=False)
     ax = axes[0, 0]
-    ax.plot(epochs, [r["top1"] for r in rows], marker=".")
-    ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="validation accuracy")
+    ax.plot(epochs, [r[key] for r in rows], marker=".")
+    ax.set(xlabel="epoch", ylabel=label, title=panel)
     ax.grid(alpha=0.3)
     if cbp_run:
         ax = axes[0, 1]

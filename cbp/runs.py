@@ -28,7 +28,8 @@ from .models import model_options, rebuild_model
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 # meta entries that must match for a checkpoint to continue a run
-IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors")
+IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors",
+                 "vocab")
 
 
 # ---- the logs ------------------------------------------------------------------------------------
@@ -86,12 +87,17 @@ class Position:
 
 def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_classes: int,
              in_channels: int, input_size: list[int], constraint: str | None = None,
-             config: CBPConfig | None = None) -> dict:
+             config: CBPConfig | None = None, task: str | None = None,
+             vocab: str | None = None) -> dict:
     """A run's identity (``meta``): enough to check a resume and to rebuild its model
-    (``model_options``: what :func:`cbp.models.rebuild_model` needs besides the weights)."""
+    (``model_options``: what :func:`cbp.models.rebuild_model` needs besides the weights).
+
+    A language model's also names its task and its vocabulary (the characters of its tokens).
+    """
     meta = {"mode": mode, "dataset": dataset, "num_classes": num_classes,
             "in_channels": in_channels, "input_size": input_size, "model": model_name,
             "model_options": model_options(model)}
+    meta.update({k: v for k, v in (("task", task), ("vocab", vocab)) if v is not None})
     if config is not None:
         meta.update(constraint=constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
@@ -170,7 +176,8 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
     return model, meta
 
 
-def load_pretrained(checkpoint: str, num_classes: int, in_channels: int) -> tuple[nn.Module, str]:
+def load_pretrained(checkpoint: str, num_classes: int, in_channels: int,
+                    vocab: str | None = None) -> tuple[nn.Module, str]:
     """The float model of a finished pretraining checkpoint (for ``quantize --from``), and its name."""
     state = load_checkpoint(checkpoint)
     meta = state["meta"]
@@ -183,6 +190,9 @@ def load_pretrained(checkpoint: str, num_classes: int, in_channels: int) -> tupl
         raise CheckpointError(
             f"{checkpoint} is a {meta['num_classes']}-class, {meta['in_channels']}-channel "
             f"model; the data has {num_classes} classes and {in_channels} channels")
+    if meta.get("vocab") != vocab:
+        raise CheckpointError(f"{checkpoint} was trained on another vocabulary (text) than this "
+                              "data's")
     model = rebuild_model(meta)
     model.load_state_dict(state["model"])
     return model, meta["model"]

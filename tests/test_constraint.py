@@ -104,11 +104,22 @@ def test_gradient_matches_finite_differences_away_from_kinks(name, g):
 
 
 def test_no_gradient_flows_into_the_scale():
+    """The levels are fixed (a = mean|W| of the pretrained weights): cs is differentiable in w
+    only, even when the levels handed in are part of a graph."""
     scale = torch.tensor(0.5, requires_grad=True)
     q = torch.tensor([-1.0, 1.0]) * scale
     w = torch.tensor([0.1, 0.9, 1.4], requires_grad=True)
-    constraint(w, q.detach(), 2.0).sum().backward()
-    assert scale.grad is None and w.grad is not None
+    (constraint(w, q, 2.0).sum() + sawtooth(w, q).sum()).backward()
+    assert scale.grad is None
+    # levels -0.5, 0.5: 0.1 lies in the g = 2 window (cs flat, Y falls towards 0.5); 0.9 and 1.4
+    # on the upper outer arm
+    assert w.grad.tolist() == [0.0 - 2.0, 2.0 + 2.0, 2.0 + 2.0]
+
+
+def test_quantize_sends_an_exact_midpoint_to_the_lower_level():
+    q = levels("shift1")
+    w = torch.tensor([-0.75, -0.25, 0.25, 0.75], dtype=torch.float64)   # every midpoint
+    assert quantize(w, q).tolist() == [-1.0, -0.5, 0.0, 0.5]
 
 
 def test_quantize_nearest_level_clipped():

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -97,6 +98,10 @@ def worker(out: str) -> None:
         with open(os.path.join(out, f"error{ctx.rank}.txt"), "w") as f:
             f.write(str(err))
     teardown()
+    # Threads the OS sees beyond Python's own: gloo's, if the process group outlived teardown
+    native = len(os.listdir("/proc/self/task")) - threading.active_count()
+    with open(os.path.join(out, f"native_threads{ctx.rank}.txt"), "w") as f:
+        f.write(str(native))
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +157,15 @@ def test_ranks_hold_identical_state_and_debug_check_catches_drift(runs):
     for rank in (0, 1):   # every rank raises, naming what differs and nothing else
         with open(os.path.join(out, f"error{rank}.txt")) as f:
             assert f.read() == f"rank {rank}: lambda differ between processes"
+
+
+def test_teardown_frees_the_process_group_and_its_threads(runs):
+    """A gloo thread alive at exit aborts Python now and then (SIGABRT, "terminate called
+    without an active exception") when it releases a collective's tensors during shutdown."""
+    out, _ = runs
+    for rank in (0, 1):
+        with open(os.path.join(out, f"native_threads{rank}.txt")) as f:
+            assert f.read() == "0"
 
 
 def test_resume_under_two_processes_continues_exactly(runs):

@@ -55,6 +55,18 @@ def test_pack_rejects_bad_input():
         pack_indices(torch.tensor([0.5]), 2)
     with pytest.raises(ValueError, match="take 2 bytes, got 3"):
         unpack_indices(torch.zeros(3, dtype=torch.uint8), 3, 5)
+    for bits in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
+            pack_indices(torch.tensor([0]), bits)
+        with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
+            unpack_indices(torch.zeros(1, dtype=torch.uint8), bits, 1)
+    with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
+        pack_indices(torch.tensor([0, -1, 1]), 2)
+    with pytest.raises(ValueError, match="integer tensor, got torch.bool"):
+        pack_indices(torch.tensor([True]), 1)
+    for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="1-D uint8"):
+            unpack_indices(bad, 8, 2)
 
 
 # -- round trip ------------------------------------------------------------------------------------
@@ -279,6 +291,17 @@ def test_inconsistent_contents(tmp_path, exported):
     assert_export_error(path, "corrupted cbp metadata .layout: error")
     resave(path, data, edit_meta=lambda meta: meta.update(version=1))
     assert_export_error(path, "version 1 is not supported")
+
+
+@pytest.mark.parametrize("change", [
+    {"n_levels": 257, "bits": 9}, {"n_levels": 1, "bits": 1}, {"n_levels": 5.0},
+    {"bits": 4}, {"dtype": "int32"}, {"dtype": "tensor"}, {"shape": [-1, 4]}, {"shape": [2.5]},
+    {"key": 3}])
+def test_layout_entries_are_type_checked(tmp_path, exported, change):
+    """A layout entry that could not have been written: refused by name, before any unpacking."""
+    path, data = exported
+    resave(path, data, edit_layout=lambda layout: entry(layout, "3.weight").update(change))
+    assert_export_error(path, "corrupted cbp metadata for ")
 
 
 def test_model_that_does_not_fit(exported):

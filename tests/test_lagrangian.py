@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import _assert_same
 
 import cbp
-from cbp.constraint import constraint
+from cbp.constraint import constraint, constraint_and_grad, sawtooth
 
 
 def three_linear():
@@ -55,13 +56,25 @@ def test_schedule_crosses_ten_and_hundred_and_finishes():
     assert gs == [2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200]
 
 
-def test_no_window_and_no_constraint_modes_never_update():
+def test_no_constraint_mode_holds_no_multiplier_and_never_updates():
     config = cbp.CBPConfig(use_constraint=False, p_max=1)
     lagrangian = cbp.Lagrangian(cbp.prepare(three_linear(), config), config)
-    assert all(not epoch_with_sum(lagrangian, 1.0).updated for _ in range(3))
-    assert lagrangian.g == 1
-    assert all(float(lam.abs().sum()) == 0 for lam in lagrangian.multipliers.values())
-    assert cbp.Lagrangian(cbp.prepare(three_linear()), cbp.CBPConfig(g_init=math.inf)).g == math.inf
+    assert lagrangian.multipliers == {}   # STE-only: no memory for lambda at all
+    ends = [epoch_with_sum(lagrangian, s) for s in (1.0, 2.0, 3.0)]   # rising, and p = p_max
+    assert [e.updated for e in ends] == [False] * 3 and lagrangian.g == 1
+    assert [e.lagrangian_sum for e in ends] == [1.0, 2.0, 3.0]   # no penalty term
+
+
+def test_no_window_mode_keeps_g_infinite_and_constrains_every_weight():
+    config = cbp.CBPConfig(g_init=math.inf, p_max=1, multiplier_rule="plain", multiplier_lr=1.0,
+                           initial_multiplier_update=False)
+    model = cbp.prepare(three_linear(), config)
+    lagrangian = cbp.Lagrangian(model, config)
+    end = epoch_with_sum(lagrangian, 1.0)
+    assert end.updated and end.g == math.inf and lagrangian.g == math.inf
+    for name, lam in lagrangian.multipliers.items():   # cs = Y: no weight is ever free
+        layer = model.get_submodule(name)
+        assert torch.equal(lam, sawtooth(layer.weight.detach(), layer.levels))
 
 
 def test_plain_rule_adds_eta_times_cs_at_the_new_g():
@@ -104,10 +117,18 @@ def test_step_adds_lambda_times_slope_clips_and_clamps():
     loss = model(torch.randn(5, 4)).sum()
     loss.backward()
     layer.weight.data.mul_(100)
+    before = {name: (p.detach().clone(), p.grad.clone()) for name, p in model.named_parameters()}
+    slope = constraint_and_grad(layer.weight.detach(), layer.levels, math.inf)[1]
+    lam = lagrangian.multipliers["2"].clone()
     lagrangian.step()
-    assert all(p.grad.abs().max() <= 0.01 for p in model.parameters())
-    assert layer.weight.abs().max() <= 0.05
-    assert model[0].weight.abs().max() > 0.05  # float layers are not clamped
+    for name, p in model.named_parameters():   # every gradient clipped to [-0.01, 0.01]
+        w, grad = before[name]
+        added = lam * slope if name == "2.weight" else 0
+        assert torch.equal(p.grad, (grad + added).clamp(-0.01, 0.01)), name
+        # only the quantized weights are clamped to [-0.05, 0.05]
+        assert torch.equal(p.detach(), w.clamp(-0.05, 0.05) if name == "2.weight" else w), name
+    assert (layer.weight == 0.05).any() and (layer.weight == -0.05).any()
+    assert model[0].weight.abs().max() > 0.05
 
 
 def run_steps(model, optimizer, lagrangian, batches, epoch_len, loss_sum=0.0):
@@ -168,3 +189,73 @@ def test_param_groups_decay_only_conv_and_linear_weights():
     decay, no_decay = cbp.param_groups(model, 1e-4)
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0
+
+
+def test_epoch_sum_includes_lambda_times_cs_by_hand():
+    """L = loss + sum(lambda * cs) at every step; one epoch of two steps, worked out by hand."""
+    config = cbp.CBPConfig(levels="binary", g_init=4.0, initial_multiplier_update=False)
+    model = cbp.prepare(three_linear(), config)
+    lagrangian = cbp.Lagrangian(model, config)   # no optimizer: the weights stay put
+    layer, lam = model[2], lagrangian.multipliers["2"]
+    a = float(layer.cbp_scale)
+    with torch.no_grad():   # every weight on a level but three; lambda 0 but for those three
+        layer.weight.fill_(a)
+        layer.weight.view(-1)[:3] = torch.tensor([1.5 * a, 0.5 * a, 0.1 * a])
+        lam.view(-1)[:3] = torch.tensor([2.0, 3.0, 5.0])
+    # g = 4: the window of (-a, a) is |w| < a / 4. 1.5a: outer arm, cs = 2 * 0.5a = a;
+    # 0.5a: outside the window, cs = 2 * (a - 0.5a) = a; 0.1a: inside it, cs = 0.
+    penalty = 2.0 * a + 3.0 * a + 5.0 * 0.0
+    lagrangian.step()
+    lagrangian.step()
+    end = lagrangian.end_epoch(torch.tensor(1.0))   # the loop's loss sum over the two steps
+    assert end.lagrangian_sum == pytest.approx(1.0 + 2 * penalty, rel=1e-6)
+    lagrangian.step()                                # the next epoch starts from zero
+    assert lagrangian.end_epoch(0.5).lagrangian_sum == pytest.approx(0.5 + penalty, rel=1e-6)
+
+
+def hand_epochs(model, optimizer, lagrangian, losses, steps=2):
+    """Epochs whose loss sums are given (the penalty, small, is added to them); the decisions."""
+    ends = []
+    for loss in losses:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            lagrangian.step()
+        ends.append(lagrangian.end_epoch(loss))
+    return ends
+
+
+# (L_sums before the save, after it, the updates after it, g at the end): the save comes
+# mid-cycle - p != 0, L_sum_pre finite - and one step into the next epoch. Case 1: only p says
+# that the first epoch after it reaches p_max; case 2: only L_sum_pre says that it rose; case 3:
+# the lr was dropped before the save (at g = 2), so forgetting that drops it a second time.
+@pytest.mark.parametrize("before, after, updates, final_g", [
+    ([10, 9], [8, 7, 6, 5, 5, 4], [1, 0, 0, 1, 0, 0], 3),
+    ([10], [11, 9, 8, 8.5, 7], [1, 0, 0, 1, 0], 3),
+    ([10, 11, 10, 9], [8, 7, 6, 5], [1, 0, 0, 1], 4)])
+def test_resume_mid_cycle_and_mid_epoch_continues_the_schedule_exactly(before, after, updates,
+                                                                        final_g):
+    config = cbp.CBPConfig(levels="ternary", multiplier_lr=1e-2, p_max=3, lr_drop_at_g=2)
+    model, optimizer, lagrangian = build(config)
+    hand_epochs(model, optimizer, lagrangian, before)
+    optimizer.zero_grad()
+    lagrangian.step()   # half of the next epoch: its penalty so far is part of the state
+    assert lagrangian.p != 0 and math.isfinite(lagrangian.lagrangian_sum_pre)
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "cbp": lagrangian.state_dict()})
+    optimizer.zero_grad()
+    lagrangian.step()
+    straight = [lagrangian.end_epoch(after[0])] + hand_epochs(model, optimizer, lagrangian,
+                                                              after[1:])
+
+    resumed, resumed_opt, resumed_lagr = build(config)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed_lagr.load_state_dict(saved["cbp"])
+    _assert_same(resumed_lagr.state_dict(), saved["cbp"], "loaded")
+    resumed_opt.zero_grad()
+    resumed_lagr.step()
+    again = [resumed_lagr.end_epoch(after[0])] + hand_epochs(resumed, resumed_opt, resumed_lagr,
+                                                             after[1:])
+    assert [e.updated for e in straight] == updates and straight[-1].g == final_g
+    assert again == straight
+    _assert_same(resumed_lagr.state_dict(), lagrangian.state_dict(), "cbp")

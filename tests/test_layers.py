@@ -123,3 +123,18 @@ def test_prepare_in_place_by_default_or_on_a_copy():
     assert torch.equal(net[3].weight, float_weight)
     with pytest.raises(ValueError, match="already prepared"):  # checked before copying
         cbp.prepare(copy, inplace=False)
+
+
+def test_every_layer_type_forwards_its_quantized_weight():
+    """Conv1d/2d/3d and Linear: the output is the float layer's with the weight on its levels."""
+    torch.manual_seed(0)
+    layers = [(nn.Conv1d(2, 3, 3, bias=True), torch.randn(2, 2, 7), F.conv1d),
+              (nn.Conv2d(2, 3, 3, bias=False), torch.randn(2, 2, 5, 5), F.conv2d),
+              (nn.Conv3d(2, 3, 2, bias=True), torch.randn(2, 2, 3, 3, 3), F.conv3d),
+              (nn.Linear(4, 3), torch.randn(2, 4), F.linear)]
+    for layer, x, functional in layers:
+        model = cbp.prepare(nn.Sequential(layer), cbp.CBPConfig("ternary", skip_first_last=False))
+        quant = model[0]
+        wq = quantize(quant.weight.detach(), quant.levels)
+        assert set(wq.unique().tolist()) <= set(quant.levels.tolist())
+        assert torch.equal(model(x), functional(x, wq, quant.bias)), type(layer).__name__

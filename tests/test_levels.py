@@ -21,7 +21,8 @@ def test_custom_set_accepted_from_list_and_tensor():
 @pytest.mark.parametrize("bad, message", [
     ([], "at least two"), ([1.0], "at least two"), ([1, 0], "increasing"),
     ([0, 1, 1], "increasing"), ([0, math.nan], "finite"), ([0, math.inf], "finite"),
-    (["a", "b"], "numbers"), ("quaternary", "unknown level set"),
+    (["a", "b"], "numbers"),
+    ("quaternary", "unknown level set .quaternary.; choose one of binary, ternary, shift1, shift2 "),
 ])
 def test_invalid_sets_raise_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):

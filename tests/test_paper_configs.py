@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import cbp
 import cbp.cli
 import cbp.train
 from cbp.models import build_model
@@ -29,6 +30,10 @@ QUANTIZED = {"alexnet_bn": r"^features\.4$", "resnet18": r"^layer1\.", "resnet50
 # model: (lr binary/ternary, lr shift1/shift2, weight decay, batch size, p_max)
 PAPER = {"alexnet_bn": (1e-3, 1e-4, 5e-4, 256, 20), "resnet18": (1e-3, 1e-3, 1e-4, 256, 20),
          "resnet50": (1e-3, 1e-4, 1e-4, 128, 20), "googlenet": (1e-3, 1e-3, 1e-4, 256, 10)}
+
+
+FACTORS = {"binary": (-1.0, 1.0), "ternary": (-1.0, 0.0, 1.0),
+           "shift1": (-1.0, -0.5, 0.0, 0.5, 1.0), "shift2": (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)}
 
 
 def expected(name: str) -> dict:
@@ -91,8 +96,14 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
     """One CBP step with the config's values; only sizes and the quantized layers are overridden.
     The checkpoint is captured rather than written (AlexNet-BN's would be over a gigabyte), plots
     are skipped."""
-    saved = []
+    saved, built = [], []
     monkeypatch.setattr(cbp.train, "save_checkpoint", lambda state, path: saved.append(state))
+    init = cbp.Lagrangian.__init__
+
+    def recording(self, *args, **kwargs):   # the CBPConfig that actually runs
+        init(self, *args, **kwargs)
+        built.append(self)
+    monkeypatch.setattr(cbp.Lagrangian, "__init__", recording)
     monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
     want = expected(name)
     # AlexNet-BN's config names no weights: it starts from random ones unless --weights is given.
@@ -112,6 +123,15 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
     decay_group = state["optimizer"]["param_groups"][0]
     assert (decay_group["lr"], decay_group["weight_decay"]) == (want["lr"], want["weight_decay"])
     assert state["cbp"]["ascent"]["param_groups"][0]["lr"] == want["multiplier_lr"]
+    (lagrangian,) = built
+    config = lagrangian.config
+    assert config.factors == FACTORS[want["constraint"]]
+    assert (config.p_max, config.lr_drop_at_g, config.multiplier_lr) == (
+        want["p_max"], want["lr_drop_at_g"], want["multiplier_lr"])
+    assert (config.multiplier_rule, config.g_init, config.stop_once_g_exceeds, config.lr_drop_factor) == (
+        "adam", 1.0, None, 0.1)
+    assert (config.use_constraint, config.initial_multiplier_update) == (True, True)
+    assert decay_group["momentum"] == 0.9
     # GoogLeNet's input scaling, which no state_dict holds, is recorded for every rebuild
     options = {"transform_input": True} if want["model"] == "googlenet" else {}
     assert state["meta"]["model_options"] == options

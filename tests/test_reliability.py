@@ -24,10 +24,16 @@ from PIL import Image
 import cbp.cli
 import cbp.train
 from cbp import cli
-from cbp.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from cbp.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from cbp.export import ExportError, read_packed
 from cbp.lagrangian import Lagrangian
-from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
 
 STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 
@@ -121,24 +127,77 @@ def test_sigterm_during_the_epoch_end_stops_after_it(
     assert_same_run(out, reference_run)
 
 
+def test_a_second_ctrl_c_aborts_at_once(quantize_argv, tmp_path, monkeypatch, capsys):
+    """The first SIGINT asks for a checkpoint after the step; a second one, before that step
+    ends, aborts there: no new checkpoint, the last whole one stays."""
+    out = str(tmp_path / "run")
+
+    def twice(_):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    after_step(monkeypatch, STEPS + 1, twice)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # Python's Ctrl-C
+    try:
+        assert cli.main(quantize_argv(out, REFERENCE_EPOCHS)) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert "stopping after this step" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "cbp: interrupted"
+    assert (checkpoint(out)["epoch"], checkpoint(out)["step"]) == (1, 0)
+    assert len(read_jsonl(os.path.join(out, LOG_NAME))) == 1
+
+
+class Crash(Exception):
+    """Stands for the process dying: raised where a real crash could happen."""
+
+
+def test_log_rows_after_the_checkpoint_are_dropped_on_resume(
+        quantize_argv, reference_run, assert_same_run, tmp_path, monkeypatch):
+    """A crash after epoch 2's log and histogram rows but before its checkpoint: the resumed run
+    redoes epoch 2 and its rows appear once."""
+    out = str(tmp_path / "run")
+    save, calls = cbp.train.save_checkpoint, []
+
+    def crash_at_the_second(state, path):
+        calls.append(state["epoch"])
+        if len(calls) == 2:
+            raise Crash
+        save(state, path)
+    monkeypatch.setattr(cbp.train, "save_checkpoint", crash_at_the_second)
+    with pytest.raises(Crash):
+        cli.main(quantize_argv(out, REFERENCE_EPOCHS))
+    assert [r["epoch"] for r in read_jsonl(os.path.join(out, LOG_NAME))] == [1, 2]
+    assert checkpoint(out)["epoch"] == 1
+    monkeypatch.setattr(cbp.train, "save_checkpoint", save)
+    assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
+    assert_same_run(out, reference_run)
+    assert [h["epoch"] for h in read_jsonl(os.path.join(out, HIST_NAME))] == [0, 1, 2]
+
+
 # ---- signals, in a real process ----------------------------------------------------------------
 
-# Runs the CLI and prints a line after every CBP step, so the test knows where the run is.
-CHILD = """
+# Runs the CLI and prints a line after every CBP step, so the test knows where the run is; after
+# step PAUSE_AT it waits for a line on stdin, so that a signal sent then lands at that point
+# however slowly the test itself runs.
+CHILD = f"""
 import sys
 from cbp import cli, lagrangian
-step = lagrangian.Lagrangian.step
+step, count = lagrangian.Lagrangian.step, [0]
 def printing(self):
     step(self)
+    count[0] += 1
     print("step", flush=True)
+    if count[0] == {STEPS + 1}:
+        sys.stdin.readline()
 lagrangian.Lagrangian.step = printing
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 def spawn(code: str, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     watchdog = threading.Timer(120, proc.kill)   # a hung child fails the test, not the session
     watchdog.daemon = True
@@ -156,7 +215,7 @@ def test_sigkill_mid_epoch_keeps_the_checkpoint_and_resumes_exactly(
         quantize_argv, reference_run, assert_same_run, tmp_path):
     out = str(tmp_path / "run")
     proc = spawn(CHILD, *quantize_argv(out, REFERENCE_EPOCHS))
-    read_lines(proc, STEPS + 1)            # epoch 1 done and saved, epoch 2 under way
+    read_lines(proc, STEPS + 1)            # epoch 1 done and saved, paused in epoch 2
     proc.kill()
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -169,35 +228,56 @@ def test_sigkill_mid_epoch_keeps_the_checkpoint_and_resumes_exactly(
 def test_ctrl_c_in_a_real_process(quantize_argv, reference_run, assert_same_run, tmp_path):
     out = str(tmp_path / "run")
     proc = spawn(CHILD, *quantize_argv(out, REFERENCE_EPOCHS))
-    read_lines(proc, STEPS + 1)
+    read_lines(proc, STEPS + 1)            # paused after epoch 2's first step
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate()
+    _, err = proc.communicate("go on\n")
     assert proc.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("cbp: stopped by SIGINT in epoch 2 after step")
-    state = checkpoint(out)
-    assert state["epoch"] == 1 and 1 <= state["step"] < STEPS    # mid-epoch
+    assert err.strip().splitlines()[-1].startswith(
+        f"cbp: stopped by SIGINT in epoch 2 after step 1 of {STEPS};")
+    assert (checkpoint(out)["epoch"], checkpoint(out)["step"]) == (1, 1)
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
     assert_same_run(out, reference_run)
 
 
-SAVER = """
-import sys, torch
+# Writes a checkpoint whole, then SIGKILLs itself half-way through writing the next one: the
+# kill lands inside the write every time. "naive" swaps in a writer that writes in place, the
+# kind this test exists to catch.
+KILLED_WRITER = """
+import io, os, signal, sys, torch
+import cbp.checkpoint
 from cbp.checkpoint import save_checkpoint
-for i in range(10**6):
-    save_checkpoint({"i": i, "blob": torch.full((4_000_000,), float(i))}, sys.argv[1])
-    print(i, flush=True)
+if sys.argv[2] == "naive":
+    def naive(path, write, mode="wb"):
+        with open(path, mode) as f:
+            write(f)
+    cbp.checkpoint.atomic_write = naive
+save_checkpoint({"i": 1, "blob": torch.full((100_000,), 1.0)}, sys.argv[1])
+real_save = torch.save
+def save_half_then_die(obj, f, *args, **kwargs):
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    f.write(buffer.getvalue()[: buffer.tell() // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+save_checkpoint({"i": 2, "blob": torch.full((100_000,), 2.0)}, sys.argv[1])
 """
 
 
-def test_sigkill_during_checkpoint_writes_leaves_a_whole_one(tmp_path):
+@pytest.mark.parametrize("writer", ["atomic", "naive"])
+def test_sigkill_inside_a_checkpoint_write_leaves_the_last_whole_one(tmp_path, writer):
     path = str(tmp_path / "c.pt")
-    proc = spawn(SAVER, path)
-    last = int(read_lines(proc, 3)[-1])
-    proc.kill()                            # most likely in the middle of writing i = 3
-    proc.communicate()
+    proc = spawn(KILLED_WRITER, path, writer)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err
+    if writer == "naive":   # the control: a writer that is not atomic fails this test
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+        return
     state = load_checkpoint(path)
-    assert state["i"] >= last and torch.equal(state["blob"], torch.full((4_000_000,),
-                                                                         float(state["i"])))
+    assert state["i"] == 1 and torch.equal(state["blob"], torch.full((100_000,), 1.0))
+    remove_stale_temporaries(str(tmp_path))   # what the next run does first
+    assert os.listdir(tmp_path) == ["c.pt"]
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path):
@@ -267,6 +347,24 @@ def test_on_nan_lower_lr_goes_back_and_continues(quantize_argv, tmp_path, monkey
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["lr"] == pytest.approx(1e-4) and math.isfinite(r["loss"]) for r in rows)
     assert all(t.isfinite().all() for t in checkpoint(out)["model"].values())
+
+
+def test_on_nan_lower_lr_gives_up_after_three_retries(quantize_argv, tmp_path, monkeypatch,
+                                                     capsys):
+    out = str(tmp_path / "run")
+    step = Lagrangian.step
+
+    def always_poison(self):
+        step(self)
+        poison(self)
+    monkeypatch.setattr(Lagrangian, "step", always_poison)
+    assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--on-nan", "lower-lr")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    retries = [line for line in lines if "going back" in line]
+    assert [line.split("times ")[-1] for line in retries] == ["0.1", "0.01", "0.001"]
+    assert len(lines) == 4 and lines[-1] == (
+        "cbp: error: the loss became nan in epoch 1 at step 2; no checkpoint was written")
+    assert not os.path.exists(os.path.join(out, CHECKPOINT_NAME))
 
 
 # ---- bad input: one line, exit 2 ---------------------------------------------------------------

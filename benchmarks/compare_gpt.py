@@ -1,0 +1,279 @@
+"""Ternary and binary transformers: the low-bit methods on a character-level GPT (Shakespeare).
+
+    python benchmarks/compare_gpt.py --jobs 2 --out benchmarks/RESULTS-gpt.md   # ~12 min, 2 cores
+    python benchmarks/compare_gpt.py --quick                                     # ~1 min
+
+Every method starts from one pretrained GPT (``cbp pretrain --config gpt``, made if missing and
+then reused) and, per level set and seed:
+
+  fp          the pretrained checkpoint itself (reference; one checkpoint, so no spread)
+  rounding    nearest level with a = mean|W| in every block Linear, no training
+  ste         STE-only fine-tuning: ``CBPConfig(use_constraint=False)``
+  cbp         CBP with the window schedule g = 1, 2, ..., 10, 20, ..., 100, 200
+
+Quantized: every Linear inside the blocks (``cbp.gpt.CBP_SELECTION``); the embeddings and the tied
+output head stay float. Equal budget: STE-only and CBP run the same epochs of ``epoch_iters`` steps
+on the same windows (seed), with the same Adam, lr and clipping, the lr x0.1 at the epoch where
+CBP's g reaches 20. The numbers come from one evaluation of ``test_windows`` validation windows
+at the end: loss in nats per character and bits per character (bpc), mean ± standard error over
+seeds. No torchao row: torchao's QAT fake quantizer (``IntxFakeQuantizeConfig``) offers torch.int1
+and torch.int2, whose integer grids are {-1, 0} and {-2, -1, 0, 1} - neither is the symmetric
+ternary {-a, 0, a} nor the binary {-a, a}, so there is no matching peer to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from multiprocessing import get_context
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+import cbp
+from cbp.distributed import setup
+from cbp.gpt import CBP_SELECTION, generate
+from cbp.runs import load_model
+from cbp.tasks import LanguageModel
+from cbp.text import CharVocab, load_text, shakespeare_dir
+from cbp.train import Run, fit
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_compare", os.path.join(os.path.dirname(__file__), "compare.py"))
+compare = sys.modules["bench_compare"] = importlib.util.module_from_spec(_spec)  # for dataclasses
+_spec.loader.exec_module(compare)
+
+METHODS = ("fp", "rounding", "ste", "cbp")
+LABELS = {"fp": "full precision (pretrained)", "rounding": "post-training rounding",
+          "ste": "STE-only fine-tuning", "cbp": "CBP (window schedule)"}
+LEVELS = ("ternary", "binary")
+PROMPT, SAMPLE_CHARS, SAMPLE_SEED = "ROMEO:", 300, 0  # the text samples of seed 0's models
+
+
+@dataclass(frozen=True)
+class Size:
+    train_windows: int | None  # first N training windows of 128 characters (None: all)
+    val_windows: int           # validation windows evaluated after every epoch (monitoring only)
+    test_windows: int          # validation windows of the final evaluation
+    batch: int
+    epoch_iters: int
+    lr: float
+    multiplier_lr: float       # eta_lambda
+    p_max: int
+    stop_once_g_exceeds: float
+    seeds: int
+
+
+FULL = Size(train_windows=None, val_windows=16, test_windows=1000, batch=16, epoch_iters=20,
+            lr=1e-3, multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=100, seeds=3)
+QUICK = Size(train_windows=2000, val_windows=4, test_windows=32, batch=8, epoch_iters=2,
+             lr=1e-3, multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=10, seeds=2)
+
+
+def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
+    # compile_penalty off: compiling costs more than it saves on these short CPU runs
+    base = cbp.CBPConfig(levels=levels, multiplier_lr=size.multiplier_lr, p_max=size.p_max,
+                         stop_once_g_exceeds=size.stop_once_g_exceeds, compile_penalty=False,
+                         **CBP_SELECTION)
+    if method == "cbp":
+        return base
+    # STE-only takes CBP's lr drop from a MultiStepLR, and never "finishes".
+    return replace(base, use_constraint=False, lr_drop_at_g=None, stop_once_g_exceeds=None)
+
+
+@lru_cache(maxsize=1)
+def datasets(size: Size, data_dir: str | None):
+    directory = shakespeare_dir(data_dir)
+    train = load_text(directory, True, 128, size.train_windows)
+    val = load_text(directory, False, 128)
+    return train, Subset(val, range(size.val_windows)), Subset(val, range(size.test_windows))
+
+
+def pretrained(checkpoint: str, data_dir: str | None) -> str:
+    """The shared checkpoint: ``cbp pretrain --config gpt`` once, then reused."""
+    if not os.path.exists(checkpoint):
+        cmd = [sys.executable, "-m", "cbp", "pretrain", "--config", "gpt", "--quiet", "--resume",
+               "--out", os.path.dirname(checkpoint)] + (["--data-dir", data_dir] if data_dir else [])
+        subprocess.run(cmd, check=True)
+    return checkpoint
+
+
+def file_sizes(model: torch.nn.Module) -> dict:
+    """Bytes of the packed export and of a float32 safetensors file of the same state_dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        packed = os.path.getsize(cbp.export(model, os.path.join(tmp, "packed.safetensors")))
+        plain = cbp.convert(model)
+        float_path = os.path.join(tmp, "float.safetensors")
+        save_file({k: v.detach().clone().float() for k, v in plain.state_dict().items()}, float_path)
+        return {"packed_bytes": packed, "float_bytes": os.path.getsize(float_path)}
+
+
+def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, method: str,
+            levels: str, seed: int) -> dict:
+    """One cell: train (or not) from the checkpoint, then evaluate on the test windows."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    train, val, test = datasets(size, data_dir)
+    ctx = setup("cpu")
+    model, meta = load_model(checkpoint)
+    result = {"method": method, "levels": levels, "seed": seed, "sec_per_step": None}
+    if method != "fp":
+        config = cbp_config(size, levels, method)
+        cbp.prepare(model, config)
+    if method in ("ste", "cbp"):
+        epochs, drop = compare.schedule_epochs(cbp_config(size, levels, "cbp"))
+        optimizer = torch.optim.AdamW(cbp.param_groups(model, 0.0), lr=size.lr, betas=(0.9, 0.99))
+        scheduler = (torch.optim.lr_scheduler.MultiStepLR(optimizer, [drop] if drop else [], 0.1)
+                     if method == "ste" else None)
+        rows = fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
+                       out_dir=os.path.join(cache, "runs", f"{method}-{levels}-{seed}"),
+                       epochs=epochs, batch_size=size.batch, ctx=ctx,
+                       lagrangian=cbp.Lagrangian(model, config, optimizer), scheduler=scheduler,
+                       epoch_iters=size.epoch_iters, seed=seed, show_progress=False,
+                       task=LanguageModel))
+        result["sec_per_step"] = statistics.median(r["seconds"] / r["steps"] for r in rows)
+        result.update(g=rows[-1].get("g"), epochs=len(rows))
+    if method != "fp":
+        result.update(cfs=cbp.cfs(model), on_levels=cbp.fraction_on_levels(model))
+        if seed == 0:
+            result.update(file_sizes(model))
+    result.update(LanguageModel.evaluate(model, test, ctx))
+    if seed == 0:
+        vocab = CharVocab(meta["vocab"])
+        tokens = generate(model, vocab.encode(PROMPT)[None], SAMPLE_CHARS, seed=SAMPLE_SEED)
+        result["sample"] = vocab.decode(tokens[0])
+    return result
+
+
+def cells(size: Size, methods, levels) -> list[tuple[str, str, int]]:
+    out = [("fp", "-", 0)] if "fp" in methods else []
+    out += [("rounding", lv, 0) for lv in levels if "rounding" in methods]  # no randomness
+    return out + [(m, lv, s) for m in ("ste", "cbp") if m in methods for lv in levels
+                  for s in range(size.seeds)]
+
+
+def run_all(size: Size, checkpoint: str, cache: str, data_dir: str | None, methods, levels,
+            jobs: int) -> list[dict]:
+    todo = cells(size, methods, levels)
+    with tqdm(total=len(todo), desc="cells (method, level set, seed)", unit="cell") as bar:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, size, checkpoint, cache, data_dir, *t) for t in todo]
+            for _ in as_completed(futures):
+                bar.update()
+            return [f.result() for f in futures]
+
+
+def _mean_se(values: list[float], fmt: str) -> str:
+    if not values:
+        return "—"
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(statistics.stdev(values) / math.sqrt(len(values)), fmt)}"
+
+
+def table(results: list[dict], size: Size, levels) -> str:
+    fp = [r for r in results if r["method"] == "fp"]
+    out = []
+    for lv in levels:
+        out += [f"### {lv}", "",
+                "| method | val loss (nats/char) | bits per char | CFS | on levels | packed / float32 "
+                "file | s / step |", "|---|---|---|---|---|---|---|"]
+        for method in METHODS:
+            rows = fp if method == "fp" else [r for r in results
+                                               if r["method"] == method and r["levels"] == lv]
+            if not rows:
+                continue
+            cols = [_mean_se([r["val_loss"] for r in rows], ".4f"),
+                    _mean_se([r["bpc"] for r in rows], ".4f")]
+            for key, fmt in (("cfs", ".2e"), ("on_levels", ".3f")):
+                cols.append(_mean_se([r[key] for r in rows if r.get(key) is not None], fmt))
+            sized = [r for r in rows if "packed_bytes" in r]
+            cols.append(f"{sized[0]['packed_bytes']:,} / {sized[0]['float_bytes']:,} B "
+                        f"({sized[0]['float_bytes'] / sized[0]['packed_bytes']:.1f}x)" if sized else "—")
+            cols.append(_mean_se([r["sec_per_step"] for r in rows if r["sec_per_step"]], ".3f"))
+            out.append(f"| {LABELS[method]} | " + " | ".join(cols) + " |")
+        out.append("")
+    epochs, drop = compare.schedule_epochs(cbp_config(size, "binary", "cbp"))
+    out += [f"STE-only and CBP: {epochs} epochs × {size.epoch_iters} steps of {size.batch} windows "
+            f"of 128 characters (AdamW lr {size.lr}, no weight decay, "
+            f"{f'×0.1 after epoch {drop}' if drop else 'no lr drop'}); "
+            f"CBP η_λ = {size.multiplier_lr}, p_max = {size.p_max}, "
+            f"stop once g exceeds {size.stop_once_g_exceeds}; "
+            f"{size.seeds} seeds (± is the standard error). Evaluated on the first "
+            f"{size.test_windows} validation windows ({size.test_windows * 128:,} characters). "
+            "s / step includes the per-epoch monitoring evaluation.",
+            f"Settings: `{asdict(size)}`"]
+    return "\n".join(out) + "\n"
+
+
+def samples(results: list[dict]) -> str:
+    """Markdown of seed 0's generated text per model: FP, CBP ternary and binary first."""
+    order = [("fp", "-"), ("cbp", "ternary"), ("cbp", "binary"), ("ste", "ternary"),
+             ("ste", "binary"), ("rounding", "ternary"), ("rounding", "binary")]
+    out = [f"# {SAMPLE_CHARS} characters from each model of the GPT comparison", "",
+           f"Prompt `{PROMPT}`, sampling seed {SAMPLE_SEED}, temperature 1, the seed-0 model of "
+           "each row of `benchmarks/RESULTS-gpt.md` (made by `benchmarks/compare_gpt.py`).", ""]
+    for method, lv in order:
+        for r in results:
+            if r["method"] == method and r["levels"] == lv and "sample" in r:
+                name = LABELS[method] + ("" if lv == "-" else f", {lv}")
+                out += [f"## {name} (val loss {r['val_loss']:.3f}, {r['bpc']:.3f} bpc)", "",
+                        "```", r["sample"], "```", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI size (about a minute)")
+    p.add_argument("--seeds", type=int)
+    p.add_argument("--multiplier-lr", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--levels", default=",".join(LEVELS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel worker processes")
+    p.add_argument("--checkpoint", default="runs/gpt/pretrain/checkpoint.pt",
+                   help="pretrained GPT (made with `cbp pretrain --config gpt` if missing)")
+    p.add_argument("--data-dir", help="folder of the *_gut.txt texts (default: the set-up's copy)")
+    p.add_argument("--cache", default="runs/bench-gpt")
+    p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--samples", help="write the generated text of every seed-0 model here")
+    args = p.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    overrides = {"seeds": args.seeds, "multiplier_lr": args.multiplier_lr, "lr": args.lr}
+    size = replace(size, **{k: v for k, v in overrides.items() if v is not None})
+    levels = [lv for lv in args.levels.split(",") if lv]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(levels) - set(LEVELS)) + sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown level set or method: {', '.join(unknown)}")
+    tic = time.perf_counter()
+    checkpoint = pretrained(args.checkpoint, args.data_dir)
+    results = run_all(size, checkpoint, args.cache, args.data_dir, methods, levels, args.jobs)
+    text = table(results, size, levels)
+    text += (f"\nMachine: {compare.machine()}; {args.jobs} job(s) of 1 thread; total wall "
+             f"{time.perf_counter() - tic:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    if args.samples:
+        with open(args.samples, "w") as f:
+            f.write(samples(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
