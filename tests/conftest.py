@@ -30,6 +30,15 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def quiet_cli(monkeypatch):
+    """CLI runs on one thread and without plots: neither changes what the CLI tests check."""
+    import cbp.cli
+    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    with one_thread():
+        yield
+
+
 def write_idx(path: str, array: np.ndarray) -> None:
     """An uncompressed IDX file of unsigned bytes (type 0x08), as LeCun's format describes it."""
     with open(path, "wb") as f:

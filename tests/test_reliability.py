@@ -38,12 +38,7 @@ from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
 STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 
 
-@pytest.fixture(autouse=True)
-def _fast(monkeypatch):
-    """One thread (see conftest) and no plots: neither changes what is tested here."""
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
 
 
 @pytest.fixture

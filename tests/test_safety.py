@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import REFERENCE_EPOCHS, one_thread
+from conftest import REFERENCE_EPOCHS
 from PIL import Image
 
 import cbp
@@ -39,12 +39,7 @@ from cbp.train import _check_same_plan
 STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 
 
-@pytest.fixture(autouse=True)
-def _fast(monkeypatch):
-    """One thread (see conftest) and no plots unless a test asks for them."""
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
 
 
 def fails(capsys, argv: list[str], *needles: str) -> str:
