@@ -587,6 +587,17 @@ def machine() -> str:
             f"torch {torch.__version__}, 1 thread per worker")
 
 
+def publish(text: str, workers: str, started: float, out: str | None) -> None:
+    """Print a results table with the machine, the workers, the wall time and the command under
+    it, and write it to ``out`` if given (shared with ``compare_gpt.py``)."""
+    text += (f"\nMachine: {machine()}; {workers}; total wall "
+             f"{time.perf_counter() - started:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI size (< 3 min)")
@@ -617,13 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = FULL_PLAN if args.full else DEFAULT_PLAN
     results = run_all(size, args.cache, plan, methods, levels, models, args.jobs, args.reuse,
                       args.cached)
-    text = table(results, size, brevitas_missing() if "brevitas" in methods else None)
-    text += (f"\nMachine: {machine()}; {args.jobs} worker(s); total wall "
-             f"{time.perf_counter() - tic:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(table(results, size, brevitas_missing() if "brevitas" in methods else None),
+            f"{args.jobs} worker(s)", tic, args.out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

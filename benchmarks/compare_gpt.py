@@ -262,13 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     checkpoint = pretrained(args.checkpoint, args.data_dir)
     results = run_all(size, checkpoint, args.cache, args.data_dir, methods, levels, args.jobs)
-    text = table(results, size, levels)
-    text += (f"\nMachine: {compare.machine()}; {args.jobs} job(s) of 1 thread; total wall "
-             f"{time.perf_counter() - tic:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    compare.publish(table(results, size, levels), f"{args.jobs} job(s) of 1 thread", tic, args.out)
     if args.samples:
         with open(args.samples, "w") as f:
             f.write(samples(results))
