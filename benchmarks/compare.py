@@ -271,26 +271,28 @@ def bn_loader(size: Size, train, seed: int):
 
 
 def run_one(size: Size, checkpoint: str, cache: str, model_name: str, method: str, levels: str,
-            seed: int) -> dict:
+            seed: int, device: str = "cpu") -> dict:
     """One cell: train (or not) from the checkpoint, evaluate, re-estimate BN, evaluate again."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     tic = time.perf_counter()
     train, val, test = datasets(size)
-    ctx = setup("cpu")
+    ctx = setup(device)
     model = load_weights(build(model_name), checkpoint)
     model.to(memory_format=torch.channels_last)  # ~1.4x faster convolutions on CPU
     result = {"model": model_name, "method": method, "levels": levels, "seed": seed}
     if method == "rounding":
         cbp.prepare(model, cbp.CBPConfig(levels))
+    elif method == "brevitas":
+        brevitas_model(model, levels)
     elif method != "fp":
+        config = cbp_config(size, levels, method)
+        cbp.prepare(model, config)
+    model.to(ctx.device)  # prepared on the CPU, as the CLI does
+    if method not in ("fp", "rounding"):
         epochs, drop = schedule(size)
         lagrangian = scheduler = tracker = None
-        if method == "brevitas":
-            brevitas_model(model, levels)
-        else:
-            config = cbp_config(size, levels, method)
-            cbp.prepare(model, config)
+        if method != "brevitas":
             tracker = TimedTracker(model)
         optimizer = torch.optim.SGD(cbp.param_groups(model, size.weight_decay), lr=size.lr,
                                     momentum=0.9)
@@ -372,8 +374,8 @@ def _pin_worker(cores) -> None:
     torch.set_num_threads(1)
 
 
-def _run_cached(size: Size, checkpoints: dict, cache: str, task: tuple) -> dict:
-    result = run_one(size, checkpoints[task[0]], cache, *task)
+def _run_cached(size: Size, checkpoints: dict, cache: str, device: str, task: tuple) -> dict:
+    result = run_one(size, checkpoints[task[0]], cache, *task, device=device)
     path = result_path(size, cache, task)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -384,8 +386,12 @@ def _run_cached(size: Size, checkpoints: dict, cache: str, task: tuple) -> dict:
 
 def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=LEVELS,
             models=tuple(MODELS), jobs: int = 2, reuse: bool = False,
-            cached_only: bool = False) -> list[dict]:
+            cached_only: bool = False, device: str = "cpu") -> list[dict]:
     """Every cell of ``plan``; up to ``jobs`` worker processes, each pinned to its own core.
+
+    The full-precision checkpoints are always trained on the CPU (or read from the cache), so
+    that runs on another device start from the very same weights when given the same cache.
+    On ``device="cuda"`` the workers share the one GPU.
 
     With ``reuse`` a cell whose result file (keyed by the size) exists is read, not rerun;
     ``cached_only`` reads those and runs nothing (the table of an interrupted run).
@@ -408,7 +414,7 @@ def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=L
               unit="cell") as bar:
         if len(cores) == 1:
             for task in pending:
-                results.append(_run_cached(size, checkpoints, cache, task))
+                results.append(_run_cached(size, checkpoints, cache, device, task))
                 bar.update()
             return results
         context = get_context("spawn")
@@ -417,7 +423,8 @@ def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=L
             queue.put(core)
         with ProcessPoolExecutor(len(cores), mp_context=context, initializer=_pin_worker,
                                  initargs=(queue,)) as pool:
-            futures = [pool.submit(_run_cached, size, checkpoints, cache, t) for t in pending]
+            futures = [pool.submit(_run_cached, size, checkpoints, cache, device, t)
+                       for t in pending]
             for future in as_completed(futures):
                 results.append(future.result())
                 bar.update()
@@ -587,6 +594,10 @@ def machine() -> str:
             f"torch {torch.__version__}, 1 thread per worker")
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "the CPU"
+
+
 def publish(text: str, workers: str, started: float, out: str | None) -> None:
     """Print a results table with the machine, the workers, the wall time and the command under
     it, and write it to ``out`` if given (shared with ``compare_gpt.py``)."""
@@ -607,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--seeds", type=int, help="override both seed counts")
     p.add_argument("--jobs", type=int, default=2, help="worker processes, each pinned to a core")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda: where the cells train (pretraining stays on the CPU)")
     p.add_argument("--cache", default="runs/bench", help="checkpoints, runs and cell results")
     p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
     p.add_argument("--cached", action="store_true",
@@ -627,9 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     plan = FULL_PLAN if args.full else DEFAULT_PLAN
     results = run_all(size, args.cache, plan, methods, levels, models, args.jobs, args.reuse,
-                      args.cached)
+                      args.cached, args.device)
     publish(table(results, size, brevitas_missing() if "brevitas" in methods else None),
-            f"{args.jobs} worker(s)", tic, args.out)
+            f"{args.jobs} worker(s) on {device_name(args.device)}", tic, args.out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

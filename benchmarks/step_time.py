@@ -57,9 +57,15 @@ MODELS = {  # name: (builder, input shape without the batch)
 
 
 def inputs(model_name: str, batch: int, device: torch.device,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch for the model: images and labels, or a language model's tokens and next tokens."""
+           generator: torch.Generator | None = None,
+           image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for the model: images and labels, or a language model's tokens and next tokens.
+
+    ``image_size`` replaces an image model's default height and width (ResNet-18: 224 as on
+    ImageNet, where the default 64 keeps CPU runs short)."""
     shape = MODELS[model_name][1]
+    if image_size and model_name not in LANGUAGE_MODELS:
+        shape = (shape[0], image_size, image_size)
     if model_name in LANGUAGE_MODELS:
         x, y = (torch.randint(0, 84, (batch, *shape), generator=generator) for _ in range(2))
     else:
@@ -144,7 +150,7 @@ def cbp_bytes_per_weight(lagrangian: cbp.Lagrangian) -> float:
 
 
 def time_model(args, model_name: str, device: torch.device) -> dict:
-    x, y = inputs(model_name, args.batch, device, torch.Generator().manual_seed(1))
+    x, y = inputs(model_name, args.batch, device, torch.Generator().manual_seed(1), args.image_size)
     steps, info = {}, {}
     for mode in MODES:
         t0 = time.perf_counter()
@@ -192,10 +198,10 @@ def _proc_status_bytes(key: str) -> int:
 
 
 def memory_child(model_name: str, mode: str, rule: str, levels: str, batch: int,
-                 device: torch.device) -> None:
+                 device: torch.device, image_size: int | None) -> None:
     """Runs in a fresh process: peak memory of steps of one mode, printed as JSON."""
     model, update, lagrangian, opt = build(model_name, mode, levels, rule, device)
-    x, y = inputs(model_name, batch, device)
+    x, y = inputs(model_name, batch, device, image_size=image_size)
     step = make_step(model, update, x, y)
     step()  # allocates gradients, optimizer state, compiles
     if device.type == "cuda":
@@ -215,11 +221,17 @@ def memory_child(model_name: str, mode: str, rule: str, levels: str, batch: int,
     print(json.dumps({"peak_step": peak, "state": state_bytes(model, opt, lagrangian)}))
 
 
+def image_size_flag(args) -> list[str]:
+    """The ``--image-size`` flag of a child process, if the parent got one."""
+    return ["--image-size", str(args.image_size)] if args.image_size else []
+
+
 def measure_memory(args, model_name: str, device: torch.device) -> dict:
     results = {}
     for mode, rule in [("fp", "adam"), ("ste", "adam"), ("cbp", "adam"), ("cbp", "plain")]:
         cmd = [sys.executable, __file__, "--_memory-child", model_name, mode, rule,
-               "--levels", args.levels, "--batch", str(args.batch), "--device", str(device)]
+               "--levels", args.levels, "--batch", str(args.batch), "--device", str(device),
+               *image_size_flag(args)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[f"{mode}/{rule}" if mode == "cbp" else mode] = json.loads(out.splitlines()[-1])
     return results
@@ -238,7 +250,8 @@ def spread(values: list[float], fmt: str) -> str:
 def timing_child(args, model_name: str) -> dict:
     """One full timing run of ``model_name`` in a fresh process."""
     cmd = [sys.executable, __file__, "--_timing-child", model_name, "--levels", args.levels,
-           "--batch", str(args.batch), "--device", args.device, *(["--quick"] * args.quick)]
+           "--batch", str(args.batch), "--device", args.device, *(["--quick"] * args.quick),
+           *image_size_flag(args)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
@@ -248,9 +261,11 @@ def report(model_name: str, runs: list[dict], memory: dict | None, args) -> None
     info, meds = runs[0], [run["median_s"] for run in runs]
     n = info["quantized_weights"]
     over = f", median (spread) of {len(runs)} runs" if len(runs) > 1 else ""
-    print(f"\n== {model_name}, batch {args.batch}, {args.levels}, {n:,} quantized weights{over} ==")
+    size = f", {args.image_size}x{args.image_size}" if args.image_size else ""
+    print(f"\n== {model_name}{size}, batch {args.batch}, {args.levels}, {n:,} quantized weights{over} ==")
     for mode in MODES:
-        print(f"  {mode:10s} median step {spread([m[mode] * 1e3 for m in meds], '.2f')} ms")
+        print(f"  {mode:10s} median step {spread([m[mode] * 1e3 for m in meds], '.2f')} ms, "
+              f"{spread([args.batch / m[mode] for m in meds], '.0f')} samples/s")
     print("  " + "   ".join(f"{name} {spread([m[a] / m[b] for m in meds], '.4f')}"
                             for name, (a, b) in RATIOS.items()))
     penalty = [run["penalty_alone_s"] for run in runs]
@@ -273,6 +288,8 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20,resnet18")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--levels", default="binary")
+    parser.add_argument("--image-size", type=int,
+                        help="height and width of image inputs (default: 28 ResNet-20, 64 ResNet-18)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--repeat", type=int, default=1,
@@ -283,7 +300,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args._memory_child:
         model_name, mode, rule = args._memory_child
-        memory_child(model_name, mode, rule, args.levels, args.batch, device)
+        memory_child(model_name, mode, rule, args.levels, args.batch, device, args.image_size)
         return
     args.warmup = 2 if args.quick else 5
     fast = device.type == "cuda"

@@ -53,7 +53,9 @@ def read_idx(path: str) -> torch.Tensor:
     return torch.from_numpy(array.reshape(shape))
 
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Debian's dataset-fashion-mnist; CBP_FASHION_MNIST_DIR points elsewhere (e.g. a machine without
+# the package, given a copy of the four .gz files).
+FASHION_MNIST_DIR = os.environ.get("CBP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 FASHION_MNIST_CLASSES = 10
 DOWNLOAD_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cbp")

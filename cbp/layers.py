@@ -129,7 +129,7 @@ def _check_quantizable(name: str, weight: torch.Tensor, factors: torch.Tensor) -
         raise ValueError(f"layer {label} has {'all-zero' if scale == 0 else 'non-finite'} "
                          f"weights (scale mean|W| = {float(scale):g}), so it cannot be "
                          f"quantized{hint}")
-    check_distinct_in((factors * scale).double(), weight.dtype, f"layer {label}'s levels "
+    check_distinct_in((factors.to(scale.device) * scale).double(), weight.dtype, f"layer {label}'s levels "
                       f"(factors times its scale {float(scale):g})")
     return scale
 
