@@ -287,9 +287,10 @@ def run_demo(args: argparse.Namespace) -> None:
     fp_minutes, cbp_minutes = (sum(r["seconds"] for r in rows) / 60 for rows in (fp_rows, cbp_rows))
     model, meta = load_model(os.path.join(cbp_dir, CHECKPOINT_NAME))
     # the quantize config may watch a validation subset per epoch; the table is the full test set
-    data_dir = load_config(args.config, "quantize").training["data_dir"]
+    settings = load_config(args.config, "quantize").training
+    data_dir = settings["data_dir"]
     test_data, _, _ = load_dataset(meta["dataset"], data_dir, False)
-    ctx = distributed.setup(None)
+    ctx = distributed.setup(settings.get("device"))   # where the config trained
     final = evaluate(model.to(ctx.device), test_data, ctx)
     train_data, _, _ = load_dataset(meta["dataset"], data_dir, True)
     bn_batches = min(DEMO_BN_BATCHES, len(train_data) // 128)   # fewer on a tiny data set
