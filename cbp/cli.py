@@ -278,7 +278,9 @@ def run_demo(args: argparse.Namespace) -> None:
     fp_ckpt = os.path.join(fp_dir, CHECKPOINT_NAME)
     if os.path.exists(fp_ckpt):
         print(f"pretrained model found in {fp_dir}; resuming/skipping pretraining")
-    main_or_raise(["pretrain", "--config", args.config, "--out", fp_dir, "--resume", *quiet])
+    # --resume only where an earlier demo left a folder: a first run has nothing to resume
+    resume = ["--resume"] if os.path.isdir(fp_dir) else []
+    main_or_raise(["pretrain", "--config", args.config, "--out", fp_dir, *resume, *quiet])
     main_or_raise(["quantize", "--config", args.config, "--from", fp_ckpt, "--out", cbp_dir,
                    "--overwrite", *quiet])
     fp_rows, cbp_rows = (read_jsonl(os.path.join(d, LOG_NAME)) for d in (fp_dir, cbp_dir))
