@@ -575,13 +575,18 @@ def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> Non
     axes[0].legend(fontsize=7)
     methods = [m for m in METHODS[1:] if _rows(results, model, lv, m)]
     x = range(len(methods))
+    top = max(statistics.mean(r["top1"] for r in _rows(results, model, lv, m)) for m in methods)
+    floor = top - 15
     for offset, key, label in ((-0.2, "top1_train_bn", "training BN"),
                                (0.2, "top1", "BN re-estimated")):
         means = [statistics.mean(r[key] for r in _rows(results, model, lv, m)) for m in methods]
         axes[2].bar([i + offset for i in x], means, width=0.4, label=label)
+        for i, mean in zip(x, means):  # a bar below the axis floor: its value, written in
+            if mean < floor:
+                axes[2].text(i + offset, floor + 0.3, f"{mean:.1f}", rotation=90, ha="center",
+                             va="bottom", fontsize=7)
     axes[2].set_xticks(list(x), methods, rotation=60, fontsize=7)
-    top = max(statistics.mean(r["top1"] for r in _rows(results, model, lv, m)) for m in methods)
-    axes[2].set(ylabel="top-1 (%)", title="test top-1, mean over seeds", ylim=(top - 15, top + 2))
+    axes[2].set(ylabel="top-1 (%)", title="test top-1, mean over seeds", ylim=(floor, top + 2))
     axes[2].legend(fontsize=7)
     fig.suptitle(f"{MODELS[model]}, {lv}")
     fig.tight_layout()

@@ -4,11 +4,15 @@
     .venv/bin/python benchmarks/step_time.py --quick      # ~1 min, noisier
     .venv/bin/python benchmarks/step_time.py --repeat 3   # 3 full runs: median and spread
 
-Each model is built three times from the same weights: plain (FP), prepared with
-``use_constraint=False`` (STE: quantized forward, straight-through backward, the same clipping,
-SGD and clamping as CBP) and prepared with CBP on. A CBP step is STE plus
+Each model is built twice from the same weights: plain (FP), and prepared, which the
+quantized modes share - STE (a ``Lagrangian`` with ``use_constraint=False``: quantized forward,
+straight-through backward, the same clipping, SGD and clamping as CBP), CBP and CBP eager differ
+only in the Lagrangian whose ``step()`` ends their step. A CBP step is STE plus
 ``Lagrangian.add_penalty_grad`` (which clips the quantized weights' gradients in its own pass,
-where STE clips them apart), so the CBP/STE ratio is the price of the constraint term.
+where STE clips them apart), so the CBP/STE ratio is the price of the constraint term. Sharing
+the model matters: two identical models built in one process can differ by several % per step
+(their tensors' places in memory, page faults), more than the penalty pass costs, which made
+CBP/STE wander between 0.99 and 1.03 when each mode had its own model.
 Modes alternate step by step (FP STE CBP ..., rotated each round) after a warm-up, and the median of each is
 reported, so slow drifts (other processes, frequency scaling) hit all modes alike. CBP runs with
 the compiled fused kernel (``compile_penalty=True``, what a long run uses from its start); the
@@ -74,8 +78,18 @@ def inputs(model_name: str, batch: int, device: torch.device,
     return x.to(device), y.to(device)
 
 
-def build(model_name: str, mode: str, levels: str, rule: str, device: torch.device):
-    """A model and its step function for one mode; the same seed gives the same weights."""
+def build(model_name: str, mode: str, levels: str, rule: str, device: torch.device,
+          prepared: tuple[nn.Module, torch.optim.Optimizer] | None = None):
+    """A model and its step function for one mode; the same seed gives the same weights.
+
+    ``prepared``: the ``(model, optimizer)`` of a quantized mode built before, to share.
+    """
+    if prepared is not None and mode != "fp":
+        model, opt = prepared
+        config = cbp.CBPConfig(levels=levels, use_constraint=mode != "ste", multiplier_rule=rule,
+                               compile_penalty=mode == "cbp",
+                               **DEFAULT_SELECTION.get(model_name, {}))
+        return model, *_lagrangian_step(model, config, opt)
     torch.manual_seed(0)
     builder, _ = MODELS[model_name]
     model = builder().to(device)
@@ -90,12 +104,17 @@ def build(model_name: str, mode: str, levels: str, rule: str, device: torch.devi
                            compile_penalty=mode == "cbp", **DEFAULT_SELECTION.get(model_name, {}))
     cbp.prepare(model, config)
     opt = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
+    return model, *_lagrangian_step(model, config, opt)
+
+
+def _lagrangian_step(model: nn.Module, config: cbp.CBPConfig, opt: torch.optim.Optimizer):
+    """``(update, lagrangian, optimizer)`` of a prepared model's mode."""
     lagrangian = cbp.Lagrangian(model, config, opt)
     lagrangian.g = 5.0  # mid-schedule: the window is on, and lambda is not all zero
     if config.use_constraint:  # compiles the fused kernel step() calls now, not in a timed step
         lagrangian.add_penalty_grad(config.grad_clip_value)
         model.zero_grad(set_to_none=True)
-    return model, lambda loss: lagrangian.step(), lagrangian, opt
+    return lambda loss: lagrangian.step(), lagrangian, opt
 
 
 def make_step(model: nn.Module, update: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable:
@@ -151,10 +170,13 @@ def cbp_bytes_per_weight(lagrangian: cbp.Lagrangian) -> float:
 
 def time_model(args, model_name: str, device: torch.device) -> dict:
     x, y = inputs(model_name, args.batch, device, torch.Generator().manual_seed(1), args.image_size)
-    steps, info = {}, {}
+    steps, info, prepared = {}, {}, None
     for mode in MODES:
         t0 = time.perf_counter()
-        model, update, lagrangian, _ = build(model_name, mode, args.levels, "adam", device)
+        model, update, lagrangian, opt = build(model_name, mode, args.levels, "adam", device,
+                                               prepared)
+        if mode != "fp":
+            prepared = (model, opt)
         steps[mode] = make_step(model, update, x, y)
         if mode == "cbp":
             info["build_s"] = time.perf_counter() - t0

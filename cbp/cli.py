@@ -278,7 +278,9 @@ def run_demo(args: argparse.Namespace) -> None:
     fp_ckpt = os.path.join(fp_dir, CHECKPOINT_NAME)
     if os.path.exists(fp_ckpt):
         print(f"pretrained model found in {fp_dir}; resuming/skipping pretraining")
-    main_or_raise(["pretrain", "--config", args.config, "--out", fp_dir, "--resume", *quiet])
+    # --resume only where an earlier demo left a folder: a first run has nothing to resume
+    resume = ["--resume"] if os.path.isdir(fp_dir) else []
+    main_or_raise(["pretrain", "--config", args.config, "--out", fp_dir, *resume, *quiet])
     main_or_raise(["quantize", "--config", args.config, "--from", fp_ckpt, "--out", cbp_dir,
                    "--overwrite", *quiet])
     fp_rows, cbp_rows = (read_jsonl(os.path.join(d, LOG_NAME)) for d in (fp_dir, cbp_dir))
@@ -287,9 +289,10 @@ def run_demo(args: argparse.Namespace) -> None:
     fp_minutes, cbp_minutes = (sum(r["seconds"] for r in rows) / 60 for rows in (fp_rows, cbp_rows))
     model, meta = load_model(os.path.join(cbp_dir, CHECKPOINT_NAME))
     # the quantize config may watch a validation subset per epoch; the table is the full test set
-    data_dir = load_config(args.config, "quantize").training["data_dir"]
+    settings = load_config(args.config, "quantize").training
+    data_dir = settings["data_dir"]
     test_data, _, _ = load_dataset(meta["dataset"], data_dir, False)
-    ctx = distributed.setup(None)
+    ctx = distributed.setup(settings.get("device"))   # where the config trained
     final = evaluate(model.to(ctx.device), test_data, ctx)
     train_data, _, _ = load_dataset(meta["dataset"], data_dir, True)
     bn_batches = min(DEMO_BN_BATCHES, len(train_data) // 128)   # fewer on a tiny data set

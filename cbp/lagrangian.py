@@ -102,16 +102,16 @@ class Lagrangian:
         ``clip``, each of these gradients is then clipped to ``[-clip, clip]`` in the same pass,
         as :meth:`step` clips every gradient.
         """
-        device = self._penalty_sum.device
-        self._kernel.start_step(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for name, layer in self.layers.items():
-            w = layer.weight
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            total += self._kernel(w.detach(), self.multipliers[name], w.grad, layer.cbp_factors,
-                                  layer.cbp_scale, self.g, clip)
-        return total
+        self._kernel.start_step(self._penalty_sum.device)
+        layers = list(self.layers.values())
+        for layer in layers:
+            if layer.weight.grad is None:
+                layer.weight.grad = torch.zeros_like(layer.weight)
+        return self._kernel([layer.weight.detach() for layer in layers],
+                            list(self.multipliers.values()),
+                            [layer.weight.grad for layer in layers],
+                            [layer.cbp_factors for layer in layers],
+                            [layer.cbp_scale for layer in layers], self.g, clip)
 
     @torch.no_grad()
     def step(self) -> None:

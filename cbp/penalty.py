@@ -1,10 +1,11 @@
 """The penalty gradient of one step, ``lambda * d cs / d w`` per quantized layer: eager or compiled.
 
-:func:`penalty_grad_` is the whole computation for one layer, the gradient clip included. Run
-eagerly it makes some twenty passes over the weight tensor; ``torch.compile`` fuses it into one
-that reads ``w``, ``lambda`` and the gradient once, which is what keeps a CBP step within ~1% of
-an STE step (``benchmarks/step_time.py``). Both run the same function, so they give the same numbers
-(``tests/test_fast_path.py``).
+:func:`penalty_grad_` is the whole computation for one layer, the gradient clip included, and
+:func:`penalty_grads_` runs it for every layer of a step. Run eagerly it makes some twenty passes
+over each weight tensor; ``torch.compile`` fuses them into one per layer that reads ``w``,
+``lambda`` and the gradient once, all from one call per step, which is what keeps a CBP step
+within ~1-2% of an STE step (``benchmarks/step_time.py``). Both run the same function, so they
+give the same numbers (``tests/test_fast_path.py``).
 
 Compiling takes seconds (7 to 25 s on a CPU), worth it only for a long run. ``CBPConfig.compile_penalty``
 decides: True compiles at the first step, False never; None ("auto") compiles at the first step
@@ -44,6 +45,22 @@ def penalty_grad_(w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor, factor
     return (lam * cs).sum()
 
 
+def penalty_grads_(ws: list[torch.Tensor], lams: list[torch.Tensor], grads: list[torch.Tensor],
+                   factors: list[torch.Tensor], scales: list[torch.Tensor],
+                   g: float | torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """:func:`penalty_grad_` for every layer of a step; returns the float64 sum of their penalties,
+    added layer after layer.
+
+    One call per step, not one per layer: compiled, this is one graph, so what a call to a
+    compiled function costs on the host (checking its guards, launching) is paid once a step
+    rather than once a layer - most of the pass's time on a model of small layers.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=ws[0].device)
+    for w, lam, grad, f, scale in zip(ws, lams, grads, factors, scales):
+        total = total + penalty_grad_(w, lam, grad, f, scale, g, clip)
+    return total
+
+
 def _import_inductor_quietly() -> None:
     """Import what ``torch.compile`` needs without its "No CUDA runtime is found" notice.
 
@@ -61,7 +78,7 @@ def _import_inductor_quietly() -> None:
 
 
 class PenaltyKernel:
-    """:func:`penalty_grad_` for every layer of a step, compiled when the policy says so."""
+    """:func:`penalty_grads_` (every layer of a step), compiled when the policy says so."""
 
     def __init__(self, compile_policy: bool | None = None) -> None:
         self.policy = compile_policy
@@ -90,7 +107,7 @@ class PenaltyKernel:
         if self.compiled is None and self._wants_compiled():
             if device.type != "cuda":
                 _import_inductor_quietly()
-            self.compiled = torch.compile(penalty_grad_, dynamic=True)
+            self.compiled = torch.compile(penalty_grads_, dynamic=True)
 
     def _g_tensor(self, g: float, device: torch.device) -> torch.Tensor:
         """``g`` as a tensor, rebuilt only when g changes: a host-to-device copy every step syncs."""
@@ -98,13 +115,13 @@ class PenaltyKernel:
             self._g = (g, torch.tensor(g, dtype=torch.float32, device=device))
         return self._g[1]
 
-    def __call__(self, w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor,
-                 factors: torch.Tensor, scale: torch.Tensor, g: float,
-                 clip: float | None = None) -> torch.Tensor:
+    def __call__(self, ws: list[torch.Tensor], lams: list[torch.Tensor],
+                 grads: list[torch.Tensor], factors: list[torch.Tensor],
+                 scales: list[torch.Tensor], g: float, clip: float | None = None) -> torch.Tensor:
         if self.compiled is not None:
             try:
-                return self.compiled(w, lam, grad, factors, scale, self._g_tensor(g, w.device),
-                                     clip)
+                return self.compiled(ws, lams, grads, factors, scales,
+                                     self._g_tensor(g, ws[0].device), clip)
             except Exception:  # compiling failed (it happens at the first call): eager, for good
                 self.compiled, self.failed = None, True
-        return penalty_grad_(w, lam, grad, factors, scale, g, clip)
+        return penalty_grads_(ws, lams, grads, factors, scales, g, clip)

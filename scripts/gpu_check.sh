@@ -6,7 +6,9 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]   reports in OUT_DIR (default runs/gpu), also printed;
 #                                         data, runs and caches in WORK (default: a temp folder)
 #
-# Each step has its own time limit and a failure does not stop the next one. Without CUDA the
+# Each step has its own time limit and a failure does not stop the next one. STEPS picks steps
+# (default "timing torchrun compare"; the tests always run); COMPARE_ARGS adds arguments to
+# compare.py (e.g. "--methods ste,cbp_1e-2"); cells already in gpu_carry/bench/results are reused. Without CUDA the
 # GPU steps are skipped, so it can be dry-run on a laptop. A machine without Debian's Fashion-MNIST
 # or without hypothesis gets them from gpu_carry/ (made by `bash scripts/gpu_check.sh --prepare`):
 # the four .gz files, hypothesis (pure Python), and the CPU-pretrained benchmark checkpoint, so
@@ -48,11 +50,18 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 HAS_CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 nproc
 
+STEPS=${STEPS:-timing torchrun compare}
+COMPARE_SECONDS=${COMPARE_SECONDS:-200}
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
 if [ "$HAS_CUDA" = 1 ]; then
+  if wants timing; then
     # 1. what CBP costs per step on the GPU, alone on the machine (timings first)
     step "step time, ResNet-18 224x224 batch 256" 150 \
         $PY benchmarks/step_time.py --device cuda --models resnet18 --image-size 224 --batch 256
+  fi
 
+  if wants torchrun; then
     # 2. torchrun on a paper config: ~200 steps on a synthetic ImageFolder, resume, evaluate
     data=$WORK/imagefolder
     $PY - "$data" <<'EOF'
@@ -77,19 +86,22 @@ EOF
         $PY -m torch.distributed.run --nproc_per_node 1 -m cbp quantize "${common[@]}" --epochs 11 --resume
     $PY -c "import json, sys; rows=[json.loads(l) for l in open(sys.argv[1])]; print('epochs logged', [r['epoch'] for r in rows]); print('last row', rows[-1])" "$run/log.jsonl"
     step "cbp evaluate" 40 $PY -m cbp evaluate "$run/checkpoint.pt" --data-dir "$data" --recalibrate-bn 4
+  fi
 
     # 3. the headline comparison with 10 paired seeds (issue 12), workers sharing the GPU, in
     # parallel with the test suite (neither is a timing)
     cache=$WORK/bench
-    mkdir -p "$cache" && cp gpu_carry/bench/*.safetensors "$cache/" 2>/dev/null
-    (timeout 190 $PY -m pytest -q -p no:cacheprovider > "$OUT_DIR/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT_DIR/pytest.log") &
-    step "compare.py, 10 seeds on the GPU" 200 \
-        $PY benchmarks/compare.py --device cuda --seeds 10 --jobs 12 --cache "$cache" --reuse \
-            --out "$OUT_DIR/compare-gpu.md" --json "$OUT_DIR/compare-gpu.json"
-    # cut short: the table of the cells that finished
-    [ -f "$OUT_DIR/compare-gpu.md" ] || $PY benchmarks/compare.py --device cuda --seeds 10 \
-        --cache "$cache" --cached --out "$OUT_DIR/compare-gpu.md" --json "$OUT_DIR/compare-gpu.json"
-    cp -r "$cache/results" "$OUT_DIR/compare-gpu-cells" 2>/dev/null
+    mkdir -p "$cache" && cp -r gpu_carry/bench/. "$cache/" 2>/dev/null
+    (timeout $((COMPARE_SECONDS - 10)) $PY -m pytest -q -p no:cacheprovider > "$OUT_DIR/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT_DIR/pytest.log") &
+    if wants compare; then
+        # shellcheck disable=SC2086
+        step "compare.py, 10 seeds on the GPU" "$COMPARE_SECONDS" \
+            $PY benchmarks/compare.py --device cuda --seeds 10 --jobs 12 --cache "$cache" --reuse \
+                ${COMPARE_ARGS:-}
+    fi
+    # the table of every cell that finished (also when cut short or run for some methods only)
+    $PY benchmarks/compare.py --device cuda --seeds 10 --cache "$cache" --cached \
+        --out "$OUT_DIR/compare-gpu.md" --json "$OUT_DIR/compare-gpu.json"
     wait
     tail -n 15 "$OUT_DIR/pytest.log"
 else

@@ -84,7 +84,10 @@ def quantize_argv(tiny_fashion, pretrained):
     def argv(out: str, epochs: int, *extra: str) -> list[str]:
         return ["quantize", "--from", pretrained, "--data-dir", tiny_fashion, "--limit", "96",
                 "--val-limit", "64", "--batch-size", "32", "--multiplier-lr", "1e-2", "--p-max",
-                "1", "--epochs", str(epochs), "--out", out, "--quiet", *extra]
+                "1", "--epochs", str(epochs), "--out", out, "--quiet",
+                # bit-identical resume is checked on the CPU, also on a machine with a GPU (where
+                # the default device is CUDA, whose convolutions are not deterministic)
+                "--device", "cpu", *extra]
     return argv
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import cbp
 import cbp.train
 from cbp.constraint import constraint, constraint_and_grad
-from cbp.penalty import AUTO_COMPILE_STEPS, PenaltyKernel, penalty_grad_
+from cbp.penalty import AUTO_COMPILE_STEPS, PenaltyKernel, penalty_grad_, penalty_grads_
 
 LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
 GS = [1.0, 3.0, 50.0, math.inf]
@@ -152,7 +152,7 @@ def test_auto_mode_compiles_at_the_start_of_a_long_run_only(monkeypatch):
     long_run.plan(AUTO_COMPILE_STEPS)
     short_run.plan(AUTO_COMPILE_STEPS - 1)
     long_run.start_step(cpu)
-    assert compiled == [penalty_grad_]
+    assert compiled == [penalty_grads_]
     for _ in range(AUTO_COMPILE_STEPS + 5):
         short_run.start_step(cpu)
     assert short_run.compiled is None
