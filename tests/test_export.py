@@ -43,6 +43,9 @@ def test_grouping_by_hand():
     assert grouping(5) == Grouping(5, 24, 56) and grouping(5).bits_per_index == 7 / 3
     assert grouping(7) == Grouping(7, 16, 45)   # 7**16 = 2**44.9
     assert grouping(2) == Grouping(2, 56, 56) and grouping(256) == Grouping(256, 7, 56)
+    # format version 2: one ceil(log2 k)-bit field per index, 1 bit for binary
+    assert [field_grouping(k) for k in (2, 3, 5, 256)] == [
+        Grouping(2, 1, 1), Grouping(3, 1, 2), Grouping(5, 1, 3), Grouping(256, 1, 8)]
     for k in range(2, 257):
         group = grouping(k)
         assert k**group.size <= 2**group.bits <= 2**MAX_GROUP_BITS
@@ -87,6 +90,8 @@ def test_pack_rejects_bad_input():
         Grouping(3, 6, 9)   # 3**6 = 729 > 2**9
     with pytest.raises(ValueError, match="invalid grouping"):
         Grouping(2, 57, 57)
+    with pytest.raises(ValueError, match="invalid grouping"):
+        Grouping(257, 1, 9)   # fits 9 bits, but a file holds at most 256 levels
     with pytest.raises(ValueError, match="from 2 to 256"):
         grouping(257)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
