@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import os
+import re
 import sys
 import zlib
 
@@ -42,6 +43,9 @@ def test_grouping_by_hand():
     assert grouping(5) == Grouping(5, 24, 56) and grouping(5).bits_per_index == 7 / 3
     assert grouping(7) == Grouping(7, 16, 45)   # 7**16 = 2**44.9
     assert grouping(2) == Grouping(2, 56, 56) and grouping(256) == Grouping(256, 7, 56)
+    # format version 2: one ceil(log2 k)-bit field per index, 1 bit for binary
+    assert [field_grouping(k) for k in (2, 3, 5, 256)] == [
+        Grouping(2, 1, 1), Grouping(3, 1, 2), Grouping(5, 1, 3), Grouping(256, 1, 8)]
     for k in range(2, 257):
         group = grouping(k)
         assert k**group.size <= 2**group.bits <= 2**MAX_GROUP_BITS
@@ -86,6 +90,8 @@ def test_pack_rejects_bad_input():
         Grouping(3, 6, 9)   # 3**6 = 729 > 2**9
     with pytest.raises(ValueError, match="invalid grouping"):
         Grouping(2, 57, 57)
+    with pytest.raises(ValueError, match="invalid grouping"):
+        Grouping(257, 1, 9)   # fits 9 bits, but a file holds at most 256 levels
     with pytest.raises(ValueError, match="from 2 to 256"):
         grouping(257)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
@@ -242,10 +248,12 @@ def exported(tmp_path):
     return path, path.read_bytes()
 
 
-def assert_export_error(path, match=None, builder=small_net):
+def assert_export_error(path, match=None, builder=small_net, names_file=True):
     with pytest.raises(ExportError, match=match) as info:
         load_packed(path, builder)
     assert "\n" not in str(info.value)
+    if names_file:   # every fault in a file names that file first
+        assert str(info.value).startswith(f"{path}: "), str(info.value)
 
 
 def test_files_that_are_not_ours(tmp_path):
@@ -403,9 +411,12 @@ def test_model_that_does_not_fit(exported):
                         builder=lambda: nn.Sequential(nn.Conv2d(1, 8, 3), *list(small_net())[1:]))
     assert_export_error(path, "missing 14.bias", builder=lambda: nn.Sequential(
         *small_net(), nn.Linear(10, 2)))
-    assert_export_error(path, "unexpected 13.bias, 13.weight, 9.weight", builder=lambda: nn.Sequential(
+    # the first three keys by name, then " ..." only if there are more
+    assert_export_error(path, "unexpected 13.bias, 13.weight, 9.weight$", builder=lambda: nn.Sequential(
         *list(small_net())[:9]))
-    assert_export_error(path, "must return an nn.Module", builder=lambda: "resnet20")
+    assert_export_error(path, r"missing 14.bias, 14.weight, 15.bias \.\.\.$",
+                        builder=lambda: nn.Sequential(*small_net(), nn.Linear(10, 2), nn.Linear(2, 2)))
+    assert_export_error(path, "must return an nn.Module", builder=lambda: "resnet20", names_file=False)
 
 
 def test_write_is_atomic(tmp_path, exported, monkeypatch):
@@ -420,6 +431,136 @@ def test_write_is_atomic(tmp_path, exported, monkeypatch):
     assert path.read_bytes() == data and os.listdir(tmp_path) == [path.name]
     with pytest.raises(ExportError, match="cannot write"):
         export(prepared_net("binary"), tmp_path / "no" / "such" / "dir.safetensors")
+
+
+def forge(path, header: dict, payload: bytes) -> None:
+    """Write a safetensors file by hand: ``header`` (our metadata without its CRC) and ``payload``,
+    with the CRC export would compute, so only the fault planted in them is left to find."""
+    meta = json.loads(header["__metadata__"]["cbp"])
+    meta["crc32"] = checksum(header, payload)
+    text = json.dumps({**header, "__metadata__": {"cbp": json.dumps(meta)}}).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + payload)
+
+
+def rewrite_meta(path, data, **changes):
+    """The export ``data`` with entries of our metadata replaced, CRC left as it was."""
+    meta, _ = read_meta(data)
+    path.write_bytes(st_save(st_load(data), metadata={"cbp": json.dumps({**meta, **changes})}))
+
+
+def test_short_and_truncated_files_by_hand(tmp_path, exported):
+    path, data = exported
+    size = header_size(path)
+    payload = len(data) - 8 - size   # the last tensor ends where the file ends
+    cases = {b"\0" * 7: "not a cbp export .only 7 bytes.$",
+             b"\0" * 8: r"not a safetensors file, or its header is corrupted \(JSONDecodeError\)$",
+             data[: 8 + size - 1]: f"truncated .header claims {size} bytes, file has {8 + size - 1}.$",
+             data[:-1]: f"truncated file .tensor data ends at byte {payload} of the payload, "
+                        f"only {payload - 1} present.$"}
+    for cut, match in cases.items():
+        path.write_bytes(cut)
+        assert_export_error(path, match)
+
+
+def test_corrupted_metadata_by_hand(tmp_path, exported):
+    path, data = exported
+    meta, _ = read_meta(data)
+    rewrite_meta(path, data, crc32=str(meta["crc32"]))   # a CRC that is not a number
+    assert_export_error(path, r"corrupted cbp metadata \(layout or crc32\)$")
+    not_a_list = base64.b64encode(zlib.compress(b"{}")).decode()
+    rewrite_meta(path, data, layout=not_a_list)
+    assert_export_error(path, r"corrupted cbp metadata \(layout or crc32\)$")
+    # a character outside base64 is refused, not skipped (the CRC is recomputed: only it is wrong)
+    resave(path, data, edit_meta=lambda meta: meta.update(layout=meta["layout"] + "!"))
+    assert_export_error(path, r"corrupted cbp metadata \(layout: Error\)$")
+
+
+def test_corrupted_tensors_by_hand(tmp_path, exported):
+    """Forged files (CRC recomputed) whose tensors do not match their layout: named, not crashed on."""
+    path, data = exported
+    resave(path, data, edit_tensors=lambda t: t.pop("int64"))
+    assert_export_error(path, "tensor 'int64' holding '1.num_batches_tracked' is missing or malformed$")
+
+    def shapes(**new):   # layout edits that keep every group's total size
+        def edit(layout):
+            for key, shape in new.items():
+                entry(layout, key.replace("_", ".", 1))["shape"] = shape
+        return edit
+    resave(path, data, edit_layout=shapes(**{"1_running_var": [9], "3_cbp_factors": [4]}))
+    assert_export_error(path, r"levels of '3.weight' do not match its layout \(\(4,\) factors, 1 scales\)$")
+    resave(path, data, edit_layout=shapes(**{"3_cbp_scale": [2], "4_weight": [7]}))
+    assert_export_error(path, r"levels of '3.weight' do not match its layout \(\(5,\) factors, 2 scales\)$")
+
+    # 3.weight: 5 levels in groups of 24 indices in 56 bits; a first group of value 5**24 < 2**56
+    # has digits 0 (23 times), then 5: one past the last level.
+    def first_group(tensors):
+        tensors["packed"][:7] = torch.tensor(list((5**24).to_bytes(7, "little")), dtype=torch.uint8)
+    resave(path, data, edit_tensors=first_group)
+    assert_export_error(path, "corrupted '3.weight': level index 5 of 5 levels$")
+
+
+def test_safetensors_refusal_is_reported_with_its_reason(tmp_path):
+    """A header that passes our checks and its CRC but that safetensors refuses (2 float32 in 4
+    bytes): an ExportError with safetensors' own first line as the reason."""
+    layout = base64.b64encode(zlib.compress(b"[]")).decode()
+    header = {"__metadata__": {"cbp": json.dumps({"format": "cbp-packed", "version": 3, "layout": layout})},
+              "float32": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}
+    path = tmp_path / "m.safetensors"
+    forge(path, header, bytes(4))
+    with pytest.raises(Exception) as refusal:
+        st_load(path.read_bytes())
+    reason = str(refusal.value).splitlines()[0]
+    assert reason and not isinstance(refusal.value, ExportError)
+    assert_export_error(path, re.escape(f"corrupted safetensors file ({reason})") + "$")
+
+
+def test_version_2_crc_failure_names_the_tensor_data(tmp_path):
+    data = open(os.path.join(FIXTURES, "export_v2_ternary.safetensors"), "rb").read()
+    path = tmp_path / "v2.safetensors"
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0x01]))
+    assert_export_error(path, r"corrupted file \(tensor data fails its CRC-32 check\)$", fixture_net)
+
+
+def test_export_refuses_to_replace_a_file_that_is_not_an_export(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"a run's checkpoint")
+    with pytest.raises(ExportError, match=f"^refusing to replace {re.escape(str(path))}: "
+                                          r"it is not a cbp export \("):
+        export(prepared_net(), path)
+    assert path.read_bytes() == b"a run's checkpoint"
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_degenerate_models_round_trip(tmp_path):
+    """No tensors at all (a header-only file), and a weight with a zero-size dimension."""
+    for model, payload in ((nn.Sequential(nn.ReLU()), 0), (nn.Sequential(nn.Linear(0, 2)), 2 * 4)):
+        path = export(model, tmp_path / f"m{payload}.safetensors")
+        assert os.path.getsize(path) == 8 + header_size(path) + payload
+        state = cbp.read_packed(path)
+        assert list(state) == list(model.state_dict())
+        for key, value in model.state_dict().items():
+            assert state[key].shape == value.shape and torch.equal(state[key], value)
+
+
+def test_float64_model_is_rebuilt_in_float64(tmp_path):
+    """The levels are float32 buffers; the weights rebuilt from them take the layer's dtype."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 40), nn.Linear(40, 30), nn.Linear(30, 2)).double()
+    cbp.prepare(model, cbp.CBPConfig(levels="shift1"))
+    state = cbp.read_packed(export(model, tmp_path / "m.safetensors"))
+    layer = cbp.quantized_layers(model)["1"]
+    assert layer.cbp_factors.dtype == torch.float32 and state["1.weight"].dtype == torch.float64
+    assert torch.equal(state["1.weight"], cbp.quantize(layer.weight, layer.levels))
+
+
+def test_header_json_is_compact(tmp_path, exported):
+    """The metadata and the layout are written without JSON whitespace (a smaller header)."""
+    path, data = exported
+    raw = json.loads(data[8 : 8 + split(data)])["__metadata__"]["cbp"]
+    meta, layout = read_meta(data)
+    text = zlib.decompress(base64.b64decode(meta["layout"])).decode()
+    for compact, value in ((raw, meta), (text, layout)):
+        assert compact == json.dumps(value, separators=(",", ":"))
 
 
 # -- ONNX ------------------------------------------------------------------------------------------

@@ -174,6 +174,30 @@ def test_state_dict_round_trip_resumes_bit_identically(rule):
         assert torch.equal(lagrangian.multipliers[k], resumed_lagr.multipliers[k])
 
 
+
+def test_no_constraint_state_round_trips():
+    """STE-only holds no multiplier and no ascent state; its clock still resumes."""
+    config = cbp.CBPConfig(use_constraint=False, p_max=3)
+    lagrangian = cbp.Lagrangian(cbp.prepare(three_linear(), config), config)
+    epoch_with_sum(lagrangian, 2.0)   # p = 1, L_sum_pre = 2: no update yet
+    state = lagrangian.state_dict()
+    assert state["ascent"] is None and state["multipliers"] == {}
+    resumed = cbp.Lagrangian(cbp.prepare(three_linear(), config), config)
+    resumed.load_state_dict(state)
+    assert (resumed.g, resumed.p, resumed.lagrangian_sum_pre) == (1.0, 1, 2.0)
+
+
+def test_state_without_ascent_state_loads():
+    """A plain-rule state from before format 2 holds ``"ascent": None``: the rest still loads."""
+    config = cbp.CBPConfig(multiplier_rule="plain", p_max=3)
+    _, _, lagrangian = build(config)
+    epoch_with_sum(lagrangian, 2.0)
+    _, _, resumed = build(config)
+    resumed.load_state_dict({**lagrangian.state_dict(), "ascent": None})
+    assert (resumed.p, resumed.lagrangian_sum_pre) == (1, lagrangian.lagrangian_sum_pre)
+    for name, lam in lagrangian.multipliers.items():
+        assert torch.equal(resumed.multipliers[name], lam)
+
 def test_load_state_dict_rejects_another_model():
     config = cbp.CBPConfig()
     _, _, lagrangian = build(config)

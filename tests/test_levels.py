@@ -32,3 +32,28 @@ def test_invalid_sets_raise_clear_errors(bad, message):
 @pytest.mark.parametrize("n, bits", [(2, 1), (3, 2), (4, 2), (5, 3), (7, 3), (8, 3), (9, 4)])
 def test_bits_per_weight(n, bits):
     assert cbp.bits_per_weight(n) == bits
+
+
+F32_MAX = torch.finfo(torch.float32).max   # 3.4028e38; F32_MAX / 2 is exact
+
+
+@pytest.mark.parametrize("factors, refused", [
+    ((-1e-50, 1e-50), True),               # both round to 0 in float32
+    ((1.0, 1.0 + 2**-25), True),           # round to the same float32 (spacing 2**-23 at 1)
+    ((0.0, 1.0, 1.0 + 2**-25), True),      # ... also when the pair that collapses is not the first
+    ((1.0, 1.0 + 2**-23), False),          # adjacent float32 values: distinct
+    ((-1e39, 1e39), True),                 # overflow to inf
+    ((1e38, 3e38), True),                  # midpoint: 4e38 overflows
+    ((0.0, 1e38, 3e38), True),             # ... in the second interval
+    ((1e38, 1.5e38), False),               # midpoint 1.25e38 is finite
+    ((-3e38, 3e38), True),                 # spacing 6e38 overflows
+    ((-3e38, 0.0, 3e38), False),           # each spacing 3e38 fits
+    ((-F32_MAX / 2, F32_MAX / 2), False),  # spacing exactly the float32 maximum fits
+])
+def test_level_factors_float32_cannot_keep_apart_are_refused(factors, refused):
+    if not refused:
+        assert cbp.resolve_factors(factors) == factors
+        return
+    with pytest.raises(ValueError) as info:
+        cbp.resolve_factors(factors)
+    assert str(info.value).startswith(f"level factors {factors} collapse or overflow in float32 (become ")

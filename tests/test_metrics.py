@@ -30,11 +30,19 @@ def test_no_quantized_layer_is_an_error_not_a_score():
     model = _prepared_linear([[1.0, -1.0], [0.5, -1.5]])
     plain = cbp.convert(model)   # its weights sit on the levels, but it holds no levels any more
     for float_model in (plain, nn.Sequential(nn.Linear(2, 2))):
-        for metric in (cbp.cfs, cbp.fraction_on_levels):
-            with pytest.raises(ValueError, match="no quantized layer.*cbp.agreement") as info:
+        for metric, name in ((cbp.cfs, "cfs"), (cbp.fraction_on_levels, "fraction_on_levels"),
+                             (metrics.report, "cfs")):   # the error names the metric asked for
+            match = f"^{name}: the model has no quantized layer.*cbp.agreement"
+            with pytest.raises(ValueError, match=match) as info:
                 metric(float_model)
             assert "\n" not in str(info.value)
     assert cbp.layer_stats(plain) == []  # per layer: simply no rows
+
+
+def test_report_holds_cfs_and_fraction_on_levels():
+    """The figures every log row and ``cbp evaluate`` show, by the names they are read by."""
+    model = _prepared_linear([[1.0, -1.0], [0.5, -1.5], [1.0, 1.0], [-0.995, -1.005]])
+    assert metrics.report(model) == {"cfs": pytest.approx(2.02 / 8), "on_levels": pytest.approx(6 / 8)}
 
 
 def test_agreement_by_hand():
