@@ -86,10 +86,7 @@ def build(model_name: str, mode: str, levels: str, rule: str, device: torch.devi
     """
     if prepared is not None and mode != "fp":
         model, opt = prepared
-        config = cbp.CBPConfig(levels=levels, use_constraint=mode != "ste", multiplier_rule=rule,
-                               compile_penalty=mode == "cbp",
-                               **DEFAULT_SELECTION.get(model_name, {}))
-        return model, *_lagrangian_step(model, config, opt)
+        return model, *_lagrangian_step(model, _config(model_name, mode, levels, rule), opt)
     torch.manual_seed(0)
     builder, _ = MODELS[model_name]
     model = builder().to(device)
@@ -100,11 +97,16 @@ def build(model_name: str, mode: str, levels: str, rule: str, device: torch.devi
             torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
             opt.step()
         return model, update, None, opt
-    config = cbp.CBPConfig(levels=levels, use_constraint=mode != "ste", multiplier_rule=rule,
-                           compile_penalty=mode == "cbp", **DEFAULT_SELECTION.get(model_name, {}))
+    config = _config(model_name, mode, levels, rule)
     cbp.prepare(model, config)
     opt = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
     return model, *_lagrangian_step(model, config, opt)
+
+
+def _config(model_name: str, mode: str, levels: str, rule: str) -> cbp.CBPConfig:
+    """The configuration of a quantized mode: STE without the constraint, CBP compiled."""
+    return cbp.CBPConfig(levels=levels, use_constraint=mode != "ste", multiplier_rule=rule,
+                         compile_penalty=mode == "cbp", **DEFAULT_SELECTION.get(model_name, {}))
 
 
 def _lagrangian_step(model: nn.Module, config: cbp.CBPConfig, opt: torch.optim.Optimizer):
