@@ -108,7 +108,7 @@ class Lagrangian:
             if layer.weight.grad is None:
                 layer.weight.grad = torch.zeros_like(layer.weight)
         return self._kernel([layer.weight.detach() for layer in layers],
-                            list(self.multipliers.values()),
+                            [self.multipliers[name] for name in self.layers],
                             [layer.weight.grad for layer in layers],
                             [layer.cbp_factors for layer in layers],
                             [layer.cbp_scale for layer in layers], self.g, clip)

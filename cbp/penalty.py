@@ -7,7 +7,8 @@ over each weight tensor; ``torch.compile`` fuses them into one per layer that re
 within ~1-2% of an STE step (``benchmarks/step_time.py``). Both run the same function, so they
 give the same numbers (``tests/test_fast_path.py``).
 
-Compiling takes seconds (7 to 25 s on a CPU), worth it only for a long run. ``CBPConfig.compile_penalty``
+Compiling takes seconds (one graph for all layers: 18 to 42 s on a 2-core CPU), worth it only
+for a long run. ``CBPConfig.compile_penalty``
 decides: True compiles at the first step, False never; None ("auto") compiles at the first step
 when the training loop announced at least ``AUTO_COMPILE_STEPS`` steps (:meth:`PenaltyKernel.plan`,
 which ``cbp.train.fit`` calls), never when it announced fewer, and - in a loop of your own that
