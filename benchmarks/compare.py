@@ -40,6 +40,7 @@ agree in sign.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -66,19 +67,25 @@ from cbp.models import load_weights, mobilenetv2_tiny, resnet20
 from cbp.oscillation import OscillationTracker
 from cbp.train import Run, evaluate, fit
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared module
+from paired import holm, mean_se, paired  # noqa: E402
+
 MODELS = {"mobilenet": "tiny MobileNetV2", "resnet": "ResNet-20 width 8"}
 LEVELS = ("binary", "ternary")
-TRAINED = ("ste", "dampen", "freeze", "cbp_1e-4", "cbp_1e-3", "cbp_1e-2", "no_window",
-           "no_window_1e-4", "cbp_gated", "brevitas")
+TRAINED = ("ste", "dampen", "freeze", "freeze_run", "cbp_1e-4", "cbp_1e-3", "cbp_1e-2",
+           "no_window", "no_window_1e-4", "cbp_gated", "brevitas", "brevitas_noclamp")
 METHODS = ("fp", "rounding", *TRAINED)
 LABELS = {"fp": "full precision", "rounding": "post-training rounding",
           "ste": "STE-only", "dampen": "STE + oscillation dampening (Nagel)",
-          "freeze": "STE + iterative freezing (Nagel)", "cbp_1e-4": "CBP, η_λ 1e-4 (paper)",
+          "freeze": "STE + iterative freezing (Nagel's settings)",
+          "freeze_run": "STE + iterative freezing (thresholds for this run)",
+          "cbp_1e-4": "CBP, η_λ 1e-4 (paper)",
           "cbp_1e-3": "CBP, η_λ 1e-3", "cbp_1e-2": "CBP, η_λ 1e-2",
           "no_window": "CBP without window, η_λ 1e-2",
           "no_window_1e-4": "CBP without window, η_λ 1e-4 (variant)",
           "cbp_gated": "oscillation-gated CBP, η_λ 1e-2 (variant)",
-          "brevitas": "Brevitas QAT"}
+          "brevitas": "Brevitas QAT (binary: its in-place clamp)",
+          "brevitas_noclamp": "Brevitas QAT, binary without the in-place clamp"}
 BASELINE = "ste"
 
 
@@ -100,6 +107,13 @@ class Size:
     bn_batches: int            # batches of the BatchNorm re-estimation (training batch size)
     seeds_primary: int         # seeds of the MobileNetV2 cells
     seeds_control: int         # seeds of the ResNet-20 cells
+    budget: int = 1            # the budget ladder's k: epochs of k * epoch_iters steps (same g path)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps between two ``end_epoch`` calls: CBP's clock stretched k times, so g, the lr drop
+        and the stop come at the same fraction of a k times longer run."""
+        return self.epoch_iters * self.budget
 
 
 FULL = Size(train_limit=10000, val_limit=256, test_limit=None, pretrain_epochs=3,
@@ -131,7 +145,7 @@ def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
     # compile_penalty off: compiling costs more than it saves on these short CPU runs
     base = cbp.CBPConfig(levels=levels, multiplier_lr=1e-2, p_max=size.p_max,
                          stop_once_g_exceeds=size.g_final, compile_penalty=False)
-    if method in ("ste", "dampen", "freeze"):
+    if method in ("ste", "dampen", "freeze", "freeze_run"):
         return replace(base, use_constraint=False)
     if method.startswith("cbp_1e-"):
         return replace(base, multiplier_lr=float(method[4:]))
@@ -198,18 +212,25 @@ def pretrain(size: Size, cache: str, model: str) -> str:
     return path
 
 
-def brevitas_model(model: nn.Module, levels: str) -> nn.Module:
+def brevitas_model(model: nn.Module, levels: str, clamp: bool = True) -> nn.Module:
     """The same network with Brevitas weight quantizers on the layers cbp would quantize.
 
     Each layer's constant scale is its pretrained mean|W|, the scale cbp uses, so the level sets
-    are identical and only the training differs.
+    are identical and only the training differs. Brevitas' binary quantizer
+    (``SignedBinaryWeightPerTensorConst``, built on ``ClampedBinaryQuant``) clamps the stored
+    weights to [-a, a] in place at every forward; its ternary one clamps only the integer codes.
+    ``clamp=False`` swaps the binary clamp for Brevitas' out-of-place ``TensorClampSte``, so the
+    two level sets train alike and the in-place clamp's effect can be measured on its own.
     """
     import brevitas.nn as qnn
+    from brevitas.core.function_wrapper import TensorClampSte
     from brevitas.quant.binary import SignedBinaryWeightPerTensorConst
     from brevitas.quant.ternary import SignedTernaryWeightPerTensorConst
 
     quant = {"binary": SignedBinaryWeightPerTensorConst,
              "ternary": SignedTernaryWeightPerTensorConst}[levels]
+    if not clamp and levels == "binary":
+        quant = quant.let(tensor_clamp_impl=TensorClampSte)
     for name in select_layers(model, cbp.CBPConfig(levels)):
         conv = model.get_submodule(name)
         scale = float(conv.weight.detach().abs().mean())
@@ -252,12 +273,25 @@ class TimedTracker(OscillationTracker):
         self.seconds += time.perf_counter() - tic
 
 
+# Iterative freezing with thresholds that act within these runs. Nagel et al.'s 3-bit settings
+# (EMA momentum 0.001, threshold 0.1 -> 0.011) froze 0.04% of the weights here: the EMA needs
+# ~1000 steps to build up and binary weights oscillate rarely (in the second half of a 1x STE run
+# 1.1% of the weights oscillate at all, 0.26% five times or more). With the tracker's memory of
+# ~100 steps (momentum 0.01) and thresholds 5x lower (0.02 -> 0.002, i.e. one oscillation in
+# 50 -> 500 steps), it freezes the weights that oscillate repeatedly; the schedule (off for the
+# first 25%, then cosine) follows the run's length at every budget.
+FREEZE_RUN = {"momentum": 0.01, "threshold": 0.02, "final_threshold": 0.002}
+
+
 def lagrangian_for(method: str, model: nn.Module, config: cbp.CBPConfig, optimizer,
                    total_steps: int) -> cbp.Lagrangian:
     if method == "dampen":
         return cbp.OscillationDampening(model, config, optimizer, total_steps=total_steps)
     if method == "freeze":
         return cbp.IterativeFreezing(model, config, optimizer, total_steps=total_steps)
+    if method == "freeze_run":
+        return cbp.IterativeFreezing(model, config, optimizer, total_steps=total_steps,
+                                     **FREEZE_RUN)
     if method == "cbp_gated":
         return cbp.OscillationGatedCBP(model, config, optimizer)
     return cbp.Lagrangian(model, config, optimizer)
@@ -283,8 +317,8 @@ def run_one(size: Size, checkpoint: str, cache: str, model_name: str, method: st
     result = {"model": model_name, "method": method, "levels": levels, "seed": seed}
     if method == "rounding":
         cbp.prepare(model, cbp.CBPConfig(levels))
-    elif method == "brevitas":
-        brevitas_model(model, levels)
+    elif method.startswith("brevitas"):
+        brevitas_model(model, levels, clamp=method == "brevitas")
     elif method != "fp":
         config = cbp_config(size, levels, method)
         cbp.prepare(model, config)
@@ -292,20 +326,20 @@ def run_one(size: Size, checkpoint: str, cache: str, model_name: str, method: st
     if method not in ("fp", "rounding"):
         epochs, drop = schedule(size)
         lagrangian = scheduler = tracker = None
-        if method != "brevitas":
+        if not method.startswith("brevitas"):
             tracker = TimedTracker(model)
         optimizer = torch.optim.SGD(cbp.param_groups(model, size.weight_decay), lr=size.lr,
                                     momentum=0.9)
-        if method.startswith("no_window") or method == "brevitas":  # no usable g clock: drop by epoch
+        if method.startswith(("no_window", "brevitas")):  # no usable g clock: drop by epoch
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [drop], 0.1)
-        if method != "brevitas":
+        if not method.startswith("brevitas"):
             lagrangian = lagrangian_for(method, model, config, optimizer,
-                                        epochs * size.epoch_iters)
+                                        epochs * size.steps_per_epoch)
         train_tic = time.perf_counter()
         rows = fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
                        out_dir=os.path.join(cache, "runs", f"{model_name}-{method}-{levels}-{seed}"),
                        epochs=epochs, batch_size=size.batch, ctx=ctx, lagrangian=lagrangian,
-                       scheduler=scheduler, epoch_iters=size.epoch_iters, seed=seed,
+                       scheduler=scheduler, epoch_iters=size.steps_per_epoch, seed=seed,
                        channels_last=True, show_progress=False, oscillation=tracker))
         train_seconds = time.perf_counter() - train_tic
         last = rows[-1]
@@ -321,7 +355,7 @@ def run_one(size: Size, checkpoint: str, cache: str, model_name: str, method: st
                 result[key] = last[key]
             result["frozen"] = last.get("frozen")
             result["gated"] = last.get("gated")
-    if method == "brevitas":
+    if method.startswith("brevitas"):
         result.update(brevitas_stats(model, levels))
     elif method != "fp":
         result.update(cfs=cbp.cfs(model), on_levels=cbp.fraction_on_levels(model))
@@ -362,9 +396,63 @@ def tasks(size: Size, plan, methods=METHODS, levels=LEVELS, models=tuple(MODELS)
     return out
 
 
-def result_path(size: Size, cache: str, task: tuple) -> str:
-    key = hashlib.sha1(json.dumps(asdict(size), sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(cache, "results", key, "-".join(map(str, task)) + ".json")
+def brevitas_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("brevitas")
+    except Exception:  # not installed: the Brevitas rows are not run
+        return None
+
+
+@lru_cache(maxsize=4)
+def code_version(device: str = "cpu") -> dict:
+    """What a cell's numbers depend on besides its ``Size``: a hash of every ``cbp`` source file
+    and of the benchmark files that compute a cell, the device, torch and Brevitas. A cached or
+    committed cell whose version differs is recomputed, never mixed with this version's."""
+    digest = hashlib.sha256()
+    package = os.path.dirname(os.path.abspath(cbp.__file__))
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = sorted(glob.glob(os.path.join(package, "**", "*.py"), recursive=True))
+    for path in [*files, os.path.join(here, "compare.py"), os.path.join(here, "paired.py")]:
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return {"code": digest.hexdigest()[:12], "device": device_name(device),
+            "torch": torch.__version__, "brevitas": brevitas_version()}
+
+
+def cell_key(size: Size, version: dict) -> str:
+    """The key of a cell's settings and code version (the seed counts are not part of a cell)."""
+    settings = {k: v for k, v in asdict(size).items() if not k.startswith("seeds_")}
+    text = json.dumps({"size": settings, "version": version}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def result_path(size: Size, cache: str, task: tuple, version: dict) -> str:
+    return os.path.join(cache, "results", cell_key(size, version), "-".join(map(str, task)) + ".json")
+
+
+def task_of(result: dict) -> tuple:
+    return (result["model"], result["method"], result["levels"], result["seed"])
+
+
+def read_results(path: str | None) -> list[dict]:
+    """The cells of a results file (JSON lines, one cell each); none if it does not exist."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_results(path: str, results: list[dict]) -> None:
+    """Merge ``results`` into the results file: a cell of the same key and task is replaced.
+    Written to a temporary file and renamed, so an interrupted write loses nothing."""
+    merged = {(r["key"], *task_of(r)): r for r in read_results(path) + results}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for _, r in sorted(merged.items(), key=lambda kv: str(kv[0])):
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def _pin_worker(cores) -> None:
@@ -376,7 +464,10 @@ def _pin_worker(cores) -> None:
 
 def _run_cached(size: Size, checkpoints: dict, cache: str, device: str, task: tuple) -> dict:
     result = run_one(size, checkpoints[task[0]], cache, *task, device=device)
-    path = result_path(size, cache, task)
+    version = code_version(device)
+    result.update(key=cell_key(size, version), version=version, budget=size.budget,
+                  steps_per_epoch=size.steps_per_epoch)
+    path = result_path(size, cache, task, version)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(result, f)
@@ -386,24 +477,31 @@ def _run_cached(size: Size, checkpoints: dict, cache: str, device: str, task: tu
 
 def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=LEVELS,
             models=tuple(MODELS), jobs: int = 2, reuse: bool = False,
-            cached_only: bool = False, device: str = "cpu") -> list[dict]:
+            cached_only: bool = False, device: str = "cpu", known: list[dict] = ()) -> list[dict]:
     """Every cell of ``plan``; up to ``jobs`` worker processes, each pinned to its own core.
 
     The full-precision checkpoints are always trained on the CPU (or read from the cache), so
     that runs on another device start from the very same weights when given the same cache.
     On ``device="cuda"`` the workers share the one GPU.
 
-    With ``reuse`` a cell whose result file (keyed by the size) exists is read, not rerun;
-    ``cached_only`` reads those and runs nothing (the table of an interrupted run).
+    With ``reuse`` a cell is read, not rerun, when its result file in the cache or a cell of
+    ``known`` (a committed results file) has the same key: the same settings and code version
+    (:func:`code_version`); ``cached_only`` reads those and runs nothing (the table of an
+    interrupted run).
     """
     os.environ["OMP_NUM_THREADS"] = "1"
-    if "brevitas" in methods and brevitas_missing():
-        methods = [m for m in methods if m != "brevitas"]
+    if brevitas_missing():
+        methods = [m for m in methods if not m.startswith("brevitas")]
     todo = tasks(size, plan, methods, levels, models)
+    version = code_version(device)
+    key = cell_key(size, version)
+    committed = {task_of(r): r for r in known if r.get("key") == key}
     results, pending = [], []
     for task in todo:
-        path = result_path(size, cache, task)
-        if (reuse or cached_only) and os.path.exists(path):
+        path = result_path(size, cache, task, version)
+        if (reuse or cached_only) and task in committed:
+            results.append(committed[task])
+        elif (reuse or cached_only) and os.path.exists(path):
             with open(path) as f:
                 results.append(json.load(f))
         elif not cached_only:
@@ -433,25 +531,6 @@ def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=L
 
 # ---- tables -------------------------------------------------------------------------------------
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    mean = statistics.mean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return mean, se
-
-
-def paired(a: list[dict], b: list[dict], key: str) -> dict | None:
-    """Per-seed differences ``a - b`` of ``key``: mean, SE, sign agreement and the verdict."""
-    other = {r["seed"]: r[key] for r in b}
-    diffs = [r[key] - other[r["seed"]] for r in a if r["seed"] in other]
-    if len(diffs) < 2:
-        return None
-    mean, se = mean_se(diffs)
-    sign = 1 if mean >= 0 else -1
-    agree = sum(1 for d in diffs if d * sign > 0) / len(diffs)
-    real = abs(mean) > 2 * se and agree >= 0.8
-    return {"mean": mean, "se": se, "agree": agree, "n": len(diffs), "real": real}
-
-
 def _fmt(values: list[float], fmt: str) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -462,12 +541,8 @@ def _fmt(values: list[float], fmt: str) -> str:
     return f"{format(mean, fmt)} ± {format(se, fmt.lstrip('+'))}"
 
 
-def _diff(d: dict | None) -> str:
-    if d is None:
-        return "—"
-    verdict = "**real**" if d["real"] else "tie"
-    return (f"{d['mean']:+.2f} ± {d['se']:.2f} ({round(d['agree'] * d['n'])}/{d['n']} agree; "
-            f"{verdict})")
+def _diff(d) -> str:
+    return "—" if d is None else d.text()
 
 
 def _rows(results, model, lv, method):
@@ -482,15 +557,19 @@ def accuracy_table(results: list[dict], model: str, lv: str) -> list[str]:
     out = ["| method | top-1, BN re-estimated | Δ vs STE-only (paired) | top-1, training BN | "
            "Δ vs STE-only (paired) |", "|---|---|---|---|---|"]
     base = _rows(results, model, lv, BASELINE)
+    lines = []
     for method in METHODS:
         rows = _rows(results, model, lv, method)
         if not rows:
             continue
-        cols = [_fmt([r["top1"] for r in rows], ".2f"), "",
-                _fmt([r["top1_train_bn"] for r in rows], ".2f"), ""]
+        contrasts = [None, None]
         if method not in ("fp", BASELINE) and base:
-            cols[1] = _diff(paired(rows, base, "top1"))
-            cols[3] = _diff(paired(rows, base, "top1_train_bn"))
+            contrasts = [paired(rows, base, "top1"), paired(rows, base, "top1_train_bn")]
+        lines.append((method, rows, contrasts))
+    holm([c for _, _, pair in lines for c in pair])   # the family: every contrast of this table
+    for method, rows, (bn, train_bn) in lines:
+        cols = [_fmt([r["top1"] for r in rows], ".2f"), _diff(bn) if bn or train_bn else "",
+                _fmt([r["top1_train_bn"] for r in rows], ".2f"), _diff(train_bn) if bn or train_bn else ""]
         out.append(f"| {LABELS[method]} | " + " | ".join(cols) + " |")
     return out
 
@@ -535,14 +614,23 @@ def table(results: list[dict], size: Size, missing: str | None = None) -> str:
     ran = sorted({(r["epochs"], r["lr_drop_epoch"]) for r in trained}, key=str)
     out += [f"Checked: every trained cell ran (epochs, first epoch at the dropped lr) = "
             f"{', '.join(map(str, ran))}." if trained else ""]
-    out += [f"Every trained cell: {epochs} epochs × {size.epoch_iters} steps of batch {size.batch} "
+    out += [f"Every trained cell: {epochs} epochs × {size.steps_per_epoch} steps of batch {size.batch} "
             f"(lr {size.lr}, ×0.1 after epoch {drop}, momentum 0.9, weight decay "
             f"{size.weight_decay}); p_max = {size.p_max}, g_final = {size.g_final}; BN "
             f"re-estimated on {size.bn_batches} batches of {size.batch}. Top-1 in % on "
             f"{'all 10,000' if size.test_limit is None else size.test_limit} test images, "
             "mean ± standard error over seeds.",
-            f"Settings: `{asdict(size)}`"]
+            f"Settings: `{asdict(size)}`", f"Code version: {one_version(results)}"]
     return "\n".join(out) + "\n"
+
+
+def one_version(results: list[dict]) -> str:
+    """The code version every cell of a table shares; cells of two versions are never mixed."""
+    versions = {json.dumps(r.get("version"), sort_keys=True) for r in results}
+    if len(versions) > 1:
+        raise ValueError(f"the cells come from {len(versions)} code versions: {sorted(versions)}; "
+                         "recompute the stale ones (--reuse reruns every cell of another version)")
+    return f"`{versions.pop()}`" if versions else "—"
 
 
 def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> None:
@@ -557,7 +645,7 @@ def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> Non
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     shown = []
-    for i, method in enumerate(m for m in TRAINED if m != "brevitas"):
+    for i, method in enumerate(m for m in TRAINED if not m.startswith("brevitas")):
         rows = _rows(results, model, lv, method)
         logs = [read_jsonl(os.path.join(cache, "runs", f"{model}-{method}-{lv}-{r['seed']}",
                                         LOG_NAME)) for r in rows]
@@ -629,11 +717,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
     p.add_argument("--cached", action="store_true",
                    help="only tabulate the cells already computed; train nothing")
+    p.add_argument("--results", help="a results file (JSON lines): cells of the same settings and "
+                   "code version are read from it with --reuse/--cached, and every cell of this "
+                   "run is merged into it")
+    p.add_argument("--budget", type=int, default=1,
+                   help="k of the budget ladder: every CBP epoch k times longer (benchmarks/ladder.py)")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--json", help="also write every cell's result to this file")
     p.add_argument("--plot", help="write a PNG of flips, oscillations and top-1 of the first cell")
     args = p.parse_args(argv)
     size = QUICK if args.quick else FULL
+    if args.budget < 1:
+        p.error(f"--budget must be >= 1, got {args.budget}")
+    size = replace(size, budget=args.budget)
     if args.seeds:
         size = replace(size, seeds_primary=args.seeds, seeds_control=args.seeds)
     models, levels, methods = ([x for x in s.split(",") if x]
@@ -645,8 +741,11 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     plan = FULL_PLAN if args.full else DEFAULT_PLAN
     results = run_all(size, args.cache, plan, methods, levels, models, args.jobs, args.reuse,
-                      args.cached, args.device)
-    publish(table(results, size, brevitas_missing() if "brevitas" in methods else None),
+                      args.cached, args.device, known=read_results(args.results))
+    if args.results:
+        save_results(args.results, results)
+    wants_brevitas = any(m.startswith("brevitas") for m in methods)
+    publish(table(results, size, brevitas_missing() if wants_brevitas else None),
             f"{args.jobs} worker(s) on {device_name(args.device)}", tic, args.out)
     if args.json:
         with open(args.json, "w") as f:
