@@ -13,7 +13,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import cbp, torch, torchvision, pytest, ruff, hypothesis" 2>/dev/null; then
+if ! .venv/bin/python -c "import cbp, torch, torchvision, pytest, ruff, hypothesis, scipy" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 fi
 
