@@ -2,6 +2,9 @@
 
     python benchmarks/compare_gpt.py --jobs 2 --out benchmarks/RESULTS-gpt.md   # ~12 min, 2 cores
     python benchmarks/compare_gpt.py --quick                                     # ~1 min
+    python benchmarks/compare_gpt.py --tune --levels ternary     # choose CBP's eta_lambda
+    python benchmarks/compare_gpt.py --levels ternary --methods fp,ste,cbp --multiplier-lr ETA \
+        --budget 4                                               # STE-only vs CBP at 4x the steps
 
 Every method starts from one pretrained GPT (``cbp pretrain --config gpt``, made if missing and
 then reused) and, per level set and seed:
@@ -16,7 +19,13 @@ output head stay float. Equal budget: STE-only and CBP run the same epochs of ``
 on the same windows (seed), with the same Adam, lr and clipping, the lr x0.1 at the epoch where
 CBP's g reaches 20. The numbers come from one evaluation of ``test_windows`` validation windows
 at the end: loss in nats per character and bits per character (bpc), mean ± standard error over
-seeds. No torchao row: torchao's QAT fake quantizer (``IntxFakeQuantizeConfig``) offers torch.int1
+seeds, and the paired difference CBP - STE-only with a paired t-test, Holm-corrected over the
+table (``paired.py``). CBP's eta_lambda is chosen with ``--tune`` on a separate tuning split: the
+last ``tune_windows`` validation windows, disjoint from the reported first ``test_windows``, and
+with other seeds than the reported ones. ``--budget k`` makes every epoch k times longer (the
+ladder of ``ladder.py``: same g path, k times the steps).
+
+No torchao row: torchao's QAT fake quantizer (``IntxFakeQuantizeConfig``) offers torch.int1
 and torch.int2, whose integer grids are {-1, 0} and {-2, -1, 0, 1} - neither is the symmetric
 ternary {-a, 0, a} nor the binary {-a, a}, so there is no matching peer to run.
 """
@@ -54,6 +63,7 @@ _spec = importlib.util.spec_from_file_location(
     "bench_compare", os.path.join(os.path.dirname(__file__), "compare.py"))
 compare = sys.modules["bench_compare"] = importlib.util.module_from_spec(_spec)  # for dataclasses
 _spec.loader.exec_module(compare)
+from paired import holm, paired  # noqa: E402  (benchmarks/, put on the path by compare.py)
 
 METHODS = ("fp", "rounding", "ste", "cbp")
 LABELS = {"fp": "full precision (pretrained)", "rounding": "post-training rounding",
@@ -74,12 +84,18 @@ class Size:
     p_max: int
     stop_once_g_exceeds: float
     seeds: int
+    tune_windows: int          # the last validation windows: the split eta_lambda is chosen on
+    budget: int = 1            # epochs of budget * epoch_iters steps
 
 
 FULL = Size(train_windows=None, val_windows=16, test_windows=1000, batch=16, epoch_iters=20,
-            lr=1e-3, multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=100, seeds=3)
+            lr=1e-3, multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=100, seeds=3,
+            tune_windows=1000)
 QUICK = Size(train_windows=2000, val_windows=4, test_windows=32, batch=8, epoch_iters=2,
-             lr=1e-3, multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=10, seeds=2)
+             lr=1e-3, multiplier_lr=1e-2, p_max=1, stop_once_g_exceeds=10, seeds=2,
+             tune_windows=32)
+TUNE_ETAS = (1e-4, 1e-3, 1e-2)
+TUNE_SEED = 100   # the tuning runs' seed: none of the reported seeds 0, 1, ...
 
 
 def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
@@ -95,10 +111,16 @@ def cbp_config(size: Size, levels: str, method: str) -> cbp.CBPConfig:
 
 @lru_cache(maxsize=1)
 def datasets(size: Size, data_dir: str | None):
+    """Training windows, the monitoring and reported validation windows (the first ones), and
+    the tuning windows (the last ones), which never overlap the reported ones."""
     directory = shakespeare_dir(data_dir)
     train = load_text(directory, True, 128, size.train_windows)
     val = load_text(directory, False, 128)
-    return train, Subset(val, range(size.val_windows)), Subset(val, range(size.test_windows))
+    if size.test_windows + size.tune_windows > len(val):
+        raise ValueError(f"{size.test_windows} reported + {size.tune_windows} tuning windows do not "
+                         f"fit in the {len(val)} validation windows without overlapping")
+    tune = Subset(val, range(len(val) - size.tune_windows, len(val)))
+    return train, Subset(val, range(size.val_windows)), Subset(val, range(size.test_windows)), tune
 
 
 def pretrained(checkpoint: str, data_dir: str | None) -> str:
@@ -121,14 +143,16 @@ def file_sizes(model: torch.nn.Module) -> dict:
 
 
 def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, method: str,
-            levels: str, seed: int) -> dict:
-    """One cell: train (or not) from the checkpoint, then evaluate on the test windows."""
+            levels: str, seed: int, split: str = "test") -> dict:
+    """One cell: train (or not) from the checkpoint, then evaluate on the reported windows
+    (``split="test"``) or on the tuning windows (``"tune"``)."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    train, val, test = datasets(size, data_dir)
+    train, val, test, tune = datasets(size, data_dir)
     ctx = setup("cpu")
     model, meta = load_model(checkpoint)
-    result = {"method": method, "levels": levels, "seed": seed, "sec_per_step": None}
+    result = {"method": method, "levels": levels, "seed": seed, "sec_per_step": None,
+              "budget": size.budget, "multiplier_lr": size.multiplier_lr, "split": split}
     if method != "fp":
         config = cbp_config(size, levels, method)
         cbp.prepare(model, config)
@@ -138,10 +162,11 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
         scheduler = (torch.optim.lr_scheduler.MultiStepLR(optimizer, [drop] if drop else [], 0.1)
                      if method == "ste" else None)
         rows = fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
-                       out_dir=os.path.join(cache, "runs", f"{method}-{levels}-{seed}"),
+                       out_dir=os.path.join(cache, "runs", f"{method}-{levels}-{seed}-"
+                                            f"{size.budget}x-{size.multiplier_lr:g}"),
                        epochs=epochs, batch_size=size.batch, ctx=ctx,
                        lagrangian=cbp.Lagrangian(model, config, optimizer), scheduler=scheduler,
-                       epoch_iters=size.epoch_iters, seed=seed, show_progress=False,
+                       epoch_iters=size.epoch_iters * size.budget, seed=seed, show_progress=False,
                        task=LanguageModel))
         result["sec_per_step"] = statistics.median(r["seconds"] / r["steps"] for r in rows)
         result.update(g=rows[-1].get("g"), epochs=len(rows))
@@ -149,8 +174,8 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
         result.update(cfs=cbp.cfs(model), on_levels=cbp.fraction_on_levels(model))
         if seed == 0:
             result.update(file_sizes(model))
-    result.update(LanguageModel.evaluate(model, test, ctx))
-    if seed == 0:
+    result.update(LanguageModel.evaluate(model, tune if split == "tune" else test, ctx))
+    if seed == 0 and split == "test":
         vocab = CharVocab(meta["vocab"])
         tokens = generate(model, vocab.encode(PROMPT)[None], SAMPLE_CHARS, seed=SAMPLE_SEED)
         result["sample"] = vocab.decode(tokens[0])
@@ -166,13 +191,39 @@ def cells(size: Size, methods, levels) -> list[tuple[str, str, int]]:
 
 def run_all(size: Size, checkpoint: str, cache: str, data_dir: str | None, methods, levels,
             jobs: int) -> list[dict]:
-    todo = cells(size, methods, levels)
+    todo = [(size, *t, "test") for t in cells(size, methods, levels)]
+    return _run(todo, checkpoint, cache, data_dir, jobs)
+
+
+def tune(size: Size, checkpoint: str, cache: str, data_dir: str | None, levels,
+         jobs: int) -> list[dict]:
+    """CBP at every eta of ``TUNE_ETAS``, seed ``TUNE_SEED``, scored on the tuning windows."""
+    todo = [(replace(size, multiplier_lr=eta), "cbp", lv, TUNE_SEED, "tune")
+            for lv in levels for eta in TUNE_ETAS]
+    return _run(todo, checkpoint, cache, data_dir, jobs)
+
+
+def _run(todo: list[tuple], checkpoint: str, cache: str, data_dir: str | None,
+         jobs: int) -> list[dict]:
     with tqdm(total=len(todo), desc="cells (method, level set, seed)", unit="cell") as bar:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, size, checkpoint, cache, data_dir, *t) for t in todo]
+            futures = [pool.submit(run_one, size, checkpoint, cache, data_dir, *t)
+                       for size, *t in todo]
             for _ in as_completed(futures):
                 bar.update()
             return [f.result() for f in futures]
+
+
+def tune_table(results: list[dict], size: Size) -> str:
+    """The tuning runs' loss on the tuning windows, and the eta_lambda each level set takes."""
+    out = ["| level set | η_λ | val loss on the tuning windows (nats/char) | CFS |", "|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["levels"], r["multiplier_lr"])):
+        out.append(f"| {r['levels']} | {r['multiplier_lr']:g} | {r['val_loss']:.4f} | {r['cfs']:.2e} |")
+    for lv in sorted({r["levels"] for r in results}):
+        best = min((r for r in results if r["levels"] == lv), key=lambda r: r["val_loss"])
+        out.append(f"\nChosen for {lv}: η_λ = {best['multiplier_lr']:g} (seed {TUNE_SEED}, the last "
+                   f"{size.tune_windows} validation windows, {size.budget}× budget).")
+    return "\n".join(out) + "\n"
 
 
 def _mean_se(values: list[float], fmt: str) -> str:
@@ -187,6 +238,10 @@ def _mean_se(values: list[float], fmt: str) -> str:
 def table(results: list[dict], size: Size, levels) -> str:
     fp = [r for r in results if r["method"] == "fp"]
     out = []
+    contrasts = {lv: paired([r for r in results if r["method"] == "cbp" and r["levels"] == lv],
+                            [r for r in results if r["method"] == "ste" and r["levels"] == lv],
+                            "val_loss") for lv in levels}
+    holm(list(contrasts.values()))
     for lv in levels:
         out += [f"### {lv}", "",
                 "| method | val loss (nats/char) | bits per char | CFS | on levels | packed / float32 "
@@ -205,14 +260,18 @@ def table(results: list[dict], size: Size, levels) -> str:
                         f"({sized[0]['float_bytes'] / sized[0]['packed_bytes']:.1f}x)" if sized else "—")
             cols.append(_mean_se([r["sec_per_step"] for r in rows if r["sec_per_step"]], ".3f"))
             out.append(f"| {LABELS[method]} | " + " | ".join(cols) + " |")
+        if contrasts[lv]:
+            out += ["", f"CBP − STE-only, val loss (paired): {contrasts[lv].text(4)}"]
         out.append("")
     epochs, drop = compare.schedule_epochs(cbp_config(size, "binary", "cbp"))
-    out += [f"STE-only and CBP: {epochs} epochs × {size.epoch_iters} steps of {size.batch} windows "
+    out += [f"STE-only and CBP: {epochs} epochs × {size.epoch_iters * size.budget} steps of "
+            f"{size.batch} windows "
             f"of 128 characters (AdamW lr {size.lr}, no weight decay, "
             f"{f'×0.1 after epoch {drop}' if drop else 'no lr drop'}); "
             f"CBP η_λ = {size.multiplier_lr}, p_max = {size.p_max}, "
             f"stop once g exceeds {size.stop_once_g_exceeds}; "
-            f"{size.seeds} seeds (± is the standard error). Evaluated on the first "
+            f"{size.seeds} seeds (± is the standard error; the paired difference's verdict is "
+            "Holm-corrected over the level sets). Evaluated on the first "
             f"{size.test_windows} validation windows ({size.test_windows * 128:,} characters). "
             "s / step includes the per-epoch monitoring evaluation.",
             f"Settings: `{asdict(size)}`"]
@@ -244,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default=",".join(LEVELS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel worker processes")
+    p.add_argument("--budget", type=int, default=1, help="every epoch this many times longer")
+    p.add_argument("--tune", action="store_true",
+                   help="choose eta_lambda: CBP at each of TUNE_ETAS on the tuning windows only")
     p.add_argument("--checkpoint", default="runs/gpt/pretrain/checkpoint.pt",
                    help="pretrained GPT (made with `cbp pretrain --config gpt` if missing)")
     p.add_argument("--data-dir", help="folder of the *_gut.txt texts (default: the set-up's copy)")
@@ -252,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", help="write the generated text of every seed-0 model here")
     args = p.parse_args(argv)
     size = QUICK if args.quick else FULL
-    overrides = {"seeds": args.seeds, "multiplier_lr": args.multiplier_lr, "lr": args.lr}
+    if args.budget < 1:
+        p.error(f"--budget must be >= 1, got {args.budget}")
+    overrides = {"seeds": args.seeds, "multiplier_lr": args.multiplier_lr, "lr": args.lr,
+                 "budget": args.budget}
     size = replace(size, **{k: v for k, v in overrides.items() if v is not None})
     levels = [lv for lv in args.levels.split(",") if lv]
     methods = [m for m in args.methods.split(",") if m]
@@ -261,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown level set or method: {', '.join(unknown)}")
     tic = time.perf_counter()
     checkpoint = pretrained(args.checkpoint, args.data_dir)
+    if args.tune:
+        compare.publish(tune_table(tune(size, checkpoint, args.cache, args.data_dir, levels,
+                                        args.jobs), size), f"{args.jobs} job(s)", tic, args.out)
+        return 0
     results = run_all(size, checkpoint, args.cache, args.data_dir, methods, levels, args.jobs)
     compare.publish(table(results, size, levels), f"{args.jobs} job(s) of 1 thread", tic, args.out)
     if args.samples:

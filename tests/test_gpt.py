@@ -332,7 +332,8 @@ def test_compare_gpt_cells_table_and_samples(lm_runs, tmp_path):
     spec.loader.exec_module(bench)
     root, texts = lm_runs
     size = bench.Size(train_windows=64, val_windows=2, test_windows=4, batch=4, epoch_iters=1,
-                      lr=1e-3, multiplier_lr=1e-1, p_max=1, stop_once_g_exceeds=3, seeds=1)
+                      lr=1e-3, multiplier_lr=1e-1, p_max=1, stop_once_g_exceeds=3, seeds=1,
+                      tune_windows=2)
     ckpt = str(root / "fp" / CHECKPOINT_NAME)
     with one_thread():
         results = [bench.run_one(size, ckpt, str(tmp_path), texts, *cell)
@@ -346,3 +347,14 @@ def test_compare_gpt_cells_table_and_samples(lm_runs, tmp_path):
     text = bench.table(results, size, ["ternary"])
     assert text.count("\n| ") == 4 and "CBP (window schedule)" in text
     assert "## CBP (window schedule), ternary" in bench.samples(results)
+    # eta_lambda is chosen on the last validation windows, never on the reported first ones
+    _, _, test, tune = bench.datasets(size, texts)
+    assert not set(test.indices) & set(tune.indices) and max(tune.indices) == len(tune.dataset) - 1
+    with one_thread():
+        tuned = [bench.run_one(bench.replace(size, multiplier_lr=eta), ckpt, str(tmp_path), texts,
+                               "cbp", "ternary", bench.TUNE_SEED, "tune") for eta in (1e-3, 1e-1)]
+    assert all(r["split"] == "tune" and "sample" not in r for r in tuned)
+    best = min(tuned, key=lambda r: r["val_loss"])["multiplier_lr"]
+    assert f"Chosen for ternary: η_λ = {best:g}" in bench.tune_table(tuned, size)
+    with pytest.raises(ValueError, match="without overlapping"):
+        bench.datasets(bench.replace(size, test_windows=10**6), texts)
