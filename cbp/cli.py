@@ -167,9 +167,7 @@ def _lagrangian(args, model, config: CBPConfig, optimizer, train_data) -> Lagran
     cls = OSCILLATION_FIXES[args.oscillation_fix]
     if args.oscillation_fix == "gate":
         return cls(model, config, optimizer)
-    per_epoch = len(train_data) // args.batch_size   # full global batches per epoch
-    if args.epoch_iters:
-        per_epoch = min(per_epoch, args.epoch_iters)
+    per_epoch = args.epoch_iters or len(train_data) // args.batch_size   # full global batches
     return cls(model, config, optimizer, total_steps=max(1, per_epoch * args.epochs))
 
 

@@ -196,7 +196,8 @@ def _common(flags: Flags, *, lr: float, weight_decay: float, batch_size: int, ep
     g = p.add_argument_group("training")
     flags.add(g, "--epochs", type=_at_least(1), default=epochs)
     flags.add(g, "--epoch-iters", type=_at_least(1),
-              help="steps per epoch (default: a full pass); CBP's end-of-epoch rule runs after each")
+              help="steps per epoch (default: a full pass; more than a pass continues into fresh "
+              "passes); CBP's end-of-epoch rule runs after each")
     flags.add(g, "--batch-size", type=_at_least(1), default=batch_size, help="global batch size")
     flags.add(g, "--lr", type=float, default=lr, help="weight learning rate")
     flags.add(g, "--optimizer", choices=("sgd", "adamw"), default="sgd",

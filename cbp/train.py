@@ -131,7 +131,23 @@ def _batches(loader: DataLoader, skip: int):
 
 
 def epoch_steps(run: Run, loader: DataLoader) -> int:
-    return len(loader) if run.epoch_iters is None else min(run.epoch_iters, len(loader))
+    """Steps of one epoch: a pass through the data, or ``epoch_iters`` (fewer or more)."""
+    return len(loader) if run.epoch_iters is None or len(loader) == 0 else run.epoch_iters
+
+
+def _epoch_batches(loader: DataLoader, epoch: int, steps: int, skip: int):
+    """The batches of an epoch of ``steps`` steps after its first ``skip``.
+
+    An epoch longer than one pass through the data (``epoch_iters`` > batches per pass, as in a
+    long CBP epoch on a small data set) continues into fresh passes: pass ``p`` of epoch ``e``
+    draws the sampler's permutation ``e * passes + p``, so an epoch of at most one pass keeps the
+    order it always had (permutation ``e``) and no two passes of a run share a permutation.
+    """
+    passes = -(-steps // len(loader))
+    first_pass, skip = divmod(skip, len(loader))
+    for p in range(first_pass, passes):
+        loader.sampler.set_epoch(epoch * passes + p)
+        yield from _batches(loader, skip if p == first_pass else 0)
 
 
 def _poll(ctx: Context, stop: GracefulStop | None, first_bad: torch.Tensor) -> tuple[int, int]:
@@ -160,7 +176,6 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     """
     ctx = run.ctx
     net.train()
-    loader.sampler.set_epoch(epoch)
     steps = epoch_steps(run, loader)
     first = start.step if start is not None else 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -171,7 +186,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, unit="step",
                disable=not (run.show_progress and ctx.is_main))
     step, stopped_at, signum = first, None, 0
-    for x, y in itertools.islice(_batches(loader, first), steps - first):
+    for x, y in itertools.islice(_epoch_batches(loader, epoch, steps, first), steps - first):
         x, y = _to_device(run, x), y.to(ctx.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
         loss = run.task.loss(net(x), y)
