@@ -17,11 +17,12 @@ from .constraint import constrained_mask, constraint, quantize, sawtooth
 from .export import ExportError, export, load_packed, read_packed
 from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
-from .levels import LEVEL_SETS, bits_per_weight, resolve_factors
+from .levels import LEVEL_SETS, resolve_factors
 from .metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
 from .onnx_export import check_onnx, export_onnx
 from .options import Recipe, load_config
 from .oscillation import OscillationTracker
+from .packing import bits_per_weight
 from .peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP
 from .summary import Summary, summary
 

@@ -1,6 +1,7 @@
 """One configuration object for preparing a model and running CBP on it.
 
-Defaults are the published method (paper + reference code, see SPEC.md); every choice is a field,
+Defaults are the published method (Kim & Jeong, NeurIPS 2021, arXiv:2110.02550, and its reference
+code, github.com/dooseokjeong/CBP); every choice is a field,
 and every field's ``help`` is its documentation: ``cbp quantize`` makes one flag of each
 (``--multiplier-lr``, ``--stop-once-g-exceeds`` ...) with that help and that default, and a TOML
 config sets the same names (``cbp.options``).

@@ -58,8 +58,3 @@ def check_distinct_in(levels: torch.Tensor, dtype: torch.dtype, what: str) -> No
         name = str(dtype).removeprefix("torch.")
         raise ValueError(f"{what} collapse or overflow in {name} (become {cast.tolist()}): "
                          "choose levels of a moderate size")
-
-
-def bits_per_weight(n_levels: int) -> int:
-    """Bits needed to store one index into ``n_levels`` levels: ceil(log2 n)."""
-    return max(1, math.ceil(math.log2(n_levels)))

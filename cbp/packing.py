@@ -73,6 +73,12 @@ def grouping(n_levels: int) -> Grouping:
     return best
 
 
+def bits_per_weight(n_levels: int) -> float:
+    """Bits one weight of ``n_levels`` levels takes in the exported file (:func:`grouping`'s
+    density): 1 binary, 46/29 = 1.586 ternary, 7/3 five levels; log2 k is the bound."""
+    return grouping(n_levels).bits_per_index
+
+
 def field_grouping(n_levels: int) -> Grouping:
     """One index per ``ceil(log2 k)``-bit field: the layout of format version 2."""
     return Grouping(n_levels, 1, max(1, math.ceil(math.log2(n_levels))))

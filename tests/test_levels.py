@@ -29,9 +29,11 @@ def test_invalid_sets_raise_clear_errors(bad, message):
         cbp.CBPConfig(levels=bad)
 
 
-@pytest.mark.parametrize("n, bits", [(2, 1), (3, 2), (4, 2), (5, 3), (7, 3), (8, 3), (9, 4)])
-def test_bits_per_weight(n, bits):
-    assert cbp.bits_per_weight(n) == bits
+@pytest.mark.parametrize("n, bits", [(2, 1), (3, 46 / 29), (4, 2), (5, 7 / 3), (7, 45 / 16), (8, 3)])
+def test_bits_per_weight_is_what_the_export_stores(n, bits):
+    """The density of the file's packing (cbp.packing docstring), between log2 k and ceil(log2 k)."""
+    assert cbp.bits_per_weight(n) == pytest.approx(bits)
+    assert math.log2(n) <= cbp.bits_per_weight(n) <= math.ceil(math.log2(n))
 
 
 F32_MAX = torch.finfo(torch.float32).max   # 3.4028e38; F32_MAX / 2 is exact
