@@ -177,6 +177,10 @@ def mobilenetv2_tiny(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return TinyMobileNetV2(num_classes, in_channels)
 
 
+# The models this file builds: name -> builder(num_classes, in_channels). For the GPT
+# num_classes is the vocabulary size and in_channels is unused.
+_BUILDERS = {"resnet20": resnet20, "alexnet_bn": alexnet_bn, "mobilenetv2_tiny": mobilenetv2_tiny,
+             "gpt": lambda vocab_size, _in_channels: gpt(vocab_size)}
 MODEL_NAMES = ("resnet20", "resnet18", "resnet50", "googlenet", "alexnet_bn", "gpt",
                "mobilenetv2_tiny")
 LANGUAGE_MODELS = ("gpt",)  # take token windows (cbp.text), not images
@@ -365,12 +369,6 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         model = _torchvision_model(name, num_classes, in_channels, weights, options)
     elif is_torchvision(weights):
         raise ModelError(f"torchvision publishes no weights for {name}; pass a weights file")
-    elif name == "resnet20":
-        model = resnet20(num_classes, in_channels)
-    elif name == "mobilenetv2_tiny":
-        model = mobilenetv2_tiny(num_classes, in_channels)
-    elif name == "gpt":
-        model = gpt(num_classes)  # num_classes: the vocabulary size
     else:
-        model = alexnet_bn(num_classes, in_channels)
+        model = _BUILDERS[name](num_classes, in_channels)
     return model if state is None else _load_state(model, state, weights)

@@ -310,3 +310,10 @@ def test_googlenet_from_torchvisions_weights_file(tmp_path):
         build_model("resnet20", 10, 1, transform_input=True)
     with pytest.raises(ModelError, match="transform_input needs RGB input, not 1-channel input"):
         build_model("googlenet", 10, 1, transform_input=True)
+
+
+def test_every_model_name_has_one_builder():
+    from cbp import models
+
+    assert set(models.MODEL_NAMES) == set(models._TORCHVISION) | set(models._BUILDERS)
+    assert not set(models._TORCHVISION) & set(models._BUILDERS)
