@@ -99,3 +99,21 @@ def test_callback_refuses_an_optimizer_the_trainer_does_not_step(windows, tmp_pa
                                optimizers=(optimizer, None), callbacks=[CBPCallback(other)])
     with pytest.raises(ValueError, match="not the one the Trainer steps"):
         run.train()
+
+
+def test_data_without_a_length_needs_epoch_steps(windows, tmp_path):
+    vocab, data = windows
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    model, optimizer = llama(vocab)
+    with pytest.raises(ValueError, match="epoch_steps=N"):
+        trainer(model, optimizer, Stream(), tmp_path, max_steps=2).train()
+    model, optimizer = llama(vocab)
+    run = trainer(model, optimizer, Stream(), tmp_path, max_steps=6)
+    run.callback_handler.remove_callback(CBPCallback)
+    run.add_callback(CBPCallback(optimizer, epoch_steps=3))
+    run.train()
+    assert optimizer.lagrangian.g == 3                      # CBP epochs end at steps 3 and 6

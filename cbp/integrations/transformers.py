@@ -49,10 +49,12 @@ class CBPCallback(TrainerCallback):
             raise ValueError("CBPCallback's optimizer is not the one the Trainer steps: pass the "
                              "same cbp.CBPOptimizer as Trainer(optimizers=(optimizer, None))")
         if self.epoch_steps is None:       # the Trainer's optimizer steps per epoch
-            if not hasattr(train_dataloader, "__len__"):
+            try:
+                batches = len(train_dataloader)
+            except TypeError:              # an IterableDataset without __len__
                 raise ValueError("the training data has no length, so no epoch: give "
-                                 "CBPCallback(optimizer, epoch_steps=N)")
-            self._steps = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+                                 "CBPCallback(optimizer, epoch_steps=N)") from None
+            self._steps = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
         self.optimizer.plan(state.max_steps - state.global_step)
         self._hook = model.register_forward_hook(self._add_loss)
 
