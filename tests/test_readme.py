@@ -93,6 +93,6 @@ def test_readme_transformers_example_runs(tmp_path, monkeypatch, capsys):
     assert len(cbp.quantized_layers(model)) == 14 and type(model.lm_head) is nn.Linear
     assert optimizer.lagrangian.g == 80                      # 128 steps: 16 CBP epochs of 8
     loss = names["trainer"].state.log_history[-1]["train_loss"]
-    assert loss < 3.0                                        # uniform over the characters: 4.1
+    assert loss < 3.0                                        # uniform over 84 characters: 4.43
     assert f"loss {loss:.3f}, g 80, CFS {cbp.cfs(model):.1e}" in capsys.readouterr().out
     assert os.path.isdir(tmp_path / "runs" / "llama" / "checkpoint-128")
