@@ -3,6 +3,7 @@
     model = cbp.prepare(model, cbp.CBPConfig(levels="binary"))   # in place; STE backward
     lagrangian = cbp.Lagrangian(model, config, optimizer)          # lambda, g, p, L_sum_pre
     ... loss.backward(); lagrangian.step() ... lagrangian.end_epoch(loss_sum)
+    optimizer = cbp.CBPOptimizer(model, optimizer, config)         # the same, for frameworks
     cbp.cfs(model)                                                 # paper Eq. 19, latent weights
     cbp.agreement(float_model, model, loader)                      # same predictions?
     cbp.recalibrate_bn(model, train_loader, batches=50)            # BN statistics of the final weights
@@ -20,6 +21,7 @@ from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_la
 from .levels import LEVEL_SETS, resolve_factors
 from .metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
 from .onnx_export import check_onnx, export_onnx
+from .optim import CBPOptimizer
 from .options import Recipe, load_config
 from .oscillation import OscillationTracker
 from .packing import bits_per_weight
@@ -27,7 +29,7 @@ from .peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP
 from .summary import Summary, summary
 
 __all__ = [
-    "CBPConfig", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",
+    "CBPConfig", "CBPOptimizer", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",
     "load_packed", "read_packed", "summary", "LEVEL_SETS", "Lagrangian", "QuantizedLayer", "bits_per_weight",
     "cfs", "constrained_mask", "constraint", "convert", "fraction_on_levels", "layer_stats",
     "Recipe", "load_config", "param_groups", "prepare", "quantize", "quantized_layers",

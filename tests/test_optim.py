@@ -1,0 +1,121 @@
+"""cbp.CBPOptimizer: the Lagrangian loop behind an optimizer's interface, and its checkpoint."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import _assert_same
+
+import cbp
+
+CONFIG = cbp.CBPConfig(levels="ternary", p_max=1, multiplier_lr=1e-2, lr_drop_at_g=3)
+X, Y = torch.randn(48, 4, generator=torch.Generator().manual_seed(1)), torch.arange(48) % 2
+
+
+def model():
+    torch.manual_seed(0)
+    return cbp.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                     nn.Linear(8, 2)), CONFIG)
+
+
+def wrapped(net):
+    return cbp.CBPOptimizer(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), CONFIG)
+
+
+def batches():
+    return [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 48, 8)]
+
+
+def train(net, optimizer, epochs, start=0):
+    """``epochs`` epochs of 6 steps with the wrapper; ``start`` steps of the first are skipped."""
+    for epoch in range(epochs):
+        for x, y in batches()[start if epoch == 0 else 0:]:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.add_loss(loss)
+        optimizer.end_epoch()
+
+
+def test_wrapper_is_the_lagrangian_loop_bit_for_bit():
+    """The README's Lagrangian loop and the wrapper give the same weights, lambda, g and lr."""
+    net, reference = model(), model()
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    lagrangian = cbp.Lagrangian(reference, CONFIG, sgd)
+    ends = []
+    for _ in range(4):
+        loss_sum = 0.0
+        for x, y in batches():
+            sgd.zero_grad()
+            loss = F.cross_entropy(reference(x), y)
+            loss.backward()
+            lagrangian.step()
+            loss_sum += loss.detach()
+        ends.append(lagrangian.end_epoch(loss_sum))
+    optimizer = wrapped(net)
+    train(net, optimizer, 4)
+    _assert_same(net.state_dict(), reference.state_dict(), "weights")
+    _assert_same(optimizer.lagrangian.state_dict(), lagrangian.state_dict(), "cbp")
+    assert optimizer.lagrangian.g == ends[-1].g == 5      # p_max = 1: g rises every epoch
+    assert optimizer.param_groups[0]["lr"] == sgd.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_state_dict_resumes_mid_epoch_exactly():
+    """3 steps, a checkpoint through torch.save/weights_only load, a fresh model and optimizer,
+    the rest: the same as without the interruption (the loss sum so far travels too)."""
+    net = model()
+    optimizer = wrapped(net)
+    train(net, optimizer, 3)
+
+    first = model()
+    first_opt = wrapped(first)
+    for x, y in batches()[:3]:
+        first_opt.zero_grad()
+        loss = F.cross_entropy(first(x), y)
+        loss.backward()
+        first_opt.step()
+        first_opt.add_loss(loss)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert float(saved["optimizer"]["cbp"]["loss_sum"]) > 0 and "state" in saved["optimizer"]
+
+    resumed = model()
+    resumed_opt = wrapped(resumed)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    train(resumed, resumed_opt, 3, start=3)
+    _assert_same(resumed.state_dict(), net.state_dict(), "weights")
+    _assert_same(resumed_opt.state_dict(), optimizer.state_dict(), "optimizer")
+
+
+def test_plain_optimizer_state_is_refused():
+    net = model()
+    plain = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="no CBP state"):
+        wrapped(net).load_state_dict(plain.state_dict())
+
+
+def test_an_lr_scheduler_on_the_wrapper_moves_the_base_lr():
+    """Frameworks build schedulers on the optimizer they are given: the wrapper's param_groups
+    are the base optimizer's, and the scheduler's step counter sees the wrapper's steps."""
+    net = model()
+    optimizer = wrapped(net)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    train(net, optimizer, 1)
+    scheduler.step()
+    assert optimizer.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert optimizer.state is optimizer.base_optimizer.state and len(optimizer.state) == 6
+    assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_importing_cbp_imports_no_framework():
+    code = ("import sys, cbp; bad = {'lightning', 'transformers', 'accelerate'} & set(sys.modules);"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,119 @@
+"""cbp.integrations.transformers end to end with the real transformers package: a 2-layer Llama
+built from a config (no download) on Shakespeare's characters, ternary decoder Linears."""
+
+import glob
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import _assert_same
+
+import cbp
+from cbp.text import load_text, shakespeare_dir
+
+transformers = pytest.importorskip("transformers")
+from cbp.integrations.transformers import CBPCallback  # noqa: E402
+
+CONFIG = cbp.CBPConfig(levels="ternary", skip_first_last=False, include=[r"\.layers\.\d+\."],
+                       p_max=1, multiplier_lr=0.5, lr_drop_at_g=None)
+PLAY = "hamlet_gut.txt"   # one play: the windows are read in a fraction of a second
+
+
+@pytest.fixture(scope="module")
+def windows():
+    if not glob.glob(os.path.join(shakespeare_dir(), PLAY)):
+        pytest.skip("Shakespeare's texts are not there: run `python -m cbp.text`")
+    data = load_text(shakespeare_dir(), train=True, context=32, limit=64, pattern=PLAY)
+    return data.vocab, [{"input_ids": x, "labels": x} for x, _ in data]
+
+
+def llama(vocab):
+    """A prepared 2-layer Llama and its CBPOptimizer (AdamW)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    model = cbp.prepare(transformers.LlamaForCausalLM(config), CONFIG)
+    adamw = torch.optim.AdamW(cbp.param_groups(model, weight_decay=0.0), lr=3e-3)
+    return model, cbp.CBPOptimizer(model, adamw, CONFIG)
+
+
+def trainer(model, optimizer, data, out, **settings):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=8, lr_scheduler_type="constant",
+        report_to="none", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        **{"save_strategy": "no", **settings})
+    return transformers.Trainer(model=model, args=args, train_dataset=data,
+                                optimizers=(optimizer, None), callbacks=[CBPCallback(optimizer)])
+
+
+def test_trainer_quantizes_the_decoder_and_keeps_head_and_embeddings_float(windows, tmp_path):
+    vocab, data = windows
+    model, optimizer = llama(vocab)
+    assert len(cbp.quantized_layers(model)) == 2 * 7        # q k v o gate up down, per layer
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    batch = torch.stack([w["input_ids"] for w in data[:16]])
+    with torch.no_grad():
+        before = float(model(input_ids=batch, labels=batch).loss)
+    cfs_before = cbp.cfs(model)
+    trainer(model, optimizer, data, tmp_path, num_train_epochs=6).train()
+    model.eval()
+    with torch.no_grad():
+        after = float(model(input_ids=batch, labels=batch).loss)
+    assert after < before - 0.5, (before, after)             # uniform over Hamlet's 65: 4.17
+    assert optimizer.lagrangian.g == 7                      # 6 epochs of 8 steps, p_max = 1
+    assert cbp.cfs(model) < cfs_before / 10, (cfs_before, cbp.cfs(model))
+    plain = cbp.convert(model)
+    scale = float(model.model.layers[0].mlp.down_proj.cbp_scale)
+    levels = (plain.model.layers[0].mlp.down_proj.weight / scale).unique()
+    assert torch.allclose(levels, torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_resume_from_checkpoint_is_exact(windows, tmp_path):
+    """24 steps straight (a checkpoint at step 12, mid-epoch) vs a fresh model, optimizer and
+    Trainer resuming from that checkpoint: the same weights, lambda, g, AdamW moments."""
+    vocab, data = windows
+    model, optimizer = llama(vocab)
+    trainer(model, optimizer, data, tmp_path / "a", max_steps=24, save_strategy="steps",
+            save_steps=12).train()
+    assert optimizer.lagrangian.g == 4                      # epoch ends at steps 8, 16, 24
+
+    resumed, resumed_opt = llama(vocab)
+    forwards = []
+    resumed.register_forward_hook(lambda *_: forwards.append(1))
+    trainer(resumed, resumed_opt, data, tmp_path / "b", max_steps=24).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-12"))
+    assert len(forwards) == 12                              # it did start at step 12
+    _assert_same(resumed.state_dict(), model.state_dict(), "weights")
+    _assert_same(resumed_opt.state_dict(), optimizer.state_dict(), "optimizer")
+
+
+def test_callback_refuses_an_optimizer_the_trainer_does_not_step(windows, tmp_path):
+    vocab, data = windows
+    model, optimizer = llama(vocab)
+    other = cbp.CBPOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), CONFIG)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                          use_cpu=True, max_steps=1)
+    run = transformers.Trainer(model=model, args=args, train_dataset=data,
+                               optimizers=(optimizer, None), callbacks=[CBPCallback(other)])
+    with pytest.raises(ValueError, match="not the one the Trainer steps"):
+        run.train()
+
+
+def test_data_without_a_length_needs_epoch_steps(windows, tmp_path):
+    vocab, data = windows
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    model, optimizer = llama(vocab)
+    with pytest.raises(ValueError, match="epoch_steps=N"):
+        trainer(model, optimizer, Stream(), tmp_path, max_steps=2).train()
+    model, optimizer = llama(vocab)
+    run = trainer(model, optimizer, Stream(), tmp_path, max_steps=6)
+    run.callback_handler.remove_callback(CBPCallback)
+    run.add_callback(CBPCallback(optimizer, epoch_steps=3))
+    run.train()
+    assert optimizer.lagrangian.g == 3                      # CBP epochs end at steps 3 and 6
