@@ -19,6 +19,7 @@ from importlib import resources
 
 from .config import CBPConfig, SettingError
 from .data import DATASET_NAMES
+from .distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES
 from .peers import OSCILLATION_FIXES
@@ -248,6 +249,16 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     quantize.add(g, "--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
                  help="at the end, re-estimate BatchNorm statistics on N training batches "
                       "(saved in the checkpoint; top-1 reported before and after)")
+    g = quantize.parser.add_argument_group("distillation from the full-precision model (cbp.distill)")
+    quantize.add(g, "--distill", action="store_true",
+                 help="loss = (1 - alpha) * task + alpha * T^2 * KL(teacher || student); the "
+                      "teacher is the float model quantizing starts from, or --teacher")
+    quantize.add(g, "--teacher", metavar="CKPT", help="a `cbp pretrain` checkpoint to distil "
+                 "from instead (another architecture is fine; same classes or vocabulary)")
+    quantize.add(g, "--distill-alpha", type=float, default=DEFAULT_ALPHA,
+                 help="weight of the distillation term, in (0, 1] (default: %(default)s, LSQ's)")
+    quantize.add(g, "--distill-temperature", type=float, default=DEFAULT_TEMPERATURE,
+                 help="softmax temperature T of both distributions (default: %(default)s)")
     _common(quantize, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 (loss and bits per character) and CFS")

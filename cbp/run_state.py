@@ -113,6 +113,9 @@ def check_run_state(state: dict, path: str, model: bool = True, training: bool =
              "an integer >= 0"),
             ("loss_sum", state.get("loss_sum") is None
              or isinstance(state["loss_sum"], torch.Tensor), "a tensor or None"),
+            ("loss_terms", state.get("loss_terms") is None
+             or (isinstance(state["loss_terms"], torch.Tensor) and state["loss_terms"].numel() == 2),
+             "a two-element tensor or None"),
             ("optimizer", isinstance(state.get("optimizer"), dict)
              and {"state", "param_groups"} <= set(state["optimizer"]), "an optimizer state_dict"),
             ("scheduler", state.get("scheduler") is None or isinstance(state["scheduler"], dict),

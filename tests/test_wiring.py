@@ -53,7 +53,8 @@ QUANTIZE_FLAGS = {
     "--momentum": ["0.8"], "--weight-decay": ["3e-4"], "--seed": ["5"], "--workers": ["1"],
     "--no-channels-last": [], "--on-nan": ["lower-lr"], "--quiet": [], "--limit": ["40"],
     "--val-limit": ["24"], "--device": ["cpu"], "--g-increments": ["5:2,inf:7"],
-    "--compile-penalty": [],
+    "--compile-penalty": [], "--distill": [], "--distill-alpha": ["0.8"],
+    "--distill-temperature": ["3"],
 }
 ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--download",
              "--image-size", "--out", "--resume", "--overwrite", "--config", "--sync-bn",
@@ -62,7 +63,9 @@ ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--downlo
              "--no-constraint", "--g-final", "--grad-clip-value", "--use-constraint",
              "--skip-first-last", "--initial-multiplier-update",
              # the oscillation fix and the final BN re-estimation, end to end in tests/test_cli.py
-             "--oscillation-fix", "--recalibrate-bn"}
+             "--oscillation-fix", "--recalibrate-bn",
+             # distillation's other teacher, end to end in tests/test_distill.py
+             "--teacher"}
 
 
 def options(command: str) -> set[str]:
@@ -105,6 +108,9 @@ def test_every_quantize_flag_reaches_the_run(runs, pretrained, tiny_fashion, tmp
     assert (len(run.train_data), len(run.val_data)) == (40, 24)
     assert run.ctx.device == torch.device("cpu") and run.scheduler is None
     assert run.meta["constraint"] == "custom" and run.meta["skip_first_last"] is False
+    distill = run.distillation
+    assert (distill.alpha, distill.temperature) == (0.8, 3) and not distill.teacher.training
+    assert not cbp.quantized_layers(distill.teacher)   # the float model, as loaded from --from
 
 
 @pytest.mark.parametrize("value, expected", [("none", None), ("off", None), ("inf", float("inf"))])
@@ -132,6 +138,7 @@ def test_quantize_defaults_are_the_papers(runs, pretrained, tiny_fashion, tmp_pa
     decay, _ = run.optimizer.param_groups
     assert (decay["lr"], decay["momentum"], decay["weight_decay"]) == (1e-3, 0.9, 1e-4)
     assert (run.epochs, run.batch_size, run.epoch_iters, run.on_nan) == (1000, 256, None, "stop")
+    assert run.distillation is None
 
 
 def test_pretrain_flags_reach_the_run(runs, tiny_fashion, tmp_path):
