@@ -31,7 +31,7 @@ RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME)   # what a run writes (and a 
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 # meta entries that must match for a checkpoint to continue a run
 IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors",
-                 "vocab", "teacher_sha256")
+                 "scale", "vocab", "teacher_sha256")
 
 
 # ---- the logs ------------------------------------------------------------------------------------
@@ -131,6 +131,8 @@ def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_cla
         meta.update(constraint=constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
                     skip_first_last=config.skip_first_last)
+        if config.scale != "per-layer":   # absent: per layer, as every run before the option
+            meta["scale"] = config.scale
     return meta
 
 
@@ -202,7 +204,8 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
     model = rebuild_model(meta)
     if meta["mode"] == "quantize":
         prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
-                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
+                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"],
+                                 scale=meta.get("scale", "per-layer")))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

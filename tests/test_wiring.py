@@ -54,7 +54,7 @@ QUANTIZE_FLAGS = {
     "--no-channels-last": [], "--on-nan": ["lower-lr"], "--quiet": [], "--limit": ["40"],
     "--val-limit": ["24"], "--device": ["cpu"], "--g-increments": ["5:2,inf:7"],
     "--compile-penalty": [], "--distill": [], "--distill-alpha": ["0.8"],
-    "--distill-temperature": ["3"],
+    "--distill-temperature": ["3"], "--scale": ["per-channel"],
 }
 ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--download",
              "--image-size", "--out", "--resume", "--overwrite", "--config", "--sync-bn",
@@ -99,6 +99,9 @@ def test_every_quantize_flag_reaches_the_run(runs, pretrained, tiny_fashion, tmp
     assert layers and all(("layer2" in n or "layer3" in n) and "downsample" not in n
                           for n in layers)
     assert all(layer.cbp_factors.tolist() == [-1.0, -0.25, 0.0, 2.0] for layer in layers.values())
+    assert config.scale == "per-channel" and run.meta["scale"] == "per-channel"
+    assert all(layer.cbp_scale.shape == (layer.weight.shape[0], 1, 1, 1)
+               for layer in layers.values())
     decay, no_decay = run.optimizer.param_groups
     assert (decay["lr"], decay["momentum"], decay["weight_decay"]) == (0.02, 0.8, 3e-4)
     assert (no_decay["lr"], no_decay["weight_decay"]) == (0.02, 0.0)
@@ -135,6 +138,7 @@ def test_quantize_defaults_are_the_papers(runs, pretrained, tiny_fashion, tmp_pa
         1.0, None, 20, 0.1)
     assert (config.grad_clip_value, config.weight_clamp) == (1.0, 1.0)
     assert config.use_constraint and config.initial_multiplier_update
+    assert config.scale == "per-layer" and "scale" not in run.meta
     decay, _ = run.optimizer.param_groups
     assert (decay["lr"], decay["momentum"], decay["weight_decay"]) == (1e-3, 0.9, 1e-4)
     assert (run.epochs, run.batch_size, run.epoch_iters, run.on_nan) == (1000, 256, None, "stop")
