@@ -65,7 +65,9 @@ ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--downlo
              # the oscillation fix and the final BN re-estimation, end to end in tests/test_cli.py
              "--oscillation-fix", "--recalibrate-bn",
              # distillation's other teacher, end to end in tests/test_distill.py
-             "--teacher"}
+             "--teacher",
+             # the packaged recipes: test_the_best_recipe_reaches_the_run below
+             "--recipe"}
 
 
 def options(command: str) -> set[str]:
@@ -143,6 +145,14 @@ def test_quantize_defaults_are_the_papers(runs, pretrained, tiny_fashion, tmp_pa
     assert (decay["lr"], decay["momentum"], decay["weight_decay"]) == (1e-3, 0.9, 1e-4)
     assert (run.epochs, run.batch_size, run.epoch_iters, run.on_nan) == (1000, 256, None, "stop")
     assert run.distillation is None
+
+
+def test_the_best_recipe_reaches_the_run(runs, pretrained, tiny_fashion, tmp_path):
+    run = run_of(runs, ["quantize", "--recipe", "best", "--from", pretrained, "--data-dir",
+                        tiny_fashion, "--out", str(tmp_path)])
+    assert run.lagrangian.config.scale == "per-channel" and run.meta["scale"] == "per-channel"
+    assert (run.distillation.alpha, run.distillation.temperature) == (0.5, 1.0)
+    assert run.meta["settings"]["recipe"] == "best"
 
 
 def test_pretrain_flags_reach_the_run(runs, tiny_fashion, tmp_path):
