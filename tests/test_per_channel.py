@@ -14,7 +14,7 @@ from safetensors.torch import load as st_load
 
 import cbp
 from cbp import cli
-from cbp.checkpoint import load_checkpoint
+from cbp.checkpoint import load_checkpoint, save_checkpoint
 from cbp.constraint import constraint_and_grad, level_index, level_values
 from cbp.export import read_packed
 from cbp.runs import CHECKPOINT_NAME, load_model
@@ -183,3 +183,8 @@ def test_cli_per_channel_run_evaluates_exports_and_resumes_only_per_channel(
         capsys.readouterr()
         assert cli.main(quantize_argv(out, 2, "--resume", "--scale", "per-layer")) == 2
         assert "--scale 'per-layer' (the run's: 'per-channel')" in capsys.readouterr().err
+        state = load_checkpoint(ckpt)
+        state["meta"]["scale"] = "per-row"
+        save_checkpoint(state, ckpt)
+        assert cli.main(["summary", ckpt]) == 2
+        assert "meta.scale must be one of per-layer, per-channel" in capsys.readouterr().err
