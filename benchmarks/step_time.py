@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/step_time.py              # ~5 min on 2 CPU cores
     .venv/bin/python benchmarks/step_time.py --quick      # ~1 min, noisier
     .venv/bin/python benchmarks/step_time.py --repeat 3   # 3 full runs: median and spread
+    .venv/bin/python benchmarks/step_time.py --distill    # also CBP + distillation (cbp.distill)
 
 Each model is built twice from the same weights: plain (FP), and prepared, which the
 quantized modes share - STE (a ``Lagrangian`` with ``use_constraint=False``: quantized forward,
@@ -16,7 +17,9 @@ CBP/STE wander between 0.99 and 1.03 when each mode had its own model.
 Modes alternate step by step (FP STE CBP ..., rotated each round) after a warm-up, and the median of each is
 reported, so slow drifts (other processes, frequency scaling) hit all modes alike. CBP runs with
 the compiled fused kernel (``compile_penalty=True``, what a long run uses from its start); the
-eager form is timed too ("CBP eager").
+eager form is timed too ("CBP eager"). ``--distill`` adds "CBP distill": the CBP step whose loss
+is ``cbp.Distillation``'s, with the float model (the FP mode's weights, copied before its steps)
+as the teacher - one more forward, no backward, so distill/CBP is what distillation costs.
 
 Memory: the persistent bytes CBP adds per quantized weight are counted from the tensors
 (lambda, and Adam's two moments unless ``multiplier_rule="plain"``). The peak of a step is, on
@@ -35,6 +38,7 @@ page faults, is part of what varies between runs), and reports each ratio's medi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -53,6 +57,7 @@ from cbp.models import DEFAULT_SELECTION, LANGUAGE_MODELS, gpt, resnet20
 from cbp.tasks import LanguageModel
 
 MODES = ("fp", "ste", "cbp", "cbp_eager")
+DISTILL_MODE = "cbp_distill"   # with --distill
 MODELS = {  # name: (builder, input shape without the batch)
     "resnet20": (lambda: resnet20(num_classes=10, in_channels=1), (1, 28, 28)),
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
@@ -106,7 +111,8 @@ def build(model_name: str, mode: str, levels: str, rule: str, device: torch.devi
 def _config(model_name: str, mode: str, levels: str, rule: str) -> cbp.CBPConfig:
     """The configuration of a quantized mode: STE without the constraint, CBP compiled."""
     return cbp.CBPConfig(levels=levels, use_constraint=mode != "ste", multiplier_rule=rule,
-                         compile_penalty=mode == "cbp", **DEFAULT_SELECTION.get(model_name, {}))
+                         compile_penalty=mode in ("cbp", DISTILL_MODE),
+                         **DEFAULT_SELECTION.get(model_name, {}))
 
 
 def _lagrangian_step(model: nn.Module, config: cbp.CBPConfig, opt: torch.optim.Optimizer):
@@ -119,13 +125,17 @@ def _lagrangian_step(model: nn.Module, config: cbp.CBPConfig, opt: torch.optim.O
     return lambda loss: lagrangian.step(), lagrangian, opt
 
 
-def make_step(model: nn.Module, update: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable:
+def make_step(model: nn.Module, update: Callable, x: torch.Tensor, y: torch.Tensor,
+              distillation: cbp.Distillation | None = None) -> Callable:
     loss_of = LanguageModel.loss if x.dtype == torch.long else F.cross_entropy
 
     def step() -> None:
         for p in model.parameters():
             p.grad = None
-        loss = loss_of(model(x), y)
+        output = model(x)
+        loss = loss_of(output, y)
+        if distillation is not None:
+            loss = distillation(x, output, loss)[0]
         loss.backward()
         update(loss)
     return step
@@ -172,14 +182,18 @@ def cbp_bytes_per_weight(lagrangian: cbp.Lagrangian) -> float:
 
 def time_model(args, model_name: str, device: torch.device) -> dict:
     x, y = inputs(model_name, args.batch, device, torch.Generator().manual_seed(1), args.image_size)
-    steps, info, prepared = {}, {}, None
-    for mode in MODES:
+    steps, info, prepared, teacher = {}, {}, None, None
+    modes = MODES + ((DISTILL_MODE,) if args.distill else ())
+    for mode in modes:
         t0 = time.perf_counter()
         model, update, lagrangian, opt = build(model_name, mode, args.levels, "adam", device,
                                                prepared)
-        if mode != "fp":
+        if mode == "fp":
+            teacher = copy.deepcopy(model)
+        else:
             prepared = (model, opt)
-        steps[mode] = make_step(model, update, x, y)
+        distillation = cbp.Distillation(teacher) if mode == DISTILL_MODE else None
+        steps[mode] = make_step(model, update, x, y, distillation)
         if mode == "cbp":
             info["build_s"] = time.perf_counter() - t0
             cbp_lagrangian = lagrangian
@@ -192,9 +206,9 @@ def time_model(args, model_name: str, device: torch.device) -> dict:
     info["penalty_alone_s"] = statistics.median(
         timed(lambda: cbp_lagrangian.add_penalty_grad(clip), device) for _ in range(20))
     reps = args.reps[model_name]
-    times = {mode: [] for mode in MODES}
+    times = {mode: [] for mode in modes}
     for i in range(args.warmup + reps):
-        for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:  # rotate: no position bias
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:  # rotate: no position bias
             t = timed(steps[mode], device)
             if i >= args.warmup:
                 times[mode].append(t)
@@ -262,7 +276,7 @@ def measure_memory(args, model_name: str, device: torch.device) -> dict:
 
 
 RATIOS = {"CBP/STE": ("cbp", "ste"), "CBP/FP": ("cbp", "fp"), "STE/FP": ("ste", "fp"),
-          "CBP eager/STE": ("cbp_eager", "ste")}
+          "CBP eager/STE": ("cbp_eager", "ste"), "CBP distill/CBP": (DISTILL_MODE, "cbp")}
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -275,6 +289,7 @@ def timing_child(args, model_name: str) -> dict:
     """One full timing run of ``model_name`` in a fresh process."""
     cmd = [sys.executable, __file__, "--_timing-child", model_name, "--levels", args.levels,
            "--batch", str(args.batch), "--device", args.device, *(["--quick"] * args.quick),
+           *(["--distill"] * args.distill),
            *image_size_flag(args)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
@@ -287,11 +302,11 @@ def report(model_name: str, runs: list[dict], memory: dict | None, args) -> None
     over = f", median (spread) of {len(runs)} runs" if len(runs) > 1 else ""
     size = f", {args.image_size}x{args.image_size}" if args.image_size else ""
     print(f"\n== {model_name}{size}, batch {args.batch}, {args.levels}, {n:,} quantized weights{over} ==")
-    for mode in MODES:
-        print(f"  {mode:10s} median step {spread([m[mode] * 1e3 for m in meds], '.2f')} ms, "
+    for mode in meds[0]:
+        print(f"  {mode:11s} median step {spread([m[mode] * 1e3 for m in meds], '.2f')} ms, "
               f"{spread([args.batch / m[mode] for m in meds], '.0f')} samples/s")
     print("  " + "   ".join(f"{name} {spread([m[a] / m[b] for m in meds], '.4f')}"
-                            for name, (a, b) in RATIOS.items()))
+                            for name, (a, b) in RATIOS.items() if a in meds[0]))
     penalty = [run["penalty_alone_s"] for run in runs]
     print(f"  add_penalty_grad alone (fused): {spread([p * 1e3 for p in penalty], '.2f')} ms = "
           f"{spread([p / m['ste'] * 100 for p, m in zip(penalty, meds)], '.2f')}% of an STE step")
@@ -316,6 +331,8 @@ def main() -> None:
                         help="height and width of image inputs (default: 28 ResNet-20, 64 ResNet-18)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--distill", action="store_true",
+                        help="also time CBP with distillation from the float model")
     parser.add_argument("--repeat", type=int, default=1,
                         help="full timing runs, each in a fresh process (median and spread)")
     parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)

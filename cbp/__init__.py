@@ -7,6 +7,7 @@
     cbp.cfs(model)                                                 # paper Eq. 19, latent weights
     cbp.agreement(float_model, model, loader)                      # same predictions?
     cbp.recalibrate_bn(model, train_loader, batches=50)            # BN statistics of the final weights
+    distill = cbp.Distillation(float_model, alpha=0.5)             # loss, terms = distill(x, out, loss)
     recipe = cbp.load_config("demo")                               # a config's CBPConfig + training
     plain = cbp.convert(model)                                     # weights on the levels
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
@@ -15,6 +16,7 @@
 from .baselines import post_training_rounding, recalibrate_bn
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
+from .distill import Distillation
 from .export import ExportError, export, load_packed, read_packed
 from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
@@ -35,6 +37,6 @@ __all__ = [
     "Recipe", "load_config", "param_groups", "prepare", "quantize", "quantized_layers",
     "resolve_factors", "sawtooth", "select_layers", "Agreement", "agreement", "recalibrate_bn",
     "post_training_rounding", "OscillationTracker", "OscillationDampening", "IterativeFreezing",
-    "OscillationGatedCBP",
+    "OscillationGatedCBP", "Distillation",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ sets the same keys, flags given on the command line win.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -33,6 +34,7 @@ from .baselines import recalibrate_bn
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import CBPConfig, check_number
 from .data import TEXT_DATASETS, check_same_classes, class_names, load_dataset, make_loader
+from .distill import Distillation, file_sha256
 from .export import export as export_packed
 from .guards import check_run_dir, recorded_settings, resume_settings
 from .interrupts import Interrupted
@@ -123,7 +125,7 @@ def run_training(args: argparse.Namespace) -> list[dict]:
     classes = class_names(train_data)
     check_same_classes(classes, class_names(val_data), f"{args.data_dir}/val")
     torch.manual_seed(args.seed)
-    lagrangian = scheduler = None
+    lagrangian = scheduler = distillation = None
     if args.command == "pretrain":
         model, model_name = build_model(args.model, num_classes, in_channels, args.weights), args.model
         task = task_for(model_name, args.data)
@@ -131,10 +133,16 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         model, model_name = _pretrained_model(args, num_classes, in_channels, vocab)
         task = task_for(model_name, args.data)
         config = model_selection(config, model_name, args)
+        distillation, teacher_hash = _distillation(args, model, num_classes, in_channels, vocab)
         prepare(model, config)
     meta = describe(args.command, model, model_name, args.data, num_classes, in_channels,
                     list(train_data[0][0].shape), getattr(args, "constraint", None), config,
                     task.name, vocab)
+    if distillation is not None:   # a resume reloads the teacher by path: the same file?
+        meta["teacher_sha256"] = teacher_hash
+        distillation.teacher.to(ctx.device)
+        if args.channels_last:
+            distillation.teacher.to(memory_format=torch.channels_last)
     meta.update(settings=recorded_settings(args), **({"classes": classes} if classes else {}))
     if args.sync_bn:
         model = distributed.sync_batchnorm(model, ctx)
@@ -150,7 +158,8 @@ def run_training(args: argparse.Namespace) -> list[dict]:
               out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, ctx=ctx,
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
-              meta=meta, show_progress=not args.quiet, on_nan=args.on_nan, task=task)
+              meta=meta, show_progress=not args.quiet, on_nan=args.on_nan, task=task,
+              distillation=distillation)
     rows = fit(run, resume=resume)
     if args.command == "quantize" and args.recalibrate_bn and rows:
         recalibrate_run(run, args.recalibrate_bn, rows[-1]["top1"])
@@ -158,6 +167,25 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         plot_run(args.out)
     distributed.teardown()
     return rows
+
+
+def _distillation(args, model, num_classes: int, in_channels: int,
+                  vocab: str | None) -> tuple[Distillation | None, str | None]:
+    """``--distill``'s teacher and the SHA-256 of its file: ``--teacher``, else the float model
+    quantizing starts from (``--from``, or ``--model --weights``: no file to hash then)."""
+    if not args.distill:
+        if args.teacher:
+            raise ValueError("--teacher names the teacher of --distill: add --distill")
+        return None, None
+    check_number("--distill-alpha", args.distill_alpha, above=0, at_most=1)
+    check_number("--distill-temperature", args.distill_temperature, above=0, below=math.inf)
+    if args.teacher:
+        teacher = load_pretrained(args.teacher, num_classes, in_channels, vocab)[0]
+    else:
+        teacher = copy.deepcopy(model)
+    source = args.teacher or args.from_checkpoint or args.weights
+    digest = file_sha256(source) if source and os.path.isfile(source) else None
+    return Distillation(teacher, args.distill_alpha, args.distill_temperature), digest
 
 
 def _lagrangian(args, model, config: CBPConfig, optimizer, train_data) -> Lagrangian:

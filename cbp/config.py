@@ -16,7 +16,7 @@ from dataclasses import InitVar, dataclass, field
 import torch.nn as nn
 
 from .ascent import ASCENT_RULES
-from .levels import resolve_factors
+from .levels import SCALES, resolve_factors
 
 
 class SettingError(ValueError):
@@ -71,6 +71,11 @@ class CBPConfig:
     levels: str | Sequence[float] = _doc(
         "binary", "which values the weights may take: binary | ternary | shift1 | shift2, or a "
         "sorted sequence of factors of the layer's scale", flag=False)  # CLI: --constraint, --levels
+
+    scale: str = _doc(
+        "per-layer", "the scale a the levels are factors of: per-layer (one a = mean|W| per "
+        "layer, the paper's) or per-channel (one a_c = mean|W_c| per output channel: finer for "
+        "layers whose channels differ in size, depthwise convolutions above all)", choices=SCALES)
 
     # Layer selection (Conv1d/2d/3d and Linear only). A layer is quantized when it passes
     # `filter_fn(module, name)` (if given), matches one of `include` (if any), matches none of
@@ -134,6 +139,8 @@ class CBPConfig:
         if self.multiplier_rule not in ASCENT_RULES:
             raise ValueError(f"multiplier_rule must be one of {', '.join(ASCENT_RULES)}, "
                              f"got {self.multiplier_rule!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.compile_penalty not in (None, True, False):
             raise ValueError(f"compile_penalty must be None (auto), True or False, got "
                              f"{self.compile_penalty!r}")

@@ -1,7 +1,9 @@
 """The sawtooth constraint of paper Eq. 8-10 and its gradient, written once.
 
-All functions take real-valued weights ``w`` and a sorted 1-D tensor ``levels`` (absolute values,
-factors times scale) and work elementwise. With ``lo, hi`` the levels around ``w`` and ``m`` their
+All functions take real-valued weights ``w`` and ``levels`` (absolute values, factors times scale,
+:func:`scaled_levels`) sorted along dimension 0, and work elementwise: a 1-D tensor of a layer's
+levels, or ``(n_levels, out, 1, ...)`` with one column of levels per output channel, so that
+``levels[k]`` broadcasts against ``w``. With ``lo, hi`` the levels around ``w`` and ``m`` their
 midpoint:
 
 * ``Y(w) = 2 |w - Q(w)|`` inside ``[q_1, q_n]`` (a tent ``2 min(w - lo, hi - w)``), and the outer
@@ -36,6 +38,38 @@ def _interval(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def scaled_levels(factors: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The levels of a layer: ``factors * scale`` with the levels along dimension 0.
+
+    ``scale`` is a 0-d tensor (one per layer: a 1-D result) or ``(out, 1, ...)``, one per output
+    channel shaped to broadcast against the weight (``(n_levels, out, 1, ...)``). Every path that
+    needs a layer's levels - the forward, the penalty, the metrics, the export - takes them from
+    here, so they are the same bits everywhere.
+    """
+    return factors.reshape(-1, *([1] * scale.dim())) * scale
+
+
+def level_index(w: torch.Tensor, levels: torch.Tensor,
+                dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """Index of each weight's nearest level (the one :func:`quantize` gives): the number of
+    midpoints it lies above, so an exact midpoint goes down. int8 by default, which holds 128
+    levels; the export asks for int64."""
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    index = torch.zeros(w.shape, dtype=dtype, device=w.device)
+    for mid in midpoints:
+        index += w > mid
+    return index
+
+
+def level_values(index: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The level each index names, for ``index`` shaped like the weights (per-channel levels:
+    each weight's own channel's)."""
+    if levels.dim() == 1:
+        return levels[index]
+    table = levels.reshape(levels.shape[0], -1).t()              # (out, n_levels)
+    return table.gather(1, index.reshape(table.shape[0], -1)).view(index.shape)
 
 
 def quantize(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,10 @@ Layout of a file written by :func:`export` (format ``cbp-packed``, version 3):
   ``state_dict`` entry - first/last layer, biases, BatchNorm and its running statistics, and each
   quantized layer's ``L.cbp_factors`` / ``L.cbp_scale`` exactly as the prepared model holds them,
   so that the rebuilt weights ``(factors * scale)[index]`` are bit-identical to what its forward
-  uses - flattened and concatenated in ``state_dict`` order;
+  uses - flattened and concatenated in ``state_dict`` order. ``cbp_scale`` is one value, or with
+  per-channel scales one per output channel (shape ``(out, 1, ...)``), each weight's level then
+  taken from its own channel's; readers before per-channel scales refuse such a file (its levels
+  "do not match its layout");
 * the header's metadata key ``"cbp"``: JSON ``{"format", "version", "crc32", "layout"}``;
   ``layout`` is the zlib-compressed, base64-encoded JSON list of the ``state_dict`` entries in
   order, ``{"key", "shape", "dtype"}`` plus ``"n_levels"`` and ``"group"`` (``[indices, bits]``
@@ -44,7 +47,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .checkpoint import WriteError, atomic_write
-from .constraint import quantize
+from .constraint import level_index, level_values, scaled_levels
 from .layers import convert, quantized_layers
 from .packing import Grouping, field_grouping, grouping, pack_indices, unpack_indices
 
@@ -74,8 +77,8 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     for name, layer in quantized_layers(model).items():
         key = f"{name}.weight" if name else "weight"
         weight, levels = layer.weight.detach(), layer.levels.detach()
-        index = torch.searchsorted(levels, quantize(weight, levels))  # the level forward uses
-        group = grouping(levels.numel())
+        index = level_index(weight, levels, torch.int64)  # the level forward uses
+        group = grouping(levels.shape[0])
         tensors[key] = pack_indices(index, group)
         layout[key] = {"shape": list(weight.shape), "n_levels": group.levels,
                        "group": [group.size, group.bits],
@@ -284,15 +287,16 @@ def _unpack_weight(entry: dict, packed: torch.Tensor, state: dict[str, torch.Ten
     except KeyError as err:
         raise ExportError(f"{where}: tensor {err.args[0]!r} is missing") from None
     shape, n_levels = entry["shape"], entry["n_levels"]
-    if factors.shape != (n_levels,) or scale.numel() != 1:
+    per_channel = (shape[0], *[1] * (len(shape) - 1))   # one scale per output channel
+    if factors.shape != (n_levels,) or (scale.numel() != 1 and tuple(scale.shape) != per_channel):
         raise ExportError(f"{where}: levels of {key!r} do not match its layout "
                           f"({tuple(factors.shape)} factors, {scale.numel()} scales)")
     index = unpack_indices(packed, entry["grouping"], math.prod(shape))
     if index.numel() and index.max() >= n_levels:
         raise ExportError(f"{where}: corrupted {key!r}: level index {int(index.max())} "
                           f"of {n_levels} levels")
-    levels = (factors * scale).to(getattr(torch, entry["dtype"]))  # as QuantizedLayer.levels
-    return levels[index].view(shape)
+    levels = scaled_levels(factors, scale).to(getattr(torch, entry["dtype"]))  # as the layer's
+    return level_values(index.view(shape), levels)
 
 
 def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -27,9 +27,10 @@ OUR_FILES = (*RUN_FILES, CURVES_PNG, HISTOGRAMS_PNG)   # what a run writes into 
 NOT_RECORDED = frozenset({"command", "out", "resume", "overwrite", "config", "quiet", "device"})
 # Recorded, yet a resumed run may change them: where its inputs are now, how long it runs, and
 # with how many loader processes. (The pretrained source matters only at the start: a resumed
-# run takes its model from the checkpoint.)
+# run takes its model from the checkpoint. A distilled run reloads its teacher from --teacher or
+# --from, which may have moved: the checkpoint's teacher_sha256 checks it is the same file.)
 MAY_CHANGE_ON_RESUME = frozenset({"epochs", "data_dir", "download", "workers", "on_nan",
-                                  "from_checkpoint", "weights"})
+                                  "from_checkpoint", "weights", "teacher"})
 
 
 def _say(message: str) -> None:

@@ -3,9 +3,11 @@
 ``prepare`` swaps the selected ``nn.Conv*d`` / ``nn.Linear`` modules for subclasses that keep the
 same ``weight`` and ``bias`` Parameters (optimizers built before still work, ``state_dict`` keys
 stay) and add two buffers: ``cbp_factors`` and the fixed scale ``cbp_scale = mean|W|`` taken from the
-pretrained weights. Their forward uses the nearest level; the backward passes the gradient to the
-real-valued weight unchanged (straight-through estimator). ``convert`` turns them back into plain
-layers whose weights sit exactly on the levels.
+pretrained weights (0-d; or, with ``CBPConfig.scale = "per-channel"``, ``mean|W_c|`` per output
+channel, shaped ``(out, 1, ...)`` to broadcast against the weight). Their forward uses the
+nearest level; the backward passes the gradient to the real-valued weight unchanged
+(straight-through estimator). ``convert`` turns them back into plain layers whose weights sit
+exactly on the levels.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CBPConfig
-from .constraint import quantize
+from .constraint import quantize, scaled_levels
 from .levels import check_distinct_in
 
 
@@ -43,7 +45,7 @@ class QuantizedLayer:
 
     @property
     def levels(self) -> torch.Tensor:
-        return (self.cbp_factors * self.cbp_scale).to(self.weight.dtype)
+        return scaled_levels(self.cbp_factors, self.cbp_scale).to(self.weight.dtype)
 
     def quantized_weight(self) -> torch.Tensor:
         return _StraightThrough.apply(self.weight, self.levels)
@@ -114,23 +116,33 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-def _check_quantizable(name: str, weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """The layer's scale ``a = mean|W|``, or ``ValueError`` naming a layer that cannot be quantized.
+def _check_quantizable(name: str, weight: torch.Tensor, factors: torch.Tensor,
+                       per_channel: bool = False) -> torch.Tensor:
+    """The layer's scale ``a = mean|W|`` (per output channel: ``mean|W_c|``, shaped
+    ``(out, 1, ...)``), or ``ValueError`` naming a layer that cannot be quantized.
 
-    An all-zero (pruned) layer has ``a = 0``: every level would be 0 and every metric divide by
-    0. It is refused before any training, with the way to leave it out; so are levels that the
-    weights' dtype cannot tell apart at this scale.
+    An all-zero (pruned) layer - or channel - has ``a = 0``: every level would be 0 and every
+    metric divide by 0. It is refused before any training, with the way to leave it out; so are
+    levels that the weights' dtype cannot tell apart at this scale.
     """
     label = repr(name) if name else "the model itself"
-    scale = weight.abs().mean().float().reshape(())
-    if not bool(scale > 0) or not bool(scale.isfinite()):
+    if per_channel:
+        scale = weight.abs().mean(dim=tuple(range(1, weight.dim())), keepdim=True).float()
+    else:
+        scale = weight.abs().mean().float().reshape(())
+    bad = ~((scale > 0) & scale.isfinite())
+    if bool(bad.any()):
+        where = f"output channel {int(bad.flatten().nonzero()[0])} of " if per_channel else ""
+        worst = float(scale.flatten()[bad.flatten()][0])
         hint = (f"; leave it out with --exclude '^{re.escape(name)}$' (CBPConfig.exclude)"
                 if name else "")
-        raise ValueError(f"layer {label} has {'all-zero' if scale == 0 else 'non-finite'} "
-                         f"weights (scale mean|W| = {float(scale):g}), so it cannot be "
+        raise ValueError(f"{where}layer {label} has {'all-zero' if worst == 0 else 'non-finite'} "
+                         f"weights (scale mean|W| = {worst:g}), so it cannot be "
                          f"quantized{hint}")
-    check_distinct_in((factors.to(scale.device) * scale).double(), weight.dtype, f"layer {label}'s levels "
-                      f"(factors times its scale {float(scale):g})")
+    factors = factors.to(scale.device)
+    for extreme in {float(scale.min()), float(scale.max())}:   # the levels that could collapse
+        check_distinct_in((factors * extreme).double(), weight.dtype, f"layer {label}'s levels "
+                          f"(factors times its scale {extreme:g})")
     return scale
 
 
@@ -142,8 +154,9 @@ def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = T
     ``inplace=False`` prepares a deep copy and leaves ``model`` as it was (to keep the float
     model for comparison, e.g. ``cbp.agreement(model, prepared, loader)``).
 
-    Each quantized layer gets its scale ``a = mean|W|`` now, from the weights it has, and keeps it
-    fixed: prepare a pretrained model, not a random one you are about to train.
+    Each quantized layer gets its scale ``a = mean|W|`` (``config.scale``: per layer, or per
+    output channel) now, from the weights it has, and keeps it fixed: prepare a pretrained model,
+    not a random one you are about to train.
     """
     config = config or CBPConfig()
     if quantized_layers(model):
@@ -155,7 +168,9 @@ def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = T
     if not inplace:
         model = copy.deepcopy(model)
     factors = torch.tensor(config.factors, dtype=torch.float32)
-    scales = {name: _check_quantizable(name, model.get_submodule(name).weight.detach(), factors)
+    per_channel = config.scale == "per-channel"
+    scales = {name: _check_quantizable(name, model.get_submodule(name).weight.detach(), factors,
+                                       per_channel)
               for name in names}   # every layer checked before any is changed
     for name in names:
         module = model.get_submodule(name)

@@ -1,8 +1,9 @@
-"""Level sets: the values a quantized weight may take, as factors of a per-layer scale.
+"""Level sets: the values a quantized weight may take, as factors of a scale.
 
-A layer's levels are ``factors * a`` with ``a = mean(|W|)`` of its pretrained weights (paper §4).
-The four published sets have short names; any sorted, finite set of at least two distinct factors
-is accepted too.
+A layer's levels are ``factors * a`` with ``a = mean(|W|)`` of its pretrained weights (paper §4),
+or, with per-channel scales, ``factors * a_c`` with ``a_c = mean(|W_c|)`` over each output
+channel ``c`` (``SCALES``). The four published sets have short names; any sorted, finite set of
+at least two distinct factors is accepted too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+SCALES = ("per-layer", "per-channel")
 
 LEVEL_SETS: dict[str, tuple[float, ...]] = {
     "binary": (-1.0, 1.0),

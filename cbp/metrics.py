@@ -30,19 +30,20 @@ from .layers import distinct_quantized_layers
 def layer_stats(model: nn.Module, tolerance: float = 0.01) -> list[dict]:
     """Per quantized layer: name, weights, scale, CFS, mean |w - Q(w)| / scale, fraction on a level.
 
-    A weight is on a level when ``|w - Q(w)| <= tolerance * scale``.
+    A weight is on a level when ``|w - Q(w)| <= tolerance * scale``. With per-channel scales each
+    weight is measured against its own channel's levels and scale, and ``scale`` is their mean.
     """
     rows = []
     for name, layer in distinct_quantized_layers(model).items():  # a tied weight counts once
         w, levels = layer.weight.detach(), layer.levels
         distance = (w - quantize(w, levels)).abs()
-        scale = float(layer.cbp_scale)
+        scale = layer.cbp_scale.double()   # 0-d, or (out, 1, ...): each weight's own
         rows.append({
             "layer": name,
             "weights": w.numel(),
-            "scale": scale,
+            "scale": float(scale.mean()),
             "cfs": float(sawtooth(w, levels).double().mean()),
-            "mean_distance": float(distance.double().mean()) / scale,
+            "mean_distance": float((distance.double() / scale).mean()),
             "on_levels": float((distance <= tolerance * scale).double().mean()),
         })
     return rows

@@ -5,6 +5,8 @@ The CBP flags of ``cbp quantize`` are made from ``dataclasses.fields(CBPConfig)`
 as help, so a new field is a new flag. A TOML config (a file, or the name of a packaged one such
 as ``demo`` or ``paper/resnet50-binary``) sets the defaults of the same parser - its keys are the
 flags' names (``multiplier_lr`` or ``multiplier-lr``) - and flags on the command line win.
+``cbp quantize --recipe NAME`` is a packaged config of ``configs/recipes/`` that chooses a method
+(``best``: what measured closest to full precision); a ``--config`` beside it wins over it.
 :func:`load_config` gives a library user what the CLI would run with.
 """
 
@@ -19,6 +21,7 @@ from importlib import resources
 
 from .config import CBPConfig, SettingError
 from .data import DATASET_NAMES
+from .distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES
 from .peers import OSCILLATION_FIXES
@@ -30,6 +33,10 @@ else:  # pragma: no cover
 
 CONSTRAINTS = (*LEVEL_SETS, "custom")
 TABLES = ("pretrain", "quantize")   # the commands a config file configures
+RECIPES = tuple(sorted(entry.name.removesuffix(".toml") for entry in
+                       (resources.files("cbp") / "configs" / "recipes").iterdir()
+                       if entry.name.endswith(".toml")))
+NOT_CONFIG_KEYS = ("config", "recipe")   # what chooses config files is not a key inside one
 
 
 # ---- value types ---------------------------------------------------------------------------------
@@ -103,7 +110,8 @@ class Flags:
     def set_from_config(self, values: dict, name: str) -> None:
         """Make a config's values the defaults, each checked as the flag's value would be."""
         keys = {key: self.by_key.get(key.replace("-", "_")) for key in values}
-        unknown = [key for key, entry in keys.items() if entry is None or entry[0].dest == "config"]
+        unknown = [key for key, entry in keys.items()
+                   if entry is None or entry[0].dest in NOT_CONFIG_KEYS]
         if unknown:
             raise ValueError(f"config {name}: unknown key(s) {', '.join(unknown)} for "
                              f"`cbp {self.parser.prog.split()[-1]}`")
@@ -240,6 +248,9 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     quantize.add(src, "--model", choices=MODEL_NAMES, help="model name, with --weights")
     quantize.add(src, "--weights", help="'torchvision' (the paper's published weights), "
                  "'torchvision:MEMBER' or a local weights file")
+    quantize.add(quantize.parser, "--recipe", choices=RECIPES,
+                 help="a packaged method recipe (cbp/configs/recipes/NAME.toml; best: what "
+                      "measured closest to full precision); --config and flags win over it")
     _add_cbp_flags(quantize, quantize.parser.add_argument_group("CBP (defaults: the paper's)"))
     g = quantize.parser.add_argument_group("oscillations and BatchNorm (see benchmarks/RESULTS.md)")
     quantize.add(g, "--oscillation-fix", choices=tuple(OSCILLATION_FIXES),
@@ -249,6 +260,16 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     quantize.add(g, "--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
                  help="at the end, re-estimate BatchNorm statistics on N training batches "
                       "(saved in the checkpoint; top-1 reported before and after)")
+    g = quantize.parser.add_argument_group("distillation from the full-precision model (cbp.distill)")
+    quantize.add(g, "--distill", action="store_true",
+                 help="loss = (1 - alpha) * task + alpha * T^2 * KL(teacher || student); the "
+                      "teacher is the float model quantizing starts from, or --teacher")
+    quantize.add(g, "--teacher", metavar="CKPT", help="a `cbp pretrain` checkpoint to distil "
+                 "from instead (another architecture is fine; same classes or vocabulary)")
+    quantize.add(g, "--distill-alpha", type=float, default=DEFAULT_ALPHA,
+                 help="weight of the distillation term, in (0, 1] (default: %(default)s, LSQ's)")
+    quantize.add(g, "--distill-temperature", type=float, default=DEFAULT_TEMPERATURE,
+                 help="softmax temperature T of both distributions (default: %(default)s)")
     _common(quantize, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
 
     p = sub.add_parser("evaluate", help="top-1/top-5 (loss and bits per character) and CFS")
@@ -352,12 +373,15 @@ def _glue_number_lists(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namespace:
-    """Parse the command line; with ``--config``, the config's values become the defaults."""
+    """Parse the command line; ``--recipe``'s, then ``--config``'s values become the defaults."""
     argv = _glue_number_lists(list(sys.argv[1:] if argv is None else argv))
     parser, commands = build_parsers(description)
     args = parser.parse_args(argv)
-    if getattr(args, "config", None) and args.command in commands:
-        commands[args.command].set_from_config(read_config(args.config, args.command), args.config)
+    files = [f"recipes/{args.recipe}"] if getattr(args, "recipe", None) else []
+    files += [args.config] if getattr(args, "config", None) else []
+    if files and args.command in commands:
+        for name in files:   # the later wins
+            commands[args.command].set_from_config(read_config(name, args.command), name)
         args = parser.parse_args(argv)
     if args.command in ("pretrain", "quantize"):
         args._given = _given_settings(argv)
@@ -400,7 +424,7 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
 
 # ---- for the library -----------------------------------------------------------------------------
 
-_RUN_ONLY = ("command", "config", "out", "resume", "overwrite", "quiet")
+_RUN_ONLY = ("command", "config", "recipe", "out", "resume", "overwrite", "quiet")
 
 
 @dataclass(frozen=True)
@@ -416,16 +440,21 @@ class Recipe:
     training: dict
 
 
-def load_config(name: str, command: str = "quantize") -> Recipe:
+def load_config(name: str | None, command: str = "quantize", recipe: str | None = None) -> Recipe:
     """The settings of a config file or packaged config, read exactly as the CLI reads them.
 
     ``cbp.load_config("demo")`` is what ``cbp quantize --config demo`` (the demo's CBP run) uses,
     ``cbp.load_config("demo", "pretrain")`` its pretraining, ``"paper/resnet50-binary"`` a paper
-    cell; the CLI's defaults fill in what the file does not set.
+    cell; ``recipe="best"`` adds ``--recipe best`` (``load_config(None, recipe="best")``: the
+    recipe alone); the CLI's defaults fill in what the files do not set.
     """
     if command not in TABLES:
         raise ValueError(f"command must be one of {', '.join(TABLES)}, got {command!r}")
-    args = parse_args([command, "--config", name, "--out", os.devnull])
+    if recipe is not None and (recipe not in RECIPES or command != "quantize"):
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)} (for quantize), got "
+                         f"{recipe!r} for {command}")
+    args = parse_args([command, "--out", os.devnull, *(["--config", name] if name else []),
+                       *(["--recipe", recipe] if recipe else [])])
     cbp_keys = {"constraint", "levels", *(f.name for f in cbp_fields())}
     training = {k: v for k, v in vars(args).items()
                 if k not in _RUN_ONLY and (command == "pretrain" or k not in cbp_keys)}

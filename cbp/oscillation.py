@@ -18,18 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .constraint import level_index
 from .layers import quantized_layers
 
+__all__ = ["OscillationTracker", "level_index"]
+
 LATE_FRACTION = 0.25   # "late" flips: in the last quarter of the steps so far
-
-
-def level_index(w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index (int8) of each weight's nearest level; an exact midpoint goes down, as ``quantize``."""
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    index = torch.zeros(w.shape, dtype=torch.int8, device=w.device)
-    for mid in midpoints:
-        index += w > mid
-    return index
 
 
 class OscillationTracker:
@@ -52,8 +46,8 @@ class OscillationTracker:
         self.momentum = momentum
         first = next(iter(self.layers.values()))
         self._factors = first.cbp_factors.to(first.weight.dtype)
-        self._scale = torch.cat([layer.cbp_scale.to(layer.weight.dtype).expand(layer.weight.numel())
-                                 for layer in self.layers.values()])
+        self._scale = torch.cat([layer.cbp_scale.to(layer.weight.dtype).expand_as(layer.weight)
+                                 .reshape(-1) for layer in self.layers.values()])  # per weight
         index = self._current()
         device = index.device
         self._flat = {"index": index, "start": index.clone(), "direction": torch.zeros_like(index),

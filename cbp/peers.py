@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import CBPConfig
-from .constraint import quantize
+from .constraint import level_values, quantize
 from .lagrangian import Lagrangian
 from .oscillation import OscillationTracker
 
@@ -127,7 +127,7 @@ class IterativeFreezing(Lagrangian):
     def _pin(self) -> None:
         for name, layer in self.layers.items():
             mask = self.frozen[name]
-            level = layer.levels[self.frozen_index[name].long()]
+            level = level_values(self.frozen_index[name].long(), layer.levels)
             layer.weight.copy_(torch.where(mask, level, layer.weight))
 
     @torch.no_grad()

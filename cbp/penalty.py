@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from .constraint import constraint_and_grad
+from .constraint import constraint_and_grad, scaled_levels
 
 AUTO_COMPILE_STEPS = 200
 
@@ -38,7 +38,7 @@ def penalty_grad_(w: torch.Tensor, lam: torch.Tensor, grad: torch.Tensor, factor
     levels is part of the one fused pass - and so is the clip, which would otherwise read and
     write the gradient again.
     """
-    levels = (factors * scale).to(w.dtype)  # as QuantizedLayer.levels
+    levels = scaled_levels(factors, scale).to(w.dtype)  # as QuantizedLayer.levels
     cs, slope = constraint_and_grad(w, levels, g)
     grad.addcmul_(lam, slope)
     if clip is not None:

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DATASET_NAMES
-from .levels import resolve_factors
+from .levels import SCALES, resolve_factors
 from .models import MODEL_NAMES
 
 # Bounds far above any real model, far below what would exhaust a machine's memory.
@@ -67,6 +67,7 @@ def _meta_checks(meta: dict) -> list[tuple[str, bool, str]]:
             ("meta.exclude", isinstance(meta.get("exclude"), list)
              and all(isinstance(p, str) for p in meta["exclude"]), "a list of strings"),
             ("meta.skip_first_last", isinstance(meta.get("skip_first_last"), bool), "true or false"),
+            ("meta.scale", meta.get("scale", SCALES[0]) in SCALES, f"one of {', '.join(SCALES)}"),
         ]
     return checks
 
@@ -113,6 +114,9 @@ def check_run_state(state: dict, path: str, model: bool = True, training: bool =
              "an integer >= 0"),
             ("loss_sum", state.get("loss_sum") is None
              or isinstance(state["loss_sum"], torch.Tensor), "a tensor or None"),
+            ("loss_terms", state.get("loss_terms") is None
+             or (isinstance(state["loss_terms"], torch.Tensor) and state["loss_terms"].numel() == 2),
+             "a two-element tensor or None"),
             ("optimizer", isinstance(state.get("optimizer"), dict)
              and {"state", "param_groups"} <= set(state["optimizer"]), "an optimizer state_dict"),
             ("scheduler", state.get("scheduler") is None or isinstance(state["scheduler"], dict),

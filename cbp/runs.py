@@ -31,7 +31,7 @@ RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME)   # what a run writes (and a 
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 # meta entries that must match for a checkpoint to continue a run
 IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors",
-                 "vocab")
+                 "scale", "vocab", "teacher_sha256")
 
 
 # ---- the logs ------------------------------------------------------------------------------------
@@ -104,12 +104,14 @@ class Position:
     """Where a run stands: ``epoch`` epochs done and ``step`` steps of the next (0 at an epoch end).
 
     ``loss_sum`` is the training-loss sum of those ``step`` steps (summed over processes), so the
-    epoch's mean loss and its L_sum come out the same whether or not the epoch was interrupted.
+    epoch's mean loss and its L_sum come out the same whether or not the epoch was interrupted;
+    ``loss_terms`` likewise sums a distilled run's two loss terms (task, divergence).
     """
 
     epoch: int
     step: int = 0
     loss_sum: torch.Tensor | None = None
+    loss_terms: torch.Tensor | None = None
 
 
 def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_classes: int,
@@ -129,6 +131,8 @@ def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_cla
         meta.update(constraint=constraint, factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
                     skip_first_last=config.skip_first_last)
+        if config.scale != "per-layer":   # absent: per layer, as every run before the option
+            meta["scale"] = config.scale
     return meta
 
 
@@ -137,7 +141,8 @@ def checkpoint_state(pos: Position, meta: dict, model: nn.Module,
                      oscillation=None) -> dict:
     """Everything a checkpoint holds (``cbp.checkpoint.save_checkpoint`` adds the format)."""
     return {
-        "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum, "meta": meta,
+        "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum,
+        "loss_terms": pos.loss_terms, "meta": meta,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "cbp": lagrangian.state_dict() if lagrangian else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
@@ -171,7 +176,8 @@ def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
         raise CheckpointError(f"{source} does not fit this model: "
                               f"{str(err).splitlines()[0]}") from err
     torch.set_rng_state(state["rng"])
-    return Position(int(state["epoch"]), int(state.get("step", 0)), state.get("loss_sum"))
+    return Position(int(state["epoch"]), int(state.get("step", 0)), state.get("loss_sum"),
+                    state.get("loss_terms"))
 
 
 def _upgrade(state: dict, world_size: int) -> dict:
@@ -198,7 +204,8 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
     model = rebuild_model(meta)
     if meta["mode"] == "quantize":
         prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
-                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"]))
+                                 exclude=meta["exclude"], skip_first_last=meta["skip_first_last"],
+                                 scale=meta.get("scale", "per-layer")))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

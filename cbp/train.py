@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import distributed, metrics
 from .checkpoint import CheckpointError, remove_stale_temporaries, save_checkpoint
 from .data import make_loader
+from .distill import Distillation
 from .distributed import Context, all_reduce_sum
 from .interrupts import GracefulStop, Interrupted
 from .lagrangian import Lagrangian
@@ -80,6 +81,8 @@ class Run:
     # for a prepared model unless track_oscillations is off
     oscillation: OscillationTracker | None = None
     track_oscillations: bool = True
+    # a frozen teacher whose outputs the loss also matches (cbp.distill); None: the task loss only
+    distillation: Distillation | None = None
 
 
 def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,8 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     """The steps of one epoch (from ``start.step`` on when resuming it); mean loss and steps.
 
     ``loss_sum`` is the epoch's loss summed over all processes, ``own_loss_sum`` this process's
-    share of it (what ``Lagrangian.end_epoch`` takes).
+    share of it (what ``Lagrangian.end_epoch`` takes). With distillation the loss is the mixed
+    one, and ``loss_terms`` sums its two terms (task, divergence) over all processes.
 
     After a step in which ``stop`` caught a signal it returns early, ``stopped_at`` = steps done.
     A NaN/inf loss raises :class:`NonFiniteError` naming the step. Reading the flag that records
@@ -179,8 +183,12 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     steps = epoch_steps(run, loader)
     first = start.step if start is not None else 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    if start is not None and start.loss_sum is not None and ctx.is_main:
-        loss_sum += start.loss_sum.to(ctx.device)
+    terms = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    if start is not None and ctx.is_main:   # the sums of the steps before the resume, all processes'
+        if start.loss_sum is not None:
+            loss_sum += start.loss_sum.to(ctx.device)
+        if start.loss_terms is not None:
+            terms += start.loss_terms.to(ctx.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=ctx.device)
     every = 1 if ctx.device.type == "cpu" and ctx.world_size == 1 else NAN_CHECK_EVERY
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, unit="step",
@@ -189,7 +197,11 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     for x, y in itertools.islice(_epoch_batches(loader, epoch, steps, first), steps - first):
         x, y = _to_device(run, x), y.to(ctx.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
-        loss = run.task.loss(net(x), y)
+        output = net(x)
+        loss = run.task.loss(output, y)
+        if run.distillation is not None:
+            loss, parts = run.distillation(x, output, loss)
+            terms += parts
         loss.backward()
         if run.lagrangian is None:
             run.optimizer.step()
@@ -216,9 +228,11 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     bar.close()
     own_loss_sum = loss_sum.clone()
     loss_sum = all_reduce_sum(loss_sum)
+    if run.distillation is not None:
+        terms = all_reduce_sum(terms)
     return {"loss": float(loss_sum / (step * ctx.world_size)), "steps": steps,
             "stopped_at": stopped_at, "signum": signum, "loss_sum": loss_sum,
-            "own_loss_sum": own_loss_sum}
+            "own_loss_sum": own_loss_sum, "loss_terms": terms}
 
 
 @torch.no_grad()
@@ -376,13 +390,17 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         if not _finite(run.model):
             raise NonFiniteError(f"the weights became NaN or infinite in epoch {epoch + 1}")
         if stats["stopped_at"] is not None:
-            _save(run, Position(epoch, stats["stopped_at"], stats["loss_sum"]), ckpt_path)
+            _save(run, Position(epoch, stats["stopped_at"], stats["loss_sum"],
+                                stats["loss_terms"] if run.distillation else None), ckpt_path)
             signum = stats["signum"]   # maybe another process's: the stop is collective
             raise Interrupted(f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1} "
                               f"after step {stats['stopped_at']} of {stats['steps']}; "
                               f"{ckpt_path} holds that state: continue with --resume", signum)
         row = {"epoch": epoch + 1, "loss": stats["loss"], "steps": stats["steps"],
                "lr": run.optimizer.param_groups[0]["lr"]}
+        if run.distillation is not None:   # the two terms of the loss, unweighted epoch means
+            task, divergence = (stats["loss_terms"] / (stats["steps"] * ctx.world_size)).tolist()
+            row.update(task_loss=task, distill_loss=divergence)
         if run.lagrangian is not None:
             end = run.lagrangian.end_epoch(stats["own_loss_sum"])
             row.update(lagrangian_sum=end.lagrangian_sum, g=end.g, updated=end.updated,

@@ -9,6 +9,7 @@ code), so a BatchNorm net is not expected to match a one-process run; the CLI te
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -47,16 +48,20 @@ def dataset(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long())
 
 
-def train(ctx: Context, out_dir: str, epochs: int, resume: bool = False) -> Run:
-    """Ternary CBP with p_max 1 (g and lambda change every epoch) and large steps."""
+def train(ctx: Context, out_dir: str, epochs: int, resume: bool = False,
+          distill: bool = False) -> Run:
+    """Ternary CBP with p_max 1 (g and lambda change every epoch) and large steps; ``distill``:
+    distilled from the float net it starts from, the teacher run by each rank on its share."""
     torch.manual_seed(0)
     config = cbp.CBPConfig(levels="ternary", p_max=1, multiplier_lr=1e-2)
-    model = cbp.prepare(small_net(), config)
+    model = small_net()
+    teacher = cbp.Distillation(copy.deepcopy(model), alpha=0.5, temperature=2.0) if distill else None
+    model = cbp.prepare(model, config)
     optimizer = torch.optim.SGD(cbp.param_groups(model, 1e-4), lr=0.05, momentum=0.9)
     run = Run(model=model, optimizer=optimizer, train_data=dataset(N_TRAIN, 1),
               val_data=dataset(N_VAL, 2), out_dir=out_dir, epochs=epochs, batch_size=BATCH,
               ctx=ctx, lagrangian=cbp.Lagrangian(model, config, optimizer), seed=3,
-              show_progress=False)
+              show_progress=False, distillation=teacher)
     fit(run, resume=resume)
     return run
 
@@ -85,8 +90,13 @@ def worker(out: str) -> None:
     interrupt_rank1_after(ctx, STEPS + 2)
     with pytest.raises(Interrupted):
         train(ctx, os.path.join(out, "mid_epoch"), EPOCHS)
+    interrupt_rank1_after(ctx, STEPS + 2)   # a second counter (the first has passed its step)
+    with pytest.raises(Interrupted):
+        train(ctx, os.path.join(out, "distill_mid_epoch"), EPOCHS, distill=True)
     cbp.Lagrangian.step, cbp.train.NAN_CHECK_EVERY = step, poll_every
     train(ctx, os.path.join(out, "mid_epoch"), EPOCHS, resume=True)
+    train(ctx, os.path.join(out, "distill"), EPOCHS, distill=True)
+    train(ctx, os.path.join(out, "distill_mid_epoch"), EPOCHS, resume=True, distill=True)
     held = {"model": run.model.state_dict(), "lambda": run.lagrangian.multipliers,
             "g": run.lagrangian.g, "p": run.lagrangian.p}
     torch.save(held, os.path.join(out, f"rank{ctx.rank}.pt"))
@@ -115,6 +125,7 @@ def runs(tmp_path_factory) -> tuple[str, str]:
     torch.set_num_threads(1)   # as each torchrun worker; tiny steps only wait on a second one
     try:
         train(Context(0, 1, torch.device("cpu")), one, EPOCHS)
+        train(Context(0, 1, torch.device("cpu")), one + "-distill", EPOCHS, distill=True)
     finally:
         torch.set_num_threads(threads)
     return out, one
@@ -187,6 +198,25 @@ def test_stop_mid_epoch_under_two_processes_resumes_with_every_ranks_share(runs)
     resumed = load_checkpoint(os.path.join(out, "mid_epoch", CHECKPOINT_NAME))
     _assert_same_run(resumed, load_checkpoint(os.path.join(out, "straight", CHECKPOINT_NAME)),
                      rtol=0, atol=0)
+
+
+def test_distillation_under_two_processes_matches_one_and_resumes_mid_epoch(runs):
+    """Each rank distils its share of the batch; the logged terms cover every rank's share,
+    also across a stop in the middle of an epoch."""
+    out, one = runs
+    rows_one = read_jsonl(os.path.join(one + "-distill", LOG_NAME))
+    for name in ("distill", "distill_mid_epoch"):
+        rows = read_jsonl(os.path.join(out, name, LOG_NAME))
+        assert [r["epoch"] for r in rows] == [1, 2, 3]
+        for r2, r1 in zip(rows, rows_one):
+            for key in ("loss", "task_loss"):
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5), (name, key)
+            # a small KL of two close distributions: the batch split shows in the 5th digit
+            assert r2["distill_loss"] == pytest.approx(r1["distill_loss"], rel=1e-3), name
+            assert r2["loss"] == pytest.approx(0.5 * r2["task_loss"] + 0.5 * r2["distill_loss"])
+    assert rows_one[0]["distill_loss"] > 0
+    _assert_same_run(load_checkpoint(os.path.join(out, "distill_mid_epoch", CHECKPOINT_NAME)),
+                     load_checkpoint(os.path.join(out, "distill", CHECKPOINT_NAME)), rtol=0, atol=0)
 
 
 def test_fingerprint_is_exact_and_order_free():

@@ -405,6 +405,21 @@ def test_version_2_file_still_loads(levels):
     assert len(model[1].weight.unique()) <= len(cbp.resolve_factors(levels))
 
 
+def test_version_3_file_still_loads():
+    """``fixtures/export_v3_ternary*`` were written by main at db374db (format version 3, one
+    scale per layer, before per-channel scales) from ``fixture_net`` (seed 0, BatchNorm run on
+    one batch) prepared ternary, next to its ``cbp.convert``-ed float state_dict."""
+    path = os.path.join(FIXTURES, "export_v3_ternary.safetensors")
+    meta, layout = read_meta(open(path, "rb").read())
+    assert meta["version"] == 3
+    assert all(e["shape"] == [] for e in layout if e["key"].endswith("cbp_scale"))
+    expected = st_load(open(path.replace(".safetensors", "_expected.safetensors"), "rb").read())
+    model = load_packed(path, fixture_net)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert len(model[1].weight.unique()) == 3
+
+
 def test_model_that_does_not_fit(exported):
     path, _ = exported
     assert_export_error(path, r"0.weight has shape \(8, 3, 3, 3\) in the file, \(8, 1, 3, 3\)",

@@ -183,13 +183,14 @@ def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
     assert "CUDA" not in result.stderr
 
 
-def train_steps(compile_penalty: bool) -> tuple[cbp.Lagrangian, dict, list[float]]:
+def train_steps(compile_penalty: bool,
+                scale: str = "per-layer") -> tuple[cbp.Lagrangian, dict, list[float]]:
     """Four CBP steps and two epoch ends on a small net, the penalty kernel compiled or eager."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(),
                           nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 3))
     config = cbp.CBPConfig(levels="shift1", multiplier_lr=1e-2, p_max=1,
-                           compile_penalty=compile_penalty)
+                           compile_penalty=compile_penalty, scale=scale)
     cbp.prepare(model, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     lag = cbp.Lagrangian(model, config, optimizer)
@@ -208,10 +209,11 @@ def train_steps(compile_penalty: bool) -> tuple[cbp.Lagrangian, dict, list[float
     return lag, {"model": model.state_dict(), **lag.state_dict()["multipliers"]}, sums
 
 
-def test_compiled_kernel_trains_like_the_eager_form():
+@pytest.mark.parametrize("scale", ["per-layer", "per-channel"])
+def test_compiled_kernel_trains_like_the_eager_form(scale):
     """The path of every run past 200 steps, compiled from the first step, against eager."""
-    eager_lag, eager, eager_sums = train_steps(compile_penalty=False)
-    compiled_lag, compiled, compiled_sums = train_steps(compile_penalty=True)
+    eager_lag, eager, eager_sums = train_steps(compile_penalty=False, scale=scale)
+    compiled_lag, compiled, compiled_sums = train_steps(compile_penalty=True, scale=scale)
     assert eager_lag._kernel.compiled is None
     assert compiled_lag._kernel.compiled is not None, "torch.compile failed: eager was used"
     # slopes are exactly +-2 or 0, so the gradients and the weights agree bit for bit; the

@@ -90,6 +90,7 @@ def test_config_keys_old_and_new_set_the_same_fields(tmp_path):
     ("[quantize]\nlr = [1, 2]\n", "lr takes one value, not a list"),
     ("[quantize]\n[quantize.extra]\nx = 1\n", "unknown key(s) extra"),
     ("[quantize]\nconfig = 'demo'\n", "unknown key(s) config"),
+    ("[quantize]\nrecipe = 'best'\n", "unknown key(s) recipe"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, capsys, text, message):
     """A wrong value reads as argparse words a wrong flag (exit 2 after the usage); anything else
@@ -127,6 +128,26 @@ def test_load_config_gives_the_demo_settings_the_cli_runs_with():
     assert pretrain.cbp is None
     assert (pretrain.training["model"], pretrain.training["epochs"], pretrain.training["lr"]) == (
         "resnet20", 3, 0.1)
+
+
+def test_recipe_sets_the_method_and_config_and_flags_win(tmp_path):
+    """Issue 23 item 4: ``--recipe best`` is cbp/configs/recipes/best.toml; a --config beside it
+    wins over it, and flags over both. The paper's method stays the default."""
+    args = parse_args(["quantize", "--recipe", "best", "--out", "o"])
+    assert args.distill is True and cbp_config(args).scale == "per-channel"
+    assert parse_args(["quantize", "--config", "recipes/best", "--out", "o"]).distill is True
+    path = write(tmp_path, "[quantize]\nscale = 'per-layer'\np_max = 3\n")
+    config = config_of("--recipe", "best", "--config", path)
+    assert (config.scale, config.p_max) == ("per-layer", 3)
+    assert config_of("--recipe", "best", "--scale", "per-layer").scale == "per-layer"
+    plain = parse_args(["quantize", "--out", "o"])
+    assert plain.distill is False and cbp_config(plain).scale == "per-layer"
+    recipe = cbp.load_config("demo", recipe="best")
+    assert recipe.cbp.scale == "per-channel" and recipe.cbp.p_max == 2   # demo's p_max
+    assert recipe.training["distill"] is True and "recipe" not in recipe.training
+    assert cbp.load_config(None, recipe="best").training["distill_alpha"] == 0.5
+    with pytest.raises(ValueError, match="recipe must be one of best"):
+        cbp.load_config(None, recipe="worst")
 
 
 def test_load_config_reads_a_paper_cell():

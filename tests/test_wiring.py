@@ -53,7 +53,8 @@ QUANTIZE_FLAGS = {
     "--momentum": ["0.8"], "--weight-decay": ["3e-4"], "--seed": ["5"], "--workers": ["1"],
     "--no-channels-last": [], "--on-nan": ["lower-lr"], "--quiet": [], "--limit": ["40"],
     "--val-limit": ["24"], "--device": ["cpu"], "--g-increments": ["5:2,inf:7"],
-    "--compile-penalty": [],
+    "--compile-penalty": [], "--distill": [], "--distill-alpha": ["0.8"],
+    "--distill-temperature": ["3"], "--scale": ["per-channel"],
 }
 ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--download",
              "--image-size", "--out", "--resume", "--overwrite", "--config", "--sync-bn",
@@ -62,7 +63,11 @@ ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--downlo
              "--no-constraint", "--g-final", "--grad-clip-value", "--use-constraint",
              "--skip-first-last", "--initial-multiplier-update",
              # the oscillation fix and the final BN re-estimation, end to end in tests/test_cli.py
-             "--oscillation-fix", "--recalibrate-bn"}
+             "--oscillation-fix", "--recalibrate-bn",
+             # distillation's other teacher, end to end in tests/test_distill.py
+             "--teacher",
+             # the packaged recipes: test_the_best_recipe_reaches_the_run below
+             "--recipe"}
 
 
 def options(command: str) -> set[str]:
@@ -96,6 +101,9 @@ def test_every_quantize_flag_reaches_the_run(runs, pretrained, tiny_fashion, tmp
     assert layers and all(("layer2" in n or "layer3" in n) and "downsample" not in n
                           for n in layers)
     assert all(layer.cbp_factors.tolist() == [-1.0, -0.25, 0.0, 2.0] for layer in layers.values())
+    assert config.scale == "per-channel" and run.meta["scale"] == "per-channel"
+    assert all(layer.cbp_scale.shape == (layer.weight.shape[0], 1, 1, 1)
+               for layer in layers.values())
     decay, no_decay = run.optimizer.param_groups
     assert (decay["lr"], decay["momentum"], decay["weight_decay"]) == (0.02, 0.8, 3e-4)
     assert (no_decay["lr"], no_decay["weight_decay"]) == (0.02, 0.0)
@@ -105,6 +113,9 @@ def test_every_quantize_flag_reaches_the_run(runs, pretrained, tiny_fashion, tmp
     assert (len(run.train_data), len(run.val_data)) == (40, 24)
     assert run.ctx.device == torch.device("cpu") and run.scheduler is None
     assert run.meta["constraint"] == "custom" and run.meta["skip_first_last"] is False
+    distill = run.distillation
+    assert (distill.alpha, distill.temperature) == (0.8, 3) and not distill.teacher.training
+    assert not cbp.quantized_layers(distill.teacher)   # the float model, as loaded from --from
 
 
 @pytest.mark.parametrize("value, expected", [("none", None), ("off", None), ("inf", float("inf"))])
@@ -129,9 +140,19 @@ def test_quantize_defaults_are_the_papers(runs, pretrained, tiny_fashion, tmp_pa
         1.0, None, 20, 0.1)
     assert (config.grad_clip_value, config.weight_clamp) == (1.0, 1.0)
     assert config.use_constraint and config.initial_multiplier_update
+    assert config.scale == "per-layer" and "scale" not in run.meta
     decay, _ = run.optimizer.param_groups
     assert (decay["lr"], decay["momentum"], decay["weight_decay"]) == (1e-3, 0.9, 1e-4)
     assert (run.epochs, run.batch_size, run.epoch_iters, run.on_nan) == (1000, 256, None, "stop")
+    assert run.distillation is None
+
+
+def test_the_best_recipe_reaches_the_run(runs, pretrained, tiny_fashion, tmp_path):
+    run = run_of(runs, ["quantize", "--recipe", "best", "--from", pretrained, "--data-dir",
+                        tiny_fashion, "--out", str(tmp_path)])
+    assert run.lagrangian.config.scale == "per-channel" and run.meta["scale"] == "per-channel"
+    assert (run.distillation.alpha, run.distillation.temperature) == (0.5, 1.0)
+    assert run.meta["settings"]["recipe"] == "best"
 
 
 def test_pretrain_flags_reach_the_run(runs, tiny_fashion, tmp_path):
