@@ -74,6 +74,12 @@ MODELS = {"mobilenet": "tiny MobileNetV2", "resnet": "ResNet-20 width 8"}
 LEVELS = ("binary", "ternary")
 TRAINED = ("ste", "dampen", "freeze", "freeze_run", "cbp_1e-4", "cbp_1e-3", "cbp_1e-2",
            "no_window", "no_window_1e-4", "cbp_gated", "brevitas", "brevitas_noclamp")
+# Toward full precision (issue 23): a trained method with "+kd" (distillation from the float
+# checkpoint, cbp.Distillation's default alpha and temperature) and/or "+pc" (per-output-channel
+# scales, CBPConfig(scale="per-channel")).
+VARIANTS = ("ste+kd", "ste+pc", "ste+kd+pc", "cbp_1e-4+kd", "cbp_1e-4+pc", "cbp_1e-4+kd+pc",
+            "dampen+kd+pc")
+TRAINED = (*TRAINED, *VARIANTS)
 METHODS = ("fp", "rounding", *TRAINED)
 LABELS = {"fp": "full precision", "rounding": "post-training rounding",
           "ste": "STE-only", "dampen": "STE + oscillation dampening (Nagel)",
@@ -87,6 +93,9 @@ LABELS = {"fp": "full precision", "rounding": "post-training rounding",
           "brevitas": "Brevitas QAT (binary: its in-place clamp)",
           "brevitas_noclamp": "Brevitas QAT, binary without the in-place clamp"}
 BASELINE = "ste"
+MODIFIERS = {"kd": "distillation", "pc": "per-channel scales"}
+LABELS.update({v: " + ".join([LABELS[v.split("+")[0]]] + [MODIFIERS[m] for m in v.split("+")[1:]])
+               for v in VARIANTS})
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,14 @@ QUICK = Size(train_limit=1024, val_limit=64, test_limit=512, pretrain_epochs=1,
 # what CBP does hold for ternary? ~17 min on 2 cores. --full adds the rest of ternary and the
 # ResNet-20 control (~40 min).
 DECIDING = ("fp", "rounding", "ste", "dampen", "cbp_1e-2")
-DEFAULT_PLAN = (("mobilenet", "binary", METHODS), ("mobilenet", "ternary", DECIDING))
-FULL_PLAN = tuple((m, lv, METHODS) for m in MODELS for lv in LEVELS)
+HEADLINE = tuple(m for m in METHODS if m not in VARIANTS)
+DEFAULT_PLAN = (("mobilenet", "binary", HEADLINE), ("mobilenet", "ternary", DECIDING))
+FULL_PLAN = tuple((m, lv, HEADLINE) for m in MODELS for lv in LEVELS)
+# --recipes (issue 23): {none, distillation, per-channel, both} x {STE-only, CBP as published},
+# and dampening with both, on the primary cell and on ternary ResNet-20
+RECIPES = ("fp", "ste", "cbp_1e-4", *VARIANTS)
+RECIPE_PLAN = (("mobilenet", "binary", RECIPES),
+               ("resnet", "ternary", tuple(m for m in RECIPES if not m.startswith("dampen"))))
 
 
 def seeds(size: Size, model: str) -> int:
@@ -315,12 +330,19 @@ def run_one(size: Size, checkpoint: str, cache: str, model_name: str, method: st
     model = load_weights(build(model_name), checkpoint)
     model.to(memory_format=torch.channels_last)  # ~1.4x faster convolutions on CPU
     result = {"model": model_name, "method": method, "levels": levels, "seed": seed}
+    method, *modifiers = method.split("+")   # the base method; "kd" / "pc" variants (VARIANTS)
+    distillation = None
+    if "kd" in modifiers:   # the teacher: the float checkpoint itself
+        teacher = load_weights(build(model_name), checkpoint).to(memory_format=torch.channels_last)
+        distillation = cbp.Distillation(teacher.to(ctx.device))
     if method == "rounding":
         cbp.prepare(model, cbp.CBPConfig(levels))
     elif method.startswith("brevitas"):
         brevitas_model(model, levels, clamp=method == "brevitas")
     elif method != "fp":
         config = cbp_config(size, levels, method)
+        if "pc" in modifiers:
+            config = replace(config, scale="per-channel")
         cbp.prepare(model, config)
     model.to(ctx.device)  # prepared on the CPU, as the CLI does
     if method not in ("fp", "rounding"):
@@ -337,10 +359,12 @@ def run_one(size: Size, checkpoint: str, cache: str, model_name: str, method: st
                                         epochs * size.steps_per_epoch)
         train_tic = time.perf_counter()
         rows = fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
-                       out_dir=os.path.join(cache, "runs", f"{model_name}-{method}-{levels}-{seed}"),
+                       out_dir=os.path.join(cache, "runs",
+                                           f"{model_name}-{result['method']}-{levels}-{seed}"),
                        epochs=epochs, batch_size=size.batch, ctx=ctx, lagrangian=lagrangian,
                        scheduler=scheduler, epoch_iters=size.steps_per_epoch, seed=seed,
-                       channels_last=True, show_progress=False, oscillation=tracker))
+                       channels_last=True, show_progress=False, oscillation=tracker,
+                       distillation=distillation))
         train_seconds = time.perf_counter() - train_tic
         last = rows[-1]
         result.update(epochs=len(rows), g=last.get("g"), train_seconds=train_seconds,
@@ -706,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI size (< 3 min)")
     p.add_argument("--full", action="store_true", help="the whole grid, not only the headline")
+    p.add_argument("--recipes", action="store_true",
+                   help="distillation and per-channel scales, with STE-only and CBP (issue 23)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level sets")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
@@ -739,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown model, level set or method: {', '.join(unknown)}")
     tic = time.perf_counter()
-    plan = FULL_PLAN if args.full else DEFAULT_PLAN
+    plan = RECIPE_PLAN if args.recipes else FULL_PLAN if args.full else DEFAULT_PLAN
     results = run_all(size, args.cache, plan, methods, levels, models, args.jobs, args.reuse,
                       args.cached, args.device, known=read_results(args.results))
     if args.results:

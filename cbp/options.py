@@ -267,7 +267,7 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     quantize.add(g, "--teacher", metavar="CKPT", help="a `cbp pretrain` checkpoint to distil "
                  "from instead (another architecture is fine; same classes or vocabulary)")
     quantize.add(g, "--distill-alpha", type=float, default=DEFAULT_ALPHA,
-                 help="weight of the distillation term, in (0, 1] (default: %(default)s, LSQ's)")
+                 help="weight of the distillation term, in (0, 1] (default: %(default)s)")
     quantize.add(g, "--distill-temperature", type=float, default=DEFAULT_TEMPERATURE,
                  help="softmax temperature T of both distributions (default: %(default)s)")
     _common(quantize, lr=1e-3, weight_decay=1e-4, batch_size=256, epochs=1000)
