@@ -10,8 +10,8 @@ term at the scale of the task loss's whatever the temperature (its gradient in t
 Why: quantizing starts from a float network that is already good, and its output distribution
 carries more per example than a label (which wrong classes are close, how sure the next character
 is). Defaults ``alpha = 0.5, T = 1``: equal weights and no softening, the usual T for a language
-model's next-token distributions (measured on the benchmarks' cells in ``benchmarks/RESULTS.md``). The labels keep half the weight because the teacher is not always
-right; no softening because the teacher is the same network at full precision, whose
+model's next-token distributions. The labels keep half the weight because the teacher is not
+always right; no softening because the teacher is the same network at full precision, whose
 distribution is the very one the student should reproduce. Whether other values do better on
 a model is for measuring (``benchmarks/RESULTS.md``). It serves every method (CBP, STE-only,
 the peers): it changes only the loss.
