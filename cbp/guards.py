@@ -91,29 +91,45 @@ def lock_run_dir(out: str) -> Iterator[None]:
     """Hold ``OUT/.cbp-lock`` while a run writes ``out``; refuse if another live run holds it.
 
     An exclusive ``flock`` on the lock file: the kernel drops it when its process ends, however
-    it ends, so a lock left by a killed run is simply taken over. The file keeps the holder's
-    pid, to name it. Under torchrun rank 0 holds it for all processes (they write nothing).
+    it ends, so the lock file a killed run leaves behind is simply taken over. The file keeps the
+    holder's pid, to name it, and is removed when the run ends (so a refused run leaves nothing
+    behind); a lock taken on a file that was removed meanwhile is dropped and taken again. Under
+    torchrun rank 0 holds it for all processes (the others write nothing).
     """
     if os.environ.get("RANK", "0") != "0":
         yield
         return
     path = os.path.join(out, LOCK_NAME)
-    with open(path, "a+") as lock:
+    while True:
+        lock = open(path, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "unknown"
+            lock.close()
             raise ValueError(f"{out} is being written by another cbp run (pid {holder}): wait "
                              "for it to end, or choose another --out") from None
-        lock.seek(0)
-        lock.truncate()
+        if _same_file(lock, path):
+            break
+        lock.close()   # its holder removed it after we opened it: lock the new one
+    try:
+        lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.unlink(path)   # before unlocking: no one can lock this file afterwards
+        lock.close()
+
+
+def _same_file(file, path: str) -> bool:
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(file.fileno())
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def recorded_settings(args) -> dict:

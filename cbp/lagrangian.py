@@ -28,6 +28,7 @@ with the epoch's summed loss after every epoch::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -120,17 +121,18 @@ class Lagrangian:
         Adds the penalty gradient (unless ``use_constraint`` is off) and sums the penalty into
         this epoch's share of ``L_sum``, clips gradient values, steps the weight optimizer and
         clamps the quantized weights. A step with no gradient on any quantized weight (no
-        ``backward`` since ``zero_grad``) is refused: it would pull the weights by the penalty
-        alone. (``loss``: only there to refuse the previous API's ``step(loss)``, naming the new
-        calls.)
+        ``backward`` since ``zero_grad``) warns: it pulls the weights by the penalty alone (what
+        a test of the schedule may want, and a forgotten ``backward`` never does). ``loss`` is
+        only there to refuse the previous API's ``step(loss)``, naming the new calls.
         """
         if loss is not None:
             raise TypeError("Lagrangian.step() takes no loss any more: call step() after "
                             "loss.backward(), sum the loss yourself and pass the sum to "
                             "end_epoch(loss_sum)")
         if all(layer.weight.grad is None for layer in self.layers.values()):
-            raise RuntimeError("Lagrangian.step(): no quantized weight has a gradient; call "
-                               "loss.backward() before step()")
+            warnings.warn("Lagrangian.step(): no quantized weight has a gradient, so this step "
+                          "moves them by the penalty alone; call loss.backward() before step()",
+                          stacklevel=3)   # past torch.no_grad's wrapper: the caller
         cfg = self.config
         clipped: set[int] = set()
         if cfg.use_constraint:   # clips the quantized weights' gradients in the same pass

@@ -32,7 +32,8 @@ CURVES_PNG, OSCILLATIONS_PNG, HISTOGRAMS_PNG = "curves.png", "oscillations.png",
 # Every file a run writes into its directory: a new run refuses to replace any of them without
 # --overwrite (cbp.guards), and a fresh start removes them all (cbp.train).
 RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME, CURVES_PNG, OSCILLATIONS_PNG, HISTOGRAMS_PNG)
-# Held (flock) by the run writing the directory; it holds no result, so it never blocks a new run.
+# Held (flock) by the run writing the directory and removed when it ends; a killed run leaves it,
+# and the next run takes it over. It holds no result, so it never blocks a new run.
 LOCK_NAME = ".cbp-lock"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 # meta entries that must match for a checkpoint to continue a run
