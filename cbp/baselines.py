@@ -56,7 +56,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> nn.
         raise ValueError(f"batches must be >= 1, got {batches}")
     norms = batch_norms(model)
     if not norms:
-        warnings.warn(f"recalibrate_bn: {NO_BATCH_NORM}; the model is unchanged", stacklevel=2)
+        warnings.warn(f"recalibrate_bn: {NO_BATCH_NORM}; the model is unchanged",
+                      stacklevel=3)   # past torch.no_grad's wrapper: the caller
         return model
     saved = [(m.momentum, copy.deepcopy(m.state_dict())) for m in norms]
     was_training = model.training
