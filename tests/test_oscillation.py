@@ -63,6 +63,28 @@ def test_tracker_counts_flips_oscillations_late_flippers_and_level_changes_by_ha
     assert tracker.steps == 4
 
 
+def test_default_momentum_is_nagels_and_the_state_is_11_bytes_per_weight():
+    """At the default m = 0.01 a first reversal sets the frequency to m and decays it by 1 - m
+    (at m = 0.5 a swapped m and 1 - m would give the same numbers); the state's dtypes are the
+    module docstring's 11 bytes per weight, the counts exact integers."""
+    model = toy()
+    put(model, [1, 1, 1, 1])
+    tracker = OscillationTracker(model)
+    for state in ([0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]):   # w0 down, back up, stays
+        put(model, state)
+        tracker.step()
+    assert tracker.frequency["1"].flatten().tolist() == pytest.approx([0.01 * 0.99, 0, 0, 0])
+    state = tracker.state_dict()
+    dtypes = {key: state[key]["1"].dtype for key in
+              ("index", "start", "direction", "frequency", "last_flip")}
+    assert dtypes == {"index": torch.int8, "start": torch.int8, "direction": torch.int8,
+                      "frequency": torch.float32, "last_flip": torch.int32}
+    assert sum(t.element_size() for t in (state[k]["1"] for k in dtypes)) == 11
+    assert state["counts"].dtype == torch.int64 and state["counts"].tolist() == [2, 1]
+    assert level_index(torch.tensor([-0.7, 0.2, 0.9]), torch.tensor([-1.0, 0.0, 1.0])).dtype \
+        == torch.int8
+
+
 def test_tracker_state_round_trips():
     model = toy()
     tracker = OscillationTracker(model, momentum=0.5)
