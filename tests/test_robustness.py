@@ -297,48 +297,6 @@ def test_lagrangian_refuses_an_empty_state_and_the_old_api_and_warns_without_bac
         lagrangian.end_epoch()
 
 
-def test_recalibrate_bn_on_a_model_without_batchnorm_warns_and_changes_nothing():
-    model = _mlp()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match="no BatchNorm layer .* the model is unchanged"):
-        assert cbp.recalibrate_bn(model, [torch.randn(2, 4)], batches=1) is model
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
-def _bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8),
-                        nn.Linear(8, 2))
-    net[1].running_mean.fill_(0.5)
-    return net
-
-
-def test_a_failing_loader_leaves_the_model_as_it_was():
-    def loader():
-        yield torch.randn(4, 4)
-        raise OSError("disk gone")
-    model = _bn_net()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(OSError, match="disk gone"):
-        cbp.recalibrate_bn(model, loader(), batches=2)   # statistics restored
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(OSError, match="disk gone"):
-        cbp.post_training_rounding(model, cbp.CBPConfig(), loader(), batches=2)
-    assert not cbp.quantized_layers(model)   # not prepared either
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="fewer than the 3 asked for"):
-        cbp.recalibrate_bn(model, [torch.randn(4, 4)], batches=3)
-    assert torch.equal(model[1].running_mean, before["1.running_mean"])
-
-
-def test_post_training_rounding_prepares_and_recalibrates_in_place():
-    model, batch = _bn_net(), torch.randn(16, 4)
-    rounded = cbp.post_training_rounding(model, cbp.CBPConfig(), [batch], batches=1)
-    assert rounded is model and list(cbp.quantized_layers(model)) == ["2"]
-    with torch.no_grad():   # BatchNorm 1 saw the float layer 0's outputs of the batch
-        torch.testing.assert_close(model[1].running_mean, model[0](batch).mean(0))
-
-
 class _BertStyle(nn.Module):
     """The module names of a BERT-style encoder (``encoder.layer.N.attention.self.query``)."""
 
