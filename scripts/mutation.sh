@@ -2,7 +2,7 @@
 # `make mutation`: mutmut on the core modules with their fast tests, one module at a time, then
 # the score. A tool, not a CI step: about 5 minutes on 2 cores for all of them.
 #   scripts/mutation.sh [MODULE ...]   (levels constraint layers lagrangian metrics packing export
-#                                       oscillation baselines)
+#                                       oscillation baselines peers)
 # Results stay in mutants/; `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ EXPORT_LAYOUT="cbp.export.x_export__* cbp.export.x__packed_tensors* cbp.export.x
 rm -rf mutants
 modules=("$@")
 [ ${#modules[@]} -eq 0 ] && modules=(levels constraint layers lagrangian metrics packing export
-                                     oscillation baselines)
+                                     oscillation baselines peers)
 for module in "${modules[@]}"; do
     if [ "$module" = export ]; then names=$EXPORT_LAYOUT; else names="cbp.$module.*"; fi
     echo "== $module"
