@@ -101,6 +101,17 @@ def remove_stale_temporaries(directory: str, targets: tuple[str, ...] | None = N
             os.unlink(os.path.join(directory, name))
 
 
+def load_error_reason(err: Exception, limit: int = 300) -> str:
+    """One line of why ``load_state_dict`` failed. PyTorch's first line only says that it did
+    ("Error(s) in loading state_dict for ResNet:"); the reason - missing keys, a size mismatch -
+    is on the next, so both are kept, cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
 def save_checkpoint(state: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 

@@ -30,13 +30,13 @@ import time
 import torch
 
 from . import distributed, metrics
-from .baselines import recalibrate_bn
+from .baselines import recalibrate_bn, require_batch_norm
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import CBPConfig, check_number
 from .data import TEXT_DATASETS, check_same_classes, class_names, load_dataset, make_loader
 from .distill import Distillation, file_sha256
 from .export import export as export_packed
-from .guards import check_run_dir, recorded_settings, resume_settings
+from .guards import check_run_dir, check_sources, lock_run_dir, recorded_settings, resume_settings
 from .interrupts import Interrupted
 from .lagrangian import Lagrangian
 from .layers import param_groups, prepare
@@ -105,8 +105,15 @@ def check_output_dir(path: str) -> None:
 
 
 def run_training(args: argparse.Namespace) -> list[dict]:
-    """`cbp pretrain` and `cbp quantize`: build data, model, optimizer, then `train.fit`."""
+    """`cbp pretrain` and `cbp quantize`, one run at a time in a directory (``--out``'s lock)."""
     check_output_dir(args.out)
+    with lock_run_dir(args.out):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> list[dict]:
+    """Build data, model, optimizer, then `train.fit`."""
+    check_sources(args)
     resume = check_run_dir(args.out, args.resume, args.overwrite)
     if resume:
         for line in resume_settings(args, args._given):
@@ -135,6 +142,8 @@ def run_training(args: argparse.Namespace) -> list[dict]:
         config = model_selection(config, model_name, args)
         distillation, teacher_hash = _distillation(args, model, num_classes, in_channels, vocab)
         prepare(model, config)
+        if args.recalibrate_bn:
+            require_batch_norm(model, "--recalibrate-bn")
     meta = describe(args.command, model, model_name, args.data, num_classes, in_channels,
                     list(train_data[0][0].shape), getattr(args, "constraint", None), config,
                     task.name, vocab)
@@ -161,10 +170,10 @@ def run_training(args: argparse.Namespace) -> list[dict]:
               meta=meta, show_progress=not args.quiet, on_nan=args.on_nan, task=task,
               distillation=distillation)
     rows = fit(run, resume=resume)
+    if ctx.is_main and rows:   # the plots first: they show nothing the re-estimation changes
+        plot_run(args.out)
     if args.command == "quantize" and args.recalibrate_bn and rows:
         recalibrate_run(run, args.recalibrate_bn, rows[-1]["top1"])
-    if ctx.is_main and rows:
-        plot_run(args.out)
     distributed.teardown()
     return rows
 
@@ -238,6 +247,8 @@ def recalibrate_run(run: Run, batches: int, top1_before: float) -> dict:
 def run_evaluate(args: argparse.Namespace) -> dict:
     ctx = distributed.setup(args.device)
     model, meta = load_model(args.checkpoint)
+    if args.recalibrate_bn:
+        require_batch_norm(model, "--recalibrate-bn")
     val_data, num_classes, in_channels = load_dataset(meta["dataset"], args.data_dir, False,
                                                       args.val_limit, args.image_size)
     if (num_classes, in_channels) != (meta["num_classes"], meta["in_channels"]):

@@ -10,6 +10,7 @@ config sets the same names (``cbp.options``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass, field
 
@@ -25,6 +26,20 @@ class SettingError(ValueError):
     def __init__(self, name: str, requirement: str) -> None:
         super().__init__(f"{name} {requirement}")
         self.name, self.requirement = name, requirement
+
+
+def _check_patterns(name: str, patterns) -> None:
+    """``include`` / ``exclude``: a list of regular expressions (one string would be read as a
+    list of one-character patterns)."""
+    if isinstance(patterns, str):
+        raise SettingError(name, f"must be a list of regular expressions, not one string: "
+                                 f"[{patterns!r}]")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise SettingError(name, f"holds {pattern!r}, which is not a regular expression: "
+                                     f"{err}") from None
 
 
 def check_number(name: str, value, *, above: float | None = None, at_least: float | None = None,
@@ -144,6 +159,8 @@ class CBPConfig:
         if self.compile_penalty not in (None, True, False):
             raise ValueError(f"compile_penalty must be None (auto), True or False, got "
                              f"{self.compile_penalty!r}")
+        for name in ("include", "exclude"):
+            _check_patterns(name, getattr(self, name))
         self.validate()
 
     def validate(self) -> None:

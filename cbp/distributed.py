@@ -9,6 +9,7 @@ processes hold the same weights, lambda, g and p (:func:`check_in_sync`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ def setup(device: str | None = None) -> Context:
     ``device``: "cpu", "cuda" or None (CUDA when available). Under torchrun each process takes the
     GPU of its ``LOCAL_RANK``.
     """
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")

@@ -28,6 +28,7 @@ with the epoch's summed loss after every epoch::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -114,13 +115,24 @@ class Lagrangian:
                             [layer.cbp_scale for layer in layers], self.g, clip)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, loss: None = None) -> None:
         """One constrained weight update after ``loss.backward()``.
 
         Adds the penalty gradient (unless ``use_constraint`` is off) and sums the penalty into
         this epoch's share of ``L_sum``, clips gradient values, steps the weight optimizer and
-        clamps the quantized weights.
+        clamps the quantized weights. A step with no gradient on any quantized weight (no
+        ``backward`` since ``zero_grad``) warns: it pulls the weights by the penalty alone (what
+        a test of the schedule may want, and a forgotten ``backward`` never does). ``loss`` is
+        only there to refuse the previous API's ``step(loss)``, naming the new calls.
         """
+        if loss is not None:
+            raise TypeError("Lagrangian.step() takes no loss any more: call step() after "
+                            "loss.backward(), sum the loss yourself and pass the sum to "
+                            "end_epoch(loss_sum)")
+        if all(layer.weight.grad is None for layer in self.layers.values()):
+            warnings.warn("Lagrangian.step(): no quantized weight has a gradient, so this step "
+                          "moves them by the penalty alone; call loss.backward() before step()",
+                          stacklevel=3)   # past torch.no_grad's wrapper: the caller
         cfg = self.config
         clipped: set[int] = set()
         if cfg.use_constraint:   # clips the quantized weights' gradients in the same pass
@@ -146,7 +158,7 @@ class Lagrangian:
         for lam in self.multipliers.values():
             lam.grad = None
 
-    def end_epoch(self, loss_sum: float | torch.Tensor) -> EpochEnd:
+    def end_epoch(self, loss_sum: float | torch.Tensor | None = None) -> EpochEnd:
         """The paper's end-of-epoch rule; call once after every epoch (on every process).
 
         ``loss_sum``: this process's sum of the training loss over the epoch's steps. ``L_sum`` is
@@ -157,6 +169,9 @@ class Lagrangian:
         sum, so ``lr_drop_at_g`` and ``stop_once_g_exceeds`` give it CBP's lr schedule and stopping point
         (identical for ``p_max = 1``); only the multipliers stay unused.
         """
+        if loss_sum is None:   # the previous API's end_epoch()
+            raise TypeError("Lagrangian.end_epoch(loss_sum) needs the epoch's summed training "
+                            "loss: add loss.detach() up after each step() and pass the sum")
         cfg = self.config
         total = self._penalty_sum + torch.as_tensor(loss_sum, dtype=torch.float64,
                                                     device=self._penalty_sum.device)
@@ -201,13 +216,19 @@ class Lagrangian:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [key for key in ("multipliers", "g", "p", "lagrangian_sum_pre", "lr_dropped")
+                   if key not in state]
+        if "penalty_sum" not in state and "epoch_sum" not in state:
+            missing.append("penalty_sum")
+        if missing:
+            raise ValueError(f"not a Lagrangian.state_dict(): {', '.join(missing)} missing")
         if set(state["multipliers"]) != set(self.multipliers):
             raise ValueError("CBP state does not match the model's quantized layers")
         for name, lam in self.multipliers.items():
             if state["multipliers"][name].shape != lam.shape:
                 raise ValueError(f"CBP state for layer {name!r} has the wrong shape")
             lam.copy_(state["multipliers"][name])
-        if self._ascent is not None and state["ascent"] is not None:  # None: plain rule before v2
+        if self._ascent is not None and state.get("ascent") is not None:  # None: plain rule before v2
             self._ascent.load_state_dict(state["ascent"])
         self.g, self.p = float(state["g"]), int(state["p"])
         self.lagrangian_sum_pre = float(state["lagrangian_sum_pre"])

@@ -93,6 +93,21 @@ def select_layers(model: nn.Module, config: CBPConfig) -> list[str]:
     return chosen
 
 
+def _selection_said(model: nn.Module, config: CBPConfig) -> str:
+    """Why :func:`select_layers` chose nothing, naming only the rules that are on."""
+    count = sum(type(m) in _QUANT_OF for m in model.modules())
+    if not count:
+        return "the model has no Conv1d/2d/3d or Linear layer"
+    rules = [text for on, text in (
+        (config.skip_first_last, "skip_first_last (the first and last are kept float; "
+                                 "--quantize-first-last turns it off)"),
+        (config.filter_fn is not None, "filter_fn"),
+        (bool(config.include), f"include {list(config.include)}"),
+        (bool(config.exclude), f"exclude {list(config.exclude)}")) if on]
+    return (f"none of the model's {count} Conv/Linear layers passes the selection: "
+            f"{', '.join(rules)}")
+
+
 def _swap_class(module: nn.Module, cls: type) -> nn.Module:
     """A new module of type ``cls`` sharing ``module``'s parameters, buffers and settings."""
     new = cls.__new__(cls)
@@ -163,8 +178,7 @@ def prepare(model: nn.Module, config: CBPConfig | None = None, inplace: bool = T
         raise ValueError("this model is already prepared; prepare a fresh float model")
     names = select_layers(model, config)
     if not names:
-        raise ValueError("no layer left to quantize: the model has no Conv/Linear layer that passes "
-                         "the selection (the first and last are skipped by default)")
+        raise ValueError(f"no layer left to quantize: {_selection_said(model, config)}")
     if not inplace:
         model = copy.deepcopy(model)
     factors = torch.tensor(config.factors, dtype=torch.float32)

@@ -59,6 +59,26 @@ def _at_least(minimum: int):
     return integer
 
 
+def _seed(text: str) -> int:
+    """A random seed: an integer of 64 bits, what ``torch.manual_seed`` takes."""
+    value = _at_least(-2**63)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """A sampling temperature: finite and >= 0.001 (the logits are divided by it: a smaller one
+    overflows them to infinity, and 0.001 already all but always picks the likeliest token)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 1e-3 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0.001, got {text}")
+    return value
+
+
 def _increments(text: str) -> tuple[tuple[float, float], ...]:
     """``10:1,100:10,inf:100`` as ``((10, 1), (100, 10), (inf, 100))``."""
     try:
@@ -107,8 +127,9 @@ class Flags:
         self.by_key.setdefault(action.dest, (action, False))
         return action
 
-    def set_from_config(self, values: dict, name: str) -> None:
-        """Make a config's values the defaults, each checked as the flag's value would be."""
+    def set_from_config(self, values: dict, name: str) -> set[str]:
+        """Make a config's values the defaults, each checked as the flag's value would be;
+        return the settings (dests) it sets."""
         keys = {key: self.by_key.get(key.replace("-", "_")) for key in values}
         unknown = [key for key, entry in keys.items()
                    if entry is None or entry[0].dest in NOT_CONFIG_KEYS]
@@ -124,6 +145,7 @@ class Flags:
             except ValueError as err:
                 raise ValueError(f"config {name}: {key} {err}") from None
         self.parser.set_defaults(**defaults)
+        return set(defaults)
 
 
 def _config_value(action: argparse.Action, negated: bool, value):
@@ -213,7 +235,7 @@ def _common(flags: Flags, *, lr: float, weight_decay: float, batch_size: int, ep
     flags.add(g, "--momentum", type=float, default=0.9)
     flags.add(g, "--weight-decay", type=float, default=weight_decay,
               help="on Conv/Linear weights only")
-    flags.add(g, "--seed", type=int, default=0)
+    flags.add(g, "--seed", type=_seed, default=0)
     flags.add(g, "--device", help="cpu or cuda (default: cuda when available)")
     flags.add(g, "--sync-bn", action="store_true",
               help="BatchNorm statistics over all processes (GPU only; default: per process)")
@@ -283,14 +305,15 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
                         "batches (the checkpoint is not changed)")
     p.add_argument("--batch-size", type=_at_least(1), default=256,
                    help="batch size of the BatchNorm re-estimation")
-    p.add_argument("--seed", type=int, default=0, help="order of the re-estimation batches")
+    p.add_argument("--seed", type=_seed, default=0, help="order of the re-estimation batches")
 
     p = sub.add_parser("generate", help="sample text from a language-model checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", default="\n", help="text the sample continues")
     p.add_argument("--tokens", type=_at_least(0), default=300, help="characters to generate")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=_seed, default=0, help="the same seed gives the same text")
+    p.add_argument("--temperature", type=_temperature, default=1.0,
+                   help="divides the logits: below 1 likelier tokens, above 1 more random (>= 0.001)")
     p.add_argument("--top-k", type=_at_least(1), help="sample from the k likeliest characters only")
 
     p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
@@ -379,12 +402,14 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
     args = parser.parse_args(argv)
     files = [f"recipes/{args.recipe}"] if getattr(args, "recipe", None) else []
     files += [args.config] if getattr(args, "config", None) else []
+    from_config: set[str] = set()
     if files and args.command in commands:
         for name in files:   # the later wins
-            commands[args.command].set_from_config(read_config(name, args.command), name)
+            from_config |= commands[args.command].set_from_config(read_config(name, args.command),
+                                                                  name)
         args = parser.parse_args(argv)
-    if args.command in ("pretrain", "quantize"):
-        args._given = _given_settings(argv)
+    if args.command in ("pretrain", "quantize"):   # a config's value counts as given on --resume
+        args._given = _given_settings(argv) | from_config
     return args
 
 
@@ -410,12 +435,6 @@ def cbp_config(args: argparse.Namespace) -> CBPConfig:
         raise ValueError(f"--levels needs --constraint custom (the constraint is {args.constraint})")
     else:
         levels = args.constraint
-    for pattern in (*args.include, *args.exclude):
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"--include/--exclude: {pattern!r} is not a regular expression: "
-                             f"{err}") from err
     try:
         return CBPConfig(levels=levels, **{f.name: getattr(args, f.name) for f in cbp_fields()})
     except SettingError as err:   # CBPConfig's check, in the words of the command line

@@ -11,9 +11,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .runs import HIST_NAME, LOG_NAME, read_jsonl  # noqa: E402
-
-CURVES_PNG, HISTOGRAMS_PNG = "curves.png", "histograms.png"
+from .runs import (  # noqa: E402
+    CURVES_PNG,
+    HIST_NAME,
+    HISTOGRAMS_PNG,
+    LOG_NAME,
+    OSCILLATIONS_PNG,
+    read_jsonl,
+)
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
@@ -100,14 +105,23 @@ def plot_run(run_dir: str) -> list[str]:
     if not rows:
         raise ValueError(f"{log_path} is empty: the run has not finished an epoch yet")
     written = [os.path.join(run_dir, CURVES_PNG)]
-    plot_curves(rows, written[0], title=os.path.basename(os.path.abspath(run_dir)))
-    if "flips_per_step" in rows[0]:
-        written.append(os.path.join(run_dir, "oscillations.png"))
-        plot_oscillations(rows, written[-1], title=os.path.basename(os.path.abspath(run_dir)))
-    hist_path = os.path.join(run_dir, HIST_NAME)
-    if os.path.exists(hist_path):
-        hists = read_jsonl(hist_path)
-        if hists:
-            written.append(os.path.join(run_dir, HISTOGRAMS_PNG))
-            plot_histograms(hists, written[-1])
+    title = os.path.basename(os.path.abspath(run_dir))
+    source = log_path
+    try:   # a row without a figure the first row has: a log edited or written by something else
+        plot_curves(rows, written[0], title=title)
+        if "flips_per_step" in rows[0]:
+            written.append(os.path.join(run_dir, OSCILLATIONS_PNG))
+            plot_oscillations(rows, written[-1], title=title)
+        source = os.path.join(run_dir, HIST_NAME)
+        if os.path.exists(source):
+            hists = read_jsonl(source)
+            if hists:
+                written.append(os.path.join(run_dir, HISTOGRAMS_PNG))
+                plot_histograms(hists, written[-1])
+    except KeyError as err:
+        raise ValueError(f"{source}: a row lacks {err}, which the plots need; the log is "
+                         "damaged") from None
+    except TypeError as err:
+        raise ValueError(f"{source}: a row holds a value of the wrong type ({err}); the log is "
+                         "damaged") from None
     return written

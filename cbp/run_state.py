@@ -15,7 +15,8 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DATASET_NAMES
 from .levels import SCALES, resolve_factors
-from .models import MODEL_NAMES
+from .models import LANGUAGE_MODELS, MODEL_NAMES
+from .tasks import TASKS, LanguageModel
 
 # Bounds far above any real model, far below what would exhaust a machine's memory.
 MAX_CLASSES = 100_000            # ImageNet-21k has 21,841
@@ -58,7 +59,15 @@ def _meta_checks(meta: dict) -> list[tuple[str, bool, str]]:
             for k, v in meta.get("model_options", {}).items()), "a table of plain options"),
         ("meta.classes", meta.get("classes") is None or (isinstance(meta["classes"], list) and all(
             isinstance(c, str) for c in meta["classes"])), "a list of class names"),
+        ("meta.task", meta.get("task", "classification") in TASKS
+         and (meta.get("task") == LanguageModel.name) == (meta.get("model") in LANGUAGE_MODELS),
+         f"{LanguageModel.name!r} for {', '.join(LANGUAGE_MODELS)}, else 'classification'"),
     ]
+    if meta.get("task") == LanguageModel.name:
+        vocab = meta.get("vocab")
+        checks.append(("meta.vocab", isinstance(vocab, str) and len(set(vocab)) == len(vocab)
+                       == meta.get("num_classes"),
+                       "a string of distinct characters, one per token (meta.num_classes)"))
     if meta.get("mode") == "quantize":
         checks += [
             ("meta.constraint", isinstance(meta.get("constraint", ""), str), "a string"),
@@ -134,10 +143,35 @@ def check_run_state(state: dict, path: str, model: bool = True, training: bool =
                                   f"got {_short(_get(state, field))}")
     if model and quantize:
         try:
-            resolve_factors(meta.get("factors"))
+            factors = resolve_factors(meta.get("factors"))
         except ValueError as err:
             raise CheckpointError(f"checkpoint {path}: meta.factors: {err}") from None
+        _check_layers(state["model"], factors, path)
     return state
+
+
+def _check_layers(tensors: dict[str, torch.Tensor], factors, path: str) -> None:
+    """Every quantized layer's scale positive and finite - one for the layer or one per output
+    channel (shaped ``[out, 1, ...]``) - and its factors the run's levels (``meta.factors``): a
+    zero or NaN scale would divide every metric by zero and export a zero model."""
+    expected = torch.tensor(factors, dtype=torch.float32)
+    for key, value in tensors.items():
+        prefix, _, buffer = key.rpartition(".")
+        weight = tensors.get(f"{prefix}.weight" if prefix else "weight")
+        if buffer == "cbp_scale":
+            channels = weight.shape[0] if weight is not None and weight.dim() else 1
+            ok = (value.is_floating_point() and value.numel() in (1, channels)
+                  and (value.numel() == 1 or value.shape[0] == channels)
+                  and bool(value.isfinite().all()) and bool((value > 0).all()))
+            wanted = "positive and finite: one scale, or one per output channel"
+        elif buffer == "cbp_factors":
+            ok = value.shape == expected.shape and torch.equal(value.float(), expected)
+            wanted = f"the run's levels (meta.factors: {list(factors)})"
+        else:
+            continue
+        if not ok:
+            raise CheckpointError(f"checkpoint {path}: model.{key} must be {wanted}, "
+                                  f"got {_short(value)}")
 
 
 _MISSING = object()
@@ -153,7 +187,8 @@ def _get(state: dict, field: str):
 def _short(value) -> str:
     """A value as a few characters (a tensor by its shape and dtype)."""
     if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+        values = f" ({value.flatten().tolist()})" if value.numel() <= 4 else ""
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}{values}"
     if value is _MISSING:
         return "nothing (missing)"
     text = repr(value)

@@ -1,4 +1,5 @@
-"""What a run directory holds, and how it is read back: the one place that knows its files.
+"""What a run directory holds, and how it is read back: the one place that knows its files
+(:data:`RUN_FILES`; ``cbp.guards`` and ``cbp.plots`` take the names from here).
 
 ``OUT/log.jsonl``: one JSON row per finished epoch (loss, L_sum, g, lambda, CFS, accuracy, ...);
 ``OUT/histograms.jsonl``: one row per epoch, the weights of the largest quantized layer over its
@@ -20,14 +21,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import FORMAT_V1, CheckpointError, WriteError, atomic_write
+from .checkpoint import FORMAT_V1, CheckpointError, WriteError, atomic_write, load_error_reason
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
 from .models import model_options, rebuild_model
 from .run_state import load_run_checkpoint
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
-RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME)   # what a run writes (and a fresh one replaces)
+CURVES_PNG, OSCILLATIONS_PNG, HISTOGRAMS_PNG = "curves.png", "oscillations.png", "histograms.png"
+# Every file a run writes into its directory: a new run refuses to replace any of them without
+# --overwrite (cbp.guards), and a fresh start removes them all (cbp.train).
+RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME, CURVES_PNG, OSCILLATIONS_PNG, HISTOGRAMS_PNG)
+# Held (flock) by the run writing the directory and removed when it ends; a killed run leaves it,
+# and the next run takes it over. It holds no result, so it never blocks a new run.
+LOCK_NAME = ".cbp-lock"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 # meta entries that must match for a checkpoint to continue a run
 IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors",
@@ -69,18 +76,21 @@ def read_jsonl(path: str) -> list[dict]:
         if line.strip():
             row = _json_object(line)
             if row is None:
-                raise ValueError(f"{path}, line {number}: not a JSON object; the log is damaged")
+                raise ValueError(f"{path}, line {number}: not a JSON object with an integer "
+                                 "'epoch'; the log is damaged")
             rows.append(row)
     last = _json_object(tail) if tail.strip() else None
     return rows + ([last] if last is not None else [])
 
 
 def _json_object(line: str) -> dict | None:
+    """The row of a line, or None: every row of a run's logs is an object naming its epoch."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
         return None
-    return row if isinstance(row, dict) else None
+    epoch = row.get("epoch") if isinstance(row, dict) else None
+    return row if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def histogram_layer(model: nn.Module) -> str | None:
@@ -174,7 +184,7 @@ def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
             oscillation.load_state_dict(state["oscillation"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{source} does not fit this model: "
-                              f"{str(err).splitlines()[0]}") from err
+                              f"{load_error_reason(err)}") from err
     torch.set_rng_state(state["rng"])
     return Position(int(state["epoch"]), int(state.get("step", 0)), state.get("loss_sum"),
                     state.get("loss_terms"))
@@ -206,12 +216,16 @@ def load_model(checkpoint: str) -> tuple[nn.Module, dict]:
         prepare(model, CBPConfig(levels=meta["factors"], include=meta["include"],
                                  exclude=meta["exclude"], skip_first_last=meta["skip_first_last"],
                                  scale=meta.get("scale", "per-layer")))
+    _load_weights(model, state["model"], checkpoint)
+    return model, meta
+
+
+def _load_weights(model: nn.Module, tensors: dict, checkpoint: str) -> None:
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(tensors)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {checkpoint} does not fit its model: "
-                              f"{str(err).splitlines()[0]}") from err
-    return model, meta
+                              f"{load_error_reason(err)}") from err
 
 
 def load_pretrained(checkpoint: str, num_classes: int, in_channels: int,
@@ -232,5 +246,5 @@ def load_pretrained(checkpoint: str, num_classes: int, in_channels: int,
         raise CheckpointError(f"{checkpoint} was trained on another vocabulary (text) than this "
                               "data's")
     model = rebuild_model(meta)
-    model.load_state_dict(state["model"])
+    _load_weights(model, state["model"], checkpoint)
     return model, meta["model"]

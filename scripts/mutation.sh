@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make mutation`: mutmut on the core modules with their fast tests, one module at a time, then
 # the score. A tool, not a CI step: about 5 minutes on 2 cores for all of them.
-#   scripts/mutation.sh [MODULE ...]   (levels constraint layers lagrangian metrics packing export)
+#   scripts/mutation.sh [MODULE ...]   (levels constraint layers lagrangian metrics packing export
+#                                       oscillation baselines peers)
 # Results stay in mutants/; `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ EXPORT_LAYOUT="cbp.export.x_export__* cbp.export.x__packed_tensors* cbp.export.x
 # after the tests changed, and then reports mutants the new tests kill as surviving
 rm -rf mutants
 modules=("$@")
-[ ${#modules[@]} -eq 0 ] && modules=(levels constraint layers lagrangian metrics packing export)
+[ ${#modules[@]} -eq 0 ] && modules=(levels constraint layers lagrangian metrics packing export
+                                     oscillation baselines peers)
 for module in "${modules[@]}"; do
     if [ "$module" = export ]; then names=$EXPORT_LAYOUT; else names="cbp.$module.*"; fi
     echo "== $module"

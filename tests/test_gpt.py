@@ -122,6 +122,7 @@ HF_LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
 
 @pytest.mark.parametrize("recipe", [
     {"skip_first_last": False, "include": [r"\.layers\.\d+\."]},
+    {"skip_first_last": False, "include": [r"\.layers?\.\d+\."]},   # the README's, BERT's too
     {"skip_first_last": False, "exclude": [r"^lm_head$"]},
     {"skip_first_last": False, "filter_fn": lambda module, name: ".layers." in name},
 ])

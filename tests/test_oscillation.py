@@ -3,12 +3,14 @@
 Every figure is worked out by hand from a weight sequence written into the layer.
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import _assert_same
 
 import cbp
 from cbp.constraint import constraint_and_grad, quantize
@@ -61,6 +63,28 @@ def test_tracker_counts_flips_oscillations_late_flippers_and_level_changes_by_ha
     assert second["late_flippers"] == 0.25      # last flips at steps 3, 2, never, 4; late: after 3
     assert second["level_changes"] == 0.75      # w0, w1, w3 left their starting level
     assert tracker.steps == 4
+
+
+def test_default_momentum_is_nagels_and_the_state_is_11_bytes_per_weight():
+    """At the default m = 0.01 a first reversal sets the frequency to m and decays it by 1 - m
+    (at m = 0.5 a swapped m and 1 - m would give the same numbers); the state's dtypes are the
+    module docstring's 11 bytes per weight, the counts exact integers."""
+    model = toy()
+    put(model, [1, 1, 1, 1])
+    tracker = OscillationTracker(model)
+    for state in ([0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]):   # w0 down, back up, stays
+        put(model, state)
+        tracker.step()
+    assert tracker.frequency["1"].flatten().tolist() == pytest.approx([0.01 * 0.99, 0, 0, 0])
+    state = tracker.state_dict()
+    dtypes = {key: state[key]["1"].dtype for key in
+              ("index", "start", "direction", "frequency", "last_flip")}
+    assert dtypes == {"index": torch.int8, "start": torch.int8, "direction": torch.int8,
+                      "frequency": torch.float32, "last_flip": torch.int32}
+    assert sum(t.element_size() for t in (state[k]["1"] for k in dtypes)) == 11
+    assert state["counts"].dtype == torch.int64 and state["counts"].tolist() == [2, 1]
+    assert level_index(torch.tensor([-0.7, 0.2, 0.9]), torch.tensor([-1.0, 0.0, 1.0])).dtype \
+        == torch.int8
 
 
 def test_tracker_state_round_trips():
@@ -151,6 +175,94 @@ def test_gated_cbp_pulls_only_weights_seen_oscillating():
     assert expected[0] != 0
     with pytest.raises(ValueError, match="use_constraint"):
         OscillationGatedCBP(toy(), cbp.CBPConfig("ternary", use_constraint=False))
+
+
+# ---- the peers' settings, optimizer and state (issue 26: what the mutation run found untested) --
+
+PEERS = {
+    "dampen": lambda model, config, opt: OscillationDampening(
+        model, dataclasses.replace(config, use_constraint=False), opt, total_steps=8, begin=0.25),
+    "freeze": lambda model, config, opt: IterativeFreezing(
+        model, dataclasses.replace(config, use_constraint=False), opt, total_steps=8,
+        threshold=0.3, final_threshold=0.05, begin=0.25, momentum=0.5),
+    "gate": lambda model, config, opt: OscillationGatedCBP(model, config, opt, threshold=0.3,
+                                                           momentum=0.5),
+}
+# w0 and w1 oscillate, w2 travels, w3 stays: every peer has frozen / gated / counted by step 3
+SEQUENCE = [[-1, 1, 0, 1], [1, -1, 1, 1], [-1, 1, 1, 1], [1, -1, -1, 1], [-1, 1, -1, 1],
+            [1, -1, 0, 1]]
+PEER_CONFIG = cbp.CBPConfig("ternary", multiplier_lr=0.5, multiplier_rule="plain", g_init=10)
+
+
+def _put_and_step(peer, model, factors) -> None:
+    put(model, factors)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    peer.step()
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_a_peer_resumed_from_its_state_dict_continues_exactly(name):
+    straight_model, resumed_model = toy(), toy()
+    straight = PEERS[name](straight_model, PEER_CONFIG, None)
+    for factors in SEQUENCE:
+        _put_and_step(straight, straight_model, factors)
+    first = PEERS[name](resumed_model, PEER_CONFIG, None)
+    for factors in SEQUENCE[:3]:
+        _put_and_step(first, resumed_model, factors)
+    resumed = PEERS[name](resumed_model, PEER_CONFIG, None)
+    resumed.load_state_dict(first.state_dict())
+    for factors in SEQUENCE[3:]:
+        _put_and_step(resumed, resumed_model, factors)
+    _assert_same(resumed.state_dict(), straight.state_dict())
+    assert torch.equal(resumed_model[1].weight, straight_model[1].weight)
+    if name == "dampen":   # its state is its step count
+        assert straight.state_dict()["peer_steps"] == len(SEQUENCE)
+    else:                  # the peer acted: the state carried frozen / gated weights
+        assert resumed.epoch_stats() == straight.epoch_stats()
+        assert all(v > 0 for v in straight.epoch_stats().values())
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_a_peer_steps_the_optimizer_it_was_given(name):
+    model = toy()
+    bias = model[0].bias.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    peer = PEERS[name](model, PEER_CONFIG, optimizer)
+    model(torch.ones(1, 2)).sum().backward()
+    peer.step()
+    assert torch.allclose(model[0].bias, bias - 0.1 * model[0].bias.grad)
+
+
+def test_the_peers_defaults_are_nagel_et_al_s_and_this_projects():
+    config = cbp.CBPConfig("ternary", use_constraint=False)
+    damp = OscillationDampening(toy(), config, total_steps=4)
+    assert [damp.weighting() for damp.steps in (0, 1, 4)] == pytest.approx([0, 0, 0.1])
+    freeze = IterativeFreezing(toy(), config, total_steps=4)
+    assert [freeze.current_threshold() for freeze.steps in (0, 1, 4)] == pytest.approx(
+        [0, 0.1, 0.011])
+    assert freeze.tracker.momentum == 0.001
+    gated = OscillationGatedCBP(toy(), cbp.CBPConfig("ternary"))
+    assert (gated.threshold, gated.tracker.momentum) == (0.015, 0.01)
+    assert gated.gate["1"].dtype == torch.bool and not gated.gate["1"].any()
+    for cls in (OscillationDampening, IterativeFreezing):   # one step is a schedule; none is not
+        assert cls(toy(), config, total_steps=1).total_steps == 1
+        with pytest.raises(ValueError, match="total_steps must be >= 1"):
+            cls(toy(), config, total_steps=0)
+    assert cosine_anneal(4, 4, 1.0, 0.0, 0.75) == 0.0   # one annealing step: at the end at once
+
+
+def test_gated_penalty_gradient_is_clipped_like_cbps():
+    model = toy()
+    put(model, [0.8, -0.8, 0.8, 0.8])
+    config = cbp.CBPConfig("ternary", multiplier_lr=0.5, multiplier_rule="plain", g_init=10,
+                           grad_clip_value=1e-3)
+    gated = OscillationGatedCBP(model, config, None)
+    gated.gate["1"].fill_(True)
+    gated.multipliers["1"].fill_(1e3)   # a pull far beyond the clip
+    model[1].weight.grad = torch.zeros(2, 2)
+    gated.add_penalty_grad(config.grad_clip_value)
+    assert model[1].weight.grad.abs().max() == pytest.approx(1e-3)
 
 
 def _schedule_events(config, epochs=40, seed=0):

@@ -1,0 +1,353 @@
+"""Issue 26: models and files cbp has never seen - a model without BatchNorm, tampered checkpoint
+tensors and settings, two runs in one directory, foreign module trees, code for the old API.
+
+Each case runs through the real CLI (``cbp.cli.main``) or the library call a user would make.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import one_thread
+from test_gpt import write_texts
+
+import cbp
+from cbp import cli
+from cbp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cbp.guards import lock_run_dir
+from cbp.plots import plot_run
+from cbp.run_state import check_run_state
+from cbp.runs import CHECKPOINT_NAME, LOCK_NAME, LOG_NAME, RUN_FILES
+
+pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
+
+
+def fails(capsys, argv: list[str], *needles: str) -> str:
+    """``cbp argv`` exits 2 with exactly one line, ``cbp: error: ...``, holding ``needles``."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("cbp: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def flag_refused(capsys, argv: list[str], *needles: str) -> None:
+    """argparse refuses a flag's value: exit 2, its error line names it, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    for needle in needles:
+        assert needle in err.strip().splitlines()[-1], err
+
+
+def tampered(src_dir: str, dst, change) -> str:
+    """A copy of the run directory ``src_dir`` whose checkpoint ``change(state)`` edited."""
+    shutil.copytree(src_dir, dst)
+    path = os.path.join(dst, CHECKPOINT_NAME)
+    state = load_checkpoint(path)
+    change(state)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
+    return str(dst)
+
+
+# ---- a model without BatchNorm: the GPT ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    """A GPT pretrained for two steps on generated text (a model without BatchNorm)."""
+    root = tmp_path_factory.mktemp("gpt")
+    texts = write_texts(root / "texts", chars=20000)
+    common = ["--data", "shakespeare", "--data-dir", texts, "--batch-size", "4", "--epochs", "1",
+              "--epoch-iters", "2", "--val-limit", "2", "--optimizer", "adamw", "--quiet"]
+    with one_thread():
+        assert cli.main(["pretrain", "--model", "gpt", "--out", str(root / "fp"), *common]) == 0
+    return root, common
+
+
+def test_recalibrate_bn_on_a_model_without_batchnorm_is_refused_before_training(gpt_run, capsys):
+    root, common = gpt_run
+    ckpt, out = str(root / "fp" / CHECKPOINT_NAME), root / "q"
+    fails(capsys, ["quantize", "--from", ckpt, "--out", str(out), "--recalibrate-bn", "2",
+                   *common], "--recalibrate-bn: the model has no BatchNorm layer")
+    assert not (out / LOG_NAME).exists()   # refused before the first epoch, not after the last
+    fails(capsys, ["evaluate", ckpt, "--data-dir", common[3], "--recalibrate-bn", "2"],
+          "no BatchNorm layer", "drop --recalibrate-bn")
+
+
+@pytest.mark.parametrize("value", ["nan", "1e-45", "0", "-1", "inf", "x"])
+def test_generate_refuses_a_temperature_it_cannot_sample_with(gpt_run, capsys, value):
+    root, _ = gpt_run
+    flag_refused(capsys, ["generate", str(root / "fp" / CHECKPOINT_NAME), "--tokens", "3",
+                          "--temperature", value], "--temperature")
+
+
+def test_generate_samples_at_the_lowest_temperature_it_accepts(gpt_run, capsys):
+    root, _ = gpt_run
+    capsys.readouterr()
+    assert cli.main(["generate", str(root / "fp" / CHECKPOINT_NAME), "--prompt", "O",
+                     "--tokens", "5", "--temperature", "0.001"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) == 6
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda s: s["meta"].update(vocab=s["meta"]["vocab"][:-1]), "meta.vocab"),   # one token short
+    (lambda s: s["meta"].update(vocab=list(s["meta"]["vocab"])), "meta.vocab"),
+    (lambda s: s["meta"].update(task="poetry"), "meta.task"),
+    (lambda s: s["meta"].update(task="classification"), "meta.task"),
+])
+def test_generate_refuses_a_crafted_vocabulary_or_task(gpt_run, tmp_path, capsys, change, field):
+    root, _ = gpt_run
+    run = tampered(str(root / "fp"), tmp_path / "run", change)
+    fails(capsys, ["generate", os.path.join(run, CHECKPOINT_NAME), "--tokens", "3"],
+          f": {field} must be")
+
+
+# ---- checkpoint tensors and settings -------------------------------------------------------------
+
+def _first_scale(state: dict) -> str:
+    return next(k for k in state["model"] if k.endswith(".cbp_scale"))
+
+
+@pytest.mark.parametrize("value", [math.nan, 0.0, -0.5, math.inf])
+def test_a_tampered_layer_scale_is_refused_naming_the_tensor(reference_run, tmp_path, capsys,
+                                                             value):
+    key = []
+
+    def change(state):
+        key.append(_first_scale(state))
+        state["model"][key[0]] = torch.tensor(value)
+    run = tampered(reference_run, tmp_path / "run", change)
+    for argv in (["evaluate", os.path.join(run, CHECKPOINT_NAME)],
+                 ["export", os.path.join(run, CHECKPOINT_NAME), str(tmp_path / "m.safetensors")]):
+        fails(capsys, argv, f"model.{key[0]} must be positive and finite")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_tampered_factors_and_a_scale_of_the_wrong_shape_are_refused(reference_run, tmp_path,
+                                                                     capsys):
+    def factors(state):
+        key = next(k for k in state["model"] if k.endswith(".cbp_factors"))
+        state["model"][key] = torch.tensor([-2.0, 2.0])
+    run = tampered(reference_run, tmp_path / "a", factors)
+    fails(capsys, ["evaluate", os.path.join(run, CHECKPOINT_NAME)],
+          ".cbp_factors must be the run's levels (meta.factors: [-1.0, 1.0])")
+
+    def shape(state):
+        state["model"][_first_scale(state)] = torch.ones(3)
+    run = tampered(reference_run, tmp_path / "b", shape)
+    fails(capsys, ["evaluate", os.path.join(run, CHECKPOINT_NAME)], "one per output channel")
+
+
+def test_one_scale_per_output_channel_passes_the_check(reference_run):
+    """Per-channel scales ([out, 1, ...] or [out]) are a valid form of the field."""
+    state = load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME))
+    key = _first_scale(state)
+    out = state["model"][key.replace("cbp_scale", "weight")].shape[0]
+    for shape in ((out, 1, 1, 1), (out,)):
+        state["model"][key] = torch.full(shape, 0.25)
+        check_run_state(state, "x.pt")
+    state["model"][key] = torch.full((out, 1, 1, 1), 0.25).index_fill(0, torch.tensor([1]), 0)
+    with pytest.raises(CheckpointError, match=f"model.{key} must be positive"):
+        check_run_state(state, "x.pt")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("epoch_iters", 0), ("seed", 1e30), ("workers", -1), ("batch_size", "32"),
+    ("constraint", "quinary"), ("use_constraint", 1), ("lr", math.nan),
+])
+def test_recorded_settings_are_range_checked_on_resume(reference_run, quantize_argv, tmp_path,
+                                                       capsys, key, value):
+    run = tampered(reference_run, tmp_path / "run",
+                   lambda state: state["meta"]["settings"].update({key: value}))
+    flag = "--" + key.replace("_", "-")
+    fails(capsys, ["quantize", "--out", run, "--resume", "--quiet"],
+          f"settings.{key} ({flag}) is {value!r}, which {flag} does not accept")
+
+
+def test_config_file_values_count_as_given_on_resume(reference_run, tmp_path, capsys):
+    run = shutil.copytree(reference_run, tmp_path / "run")
+    config = tmp_path / "c.toml"
+    config.write_text("[quantize]\nlr = 0.5\np_max = 1\n")   # p_max: the run's own value
+    fails(capsys, ["quantize", "--out", str(run), "--resume", "--config", str(config)],
+          "--lr 0.5 (the run's: 0.001)")
+
+
+def test_overwrite_refuses_to_replace_the_checkpoint_it_quantizes(pretrained, tiny_fashion,
+                                                                  tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    source = out / CHECKPOINT_NAME
+    shutil.copy(pretrained, source)
+    before = source.read_bytes()
+    fails(capsys, ["quantize", "--from", str(source), "--data-dir", tiny_fashion, "--out",
+                   str(out), "--overwrite"], f"--from {source} is a file of --out")
+    assert source.read_bytes() == before
+
+
+# ---- the run directory ---------------------------------------------------------------------------
+
+def test_every_file_a_run_writes_is_one_it_owns(reference_run):
+    """A finished run's directory holds exactly :data:`cbp.runs.RUN_FILES`: a file a run writes
+    but does not own would be replaced in a user's folder without --overwrite."""
+    assert set(os.listdir(reference_run)) == set(RUN_FILES)
+
+
+def test_a_new_run_never_replaces_a_users_oscillations_png(quantize_argv, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "oscillations.png").write_bytes(b"mine")
+    fails(capsys, quantize_argv(str(out), 1), "already holds oscillations.png")
+    assert (out / "oscillations.png").read_bytes() == b"mine"
+
+
+def test_a_live_run_locks_its_directory_and_a_killed_ones_lock_is_taken_over(
+        reference_run, quantize_argv, tmp_path, capsys):
+    run = str(shutil.copytree(reference_run, tmp_path / "run"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cbp.guards import lock_run_dir\n"
+         f"with lock_run_dir({run!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        fails(capsys, ["quantize", "--out", run, "--resume", "--quiet"],
+              f"{run} is being written by another cbp run (pid {holder.pid})")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with open(os.path.join(run, LOCK_NAME)) as f:
+        assert f.read().strip() == str(holder.pid)   # the killed run's lock file is still there
+    with lock_run_dir(run):   # and taken over
+        with open(os.path.join(run, LOCK_NAME)) as f:
+            assert f.read().strip() == str(os.getpid())
+    assert not os.path.exists(os.path.join(run, LOCK_NAME))   # removed by the run that ends
+
+
+# ---- other command-line mistakes -----------------------------------------------------------------
+
+def test_unknown_device_and_huge_seed_are_refused_naming_them(tiny_fashion, tmp_path, capsys):
+    fails(capsys, ["pretrain", "--data-dir", tiny_fashion, "--out", str(tmp_path / "a"),
+                   "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'")
+    flag_refused(capsys, ["pretrain", "--data-dir", tiny_fashion, "--out", str(tmp_path / "b"),
+                          "--seed", str(2**64)], "--seed", "below 2**63")
+
+
+def test_a_checkpoint_that_does_not_fit_says_why(pretrained, tmp_path, capsys):
+    run = tampered(os.path.dirname(pretrained), tmp_path / "run",
+                   lambda state: state["model"].pop("fc.bias"))
+    fails(capsys, ["evaluate", os.path.join(run, CHECKPOINT_NAME)],
+          'does not fit its model: Error(s) in loading state_dict for ResNet20: Missing key(s) '
+          'in state_dict: "fc.bias"')
+
+
+def test_plot_of_a_log_row_without_epoch_or_figure_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "plot_run", plot_run)   # quiet_cli's stand-in draws nothing
+    log = tmp_path / LOG_NAME
+    log.write_text('{"epoch": 1, "top1": 50.0}\n{"top1": 60.0}\n')
+    fails(capsys, ["plot", str(tmp_path)], f"{log}, line 2: not a JSON object with an integer "
+          "'epoch'")
+    log.write_text('{"epoch": 1, "top1": 50.0}\n{"epoch": 2}\n')
+    fails(capsys, ["plot", str(tmp_path)], f"{log}: a row lacks 'top1'")
+
+
+# ---- the library ---------------------------------------------------------------------------------
+
+def test_cbpconfig_refuses_a_pattern_that_is_no_regular_expression():
+    with pytest.raises(ValueError, match=r"include holds '\(', which is not a regular expression"):
+        cbp.CBPConfig(include=["("])
+    with pytest.raises(ValueError, match="exclude must be a list of regular expressions, not one"):
+        cbp.CBPConfig(exclude=r"^fc$")
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_lagrangian_refuses_an_empty_state_and_the_old_api_and_warns_without_backward():
+    model = cbp.prepare(_mlp(), cbp.CBPConfig())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lagrangian = cbp.Lagrangian(model, cbp.CBPConfig(), optimizer)
+    with pytest.raises(ValueError, match="not a Lagrangian.state_dict.*multipliers, g, p"):
+        lagrangian.load_state_dict({})
+    before = model[2].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"penalty alone; call loss.backward\(\) before step"):
+        lagrangian.step()
+    model.zero_grad()
+    before = model[2].weight.detach().clone()
+    loss = model(torch.randn(3, 4)).sum()
+    loss.backward()
+    with pytest.raises(TypeError, match=r"pass the sum to end_epoch\(loss_sum\)"):
+        lagrangian.step(loss)
+    assert torch.equal(model[2].weight, before)
+    lagrangian.step()
+    assert not torch.equal(model[2].weight, before)
+    with pytest.raises(TypeError, match=r"end_epoch\(loss_sum\) needs the epoch's summed"):
+        lagrangian.end_epoch()
+
+
+class _BertStyle(nn.Module):
+    """The module names of a BERT-style encoder (``encoder.layer.N.attention.self.query``)."""
+
+    def __init__(self, d=8, layers=2):
+        super().__init__()
+        self.embeddings = nn.Embedding(11, d)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            block.attention = nn.Module()
+            block.attention.self = nn.Module()
+            for name in ("query", "key", "value"):
+                setattr(block.attention.self, name, nn.Linear(d, d))
+            block.attention.output = nn.Module()
+            block.attention.output.dense = nn.Linear(d, d)
+            block.intermediate, block.output = nn.Module(), nn.Module()
+            block.intermediate.dense, block.output.dense = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+            self.encoder.layer.append(block)
+        self.pooler = nn.Module()
+        self.pooler.dense = nn.Linear(d, d)
+
+
+ENCODER_LINEARS = [f"encoder.layer.{i}.{m}" for i in range(2) for m in (
+    "attention.self.query", "attention.self.key", "attention.self.value",
+    "attention.output.dense", "intermediate.dense", "output.dense")]
+README_RECIPE = {"skip_first_last": False, "include": [r"\.layers?\.\d+\."]}
+
+
+def _bert_from_config() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=16)
+    return transformers.BertModel(config)
+
+
+@pytest.mark.parametrize("build", [_BertStyle, _bert_from_config])
+def test_the_readme_transformer_recipe_selects_every_encoder_linear(build):
+    model = build()
+    assert cbp.select_layers(model, cbp.CBPConfig(**README_RECIPE)) == ENCODER_LINEARS
+    cbp.prepare(model, cbp.CBPConfig("ternary", **README_RECIPE))
+    assert sorted(cbp.quantized_layers(model)) == sorted(ENCODER_LINEARS)
+
+
+def test_no_layer_left_names_the_rules_that_are_on():
+    config = cbp.CBPConfig(skip_first_last=False, include=[r"\.layers\.\d+\."])
+    with pytest.raises(ValueError, match=r"none of the model's 13 Conv/Linear layers passes the "
+                                         r"selection: include \[") as refused:
+        cbp.prepare(_BertStyle(), config)
+    assert "skip_first_last" not in str(refused.value)   # off: not blamed
+    with pytest.raises(ValueError, match="skip_first_last .*--quantize-first-last"):
+        cbp.prepare(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), cbp.CBPConfig())
+    with pytest.raises(ValueError, match="no Conv1d/2d/3d or Linear layer"):
+        cbp.prepare(nn.Sequential(nn.ReLU()), cbp.CBPConfig())
