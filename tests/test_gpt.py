@@ -283,6 +283,32 @@ def test_cli_pretrain_quantize_evaluate_language_model(lm_runs, capsys):
     assert os.path.exists(root / "ter" / "curves.png")
 
 
+def test_cli_quantize_first_last_exports_and_samples_the_trained_model(lm_runs, tmp_path, capsys):
+    """`--quantize-first-last` quantizes the head tied to the float embedding: the export holds
+    both (the head on its levels, the embedding as trained) and computes what the checkpoint's
+    model computes; generate samples what that model samples (issue 26's tied-weight case)."""
+    root, texts = lm_runs
+    out, file = tmp_path / "fl", tmp_path / "fl.safetensors"
+    with one_thread():
+        assert cli.main(["quantize", "--from", str(root / "fp" / CHECKPOINT_NAME), "--constraint",
+                         "ternary", "--quantize-first-last", "--out", str(out), "--data", "shakespeare",
+                         "--data-dir", texts, "--batch-size", "4", "--epochs", "1", "--epoch-iters",
+                         "2", "--val-limit", "4", "--optimizer", "adamw", "--quiet"]) == 0
+        assert cli.main(["export", str(out / CHECKPOINT_NAME), str(file)]) == 0
+    model, meta = runs.load_model(str(out / CHECKPOINT_NAME))
+    assert "lm_head" in cbp.quantized_layers(model) and model.lm_head.weight is model.wte.weight
+    loaded = cbp.load_packed(file, lambda: runs.rebuild_model(meta))
+    assert loaded.lm_head.weight is not loaded.wte.weight
+    x = torch.randint(0, meta["num_classes"], (2, 32))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    capsys.readouterr()
+    assert cli.main(["generate", str(out / CHECKPOINT_NAME), "--prompt", "ROMEO:", "--tokens", "20"]) == 0
+    prompt = CharVocab(meta["vocab"]).encode("ROMEO:")[None]
+    expected = CharVocab(meta["vocab"]).decode(_generate_without_cache(model, prompt, 20, 0)[0])
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_cli_generate_is_deterministic_for_a_seed(lm_runs, capsys):
     root, _ = lm_runs
     ckpt = str(root / "ter" / CHECKPOINT_NAME)
