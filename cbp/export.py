@@ -67,9 +67,8 @@ class ExportError(ValueError):
 def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Every tensor :func:`export` writes, by key, and the layout of the packed and tied ones.
 
-    A key tied to an earlier one that is written alike (both packed on the same levels, or both
-    float) is only a layout entry ``{"tied": earlier key}``. ``cbp.summary`` sizes its table from
-    these, so its totals are the export's payload exactly.
+    A float key tied to an earlier float key is only a layout entry ``{"tied": earlier key}``.
+    ``cbp.summary`` sizes its table from these, so its totals are the export's payload exactly.
     """
     # Own, contiguous copies: safetensors refuses tensors sharing memory (tied weights).
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -84,10 +83,8 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         layout[key] = {"shape": list(weight.shape), "n_levels": group.levels,
                        "group": [group.size, group.bits],
                        "dtype": str(weight.dtype).removeprefix("torch.")}
-    layers = quantized_layers(model)
     for key, first in tied_keys(model).items():
-        packed = [layers[k.removesuffix(".weight")].levels for k in (key, first) if k in layout]
-        if len(packed) == 0 or (len(packed) == 2 and torch.equal(*packed)):
+        if key not in layout and first not in layout:   # packed copies are small: kept as they are
             del tensors[key]
             layout[key] = {"tied": first}
     return tensors, layout

@@ -93,6 +93,26 @@ def test_two_quantized_layers_tied_to_each_other_and_a_float_one_keep_their_tie(
     assert torch.equal(plain(x), net(x))
 
 
+def test_quantized_layers_tied_to_each_other_load_tied(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    net[2].weight = net[0].weight
+    cbp.prepare(net, cbp.CBPConfig("ternary", skip_first_last=False))
+    path = export(net, tmp_path / "m.safetensors")
+    assert not any("tied" in e for e in read_meta(path.read_bytes())[1])   # packed twice
+    table = summary(net)
+    assert [(r.name, r.bits) for r in table.rows] == [("0", 46 / 29), ("2", 46 / 29)]
+    assert table.packed_bytes == sum(t.nbytes for t in st_load(path.read_bytes()).values())
+    def tied_net():
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+        net[2].weight = net[0].weight
+        return net
+    plain = load_packed(path, tied_net)   # equal values: the model's tie is kept
+    assert plain[2].weight is plain[0].weight
+    x = torch.randn(3, 8)
+    assert torch.equal(plain(x), net(x))
+
+
 @pytest.mark.parametrize("name", ["tied", "head_quantized"])
 def test_version_3_files_of_a_tied_model_still_load(name):
     """``fixtures/export_v3_gpt_*`` were written by main at 97f0691 (format version 3: the tied
