@@ -18,8 +18,8 @@ then takes the form with the least estimated time over the steps still to come
 nothing is assumed to run as many steps again as it has, and is reconsidered whenever that
 doubles): eager costs its measured pass every step, a compiled form its compile time plus
 1/``SPEEDUP`` of it (and the per-layer calls). :attr:`PenaltyKernel.decision` says which and why;
-``fit`` writes it into the log. If compiling fails (no C++ compiler, no Triton) the eager form is
-used from then on.
+``fit`` prints it (``cbp: penalty pass: ...``). If compiling fails (no C++ compiler, no Triton)
+the eager form is used from then on.
 """
 
 from __future__ import annotations
