@@ -221,6 +221,18 @@ def test_fit_announces_the_run_length(monkeypatch, tmp_path):
     assert planned == [tiny_run.EPOCHS * 64 // tiny_run.BATCH]
 
 
+def test_fit_prints_the_penalty_pass_it_chose(tmp_path, capsys):
+    """A short run (24 steps of a small MLP) stays eager and says so once, with its estimate."""
+    import tiny_run
+
+    run = tiny_run.build(str(tmp_path), "adam")
+    run.show_progress = True
+    cbp.train.fit(run)
+    said = [line for line in capsys.readouterr().out.splitlines() if "penalty pass" in line]
+    assert len(said) == 1 and said[0].startswith("cbp: penalty pass: eager (eager pass ")
+    assert "estimated over 19 steps: eager " in said[0]
+
+
 def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
     """Issue 14 item 11: torch's "No CUDA runtime is found, using CUDA_HOME" notice, logged when
     compiling first imports torch.utils.cpp_extension, says nothing about a CPU run."""
