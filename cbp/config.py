@@ -139,9 +139,10 @@ class CBPConfig:
         1.0, "clamp quantized weights to [-c, c] after each step (reference code; none: off)")
 
     compile_penalty: bool | None = _doc(
-        None, "torch.compile the penalty kernel (cbp.penalty): unset = at the start of a run of "
-        "at least 200 steps (Lagrangian.plan), else never; on = always; off = never (eager: the "
-        "same numbers, slower)")
+        None, "torch.compile the penalty kernel (cbp.penalty): unset = after 5 eager steps, in the "
+        "form (eager, per-layer or one-graph compiled) with the least estimated time over the "
+        "run's remaining steps (Lagrangian.plan); on = one graph from the first step; off = never "
+        "(eager: the same numbers, slower)")
 
     factors: tuple[float, ...] = field(init=False, repr=False)
     g_final: InitVar[float | None] = None  # the old name of stop_once_g_exceeds: a clear error

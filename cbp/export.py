@@ -1,6 +1,6 @@
 """A truly small saved model: quantized weights as packed level indices in one safetensors file.
 
-Layout of a file written by :func:`export` (format ``cbp-packed``, version 3):
+Layout of a file written by :func:`export` (format ``cbp-packed``, version 4):
 
 * tensor ``packed`` (uint8): the level indices of every quantized layer ``L``, packed by
   :func:`cbp.packing.pack_indices` in base-k groups near log2 k bits per weight (1 bit binary,
@@ -16,12 +16,13 @@ Layout of a file written by :func:`export` (format ``cbp-packed``, version 3):
 * the header's metadata key ``"cbp"``: JSON ``{"format", "version", "crc32", "layout"}``;
   ``layout`` is the zlib-compressed, base64-encoded JSON list of the ``state_dict`` entries in
   order, ``{"key", "shape", "dtype"}`` plus ``"n_levels"`` and ``"group"`` (``[indices, bits]``
-  per group) for packed weights; ``crc32`` covers everything the reader uses (see
+  per group) for packed weights, or ``{"key", "tied"}`` for a Parameter stored once under the
+  earlier key ``tied`` (tied weights, :mod:`cbp.ties`); ``crc32`` covers everything the reader uses (see
   :func:`checksum`): a flipped bit, or two layout entries swapped, is an error, not a silently
   worse model.
 
-Version 2 files (``"bits"`` per index in place of ``"group"``, a CRC of the tensor data alone)
-still load.
+Version 3 files (no ``"tied"`` entries: a tied weight written twice) and version 2 files
+(``"bits"`` per index in place of ``"group"``, a CRC of the tensor data alone) still load.
 
 Why so few tensors: safetensors spends about 100 header bytes per tensor, and a ResNet-20 has 168
 ``state_dict`` entries - 16 KB of header against 50 KB of binary weights and float parts. Grouped,
@@ -50,10 +51,11 @@ from .checkpoint import WriteError, atomic_write
 from .constraint import level_index, level_values, scaled_levels
 from .layers import convert, quantized_layers
 from .packing import Grouping, field_grouping, grouping, pack_indices, unpack_indices
+from .ties import share_as_stored, tied_keys
 
 FORMAT = "cbp-packed"
-VERSION = 3
-READABLE = (2, 3)   # version 2: one ceil(log2 k)-bit field per index, CRC of the tensor data only
+VERSION = 4
+READABLE = (2, 3, 4)   # 3: no "tied" entries; 2: one ceil(log2 k)-bit field per index, CRC of data
 PACKED = "packed"  # the tensor holding every packed weight
 _META_KEY = "cbp"
 _FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
@@ -66,8 +68,9 @@ class ExportError(ValueError):
 # -- writing ---------------------------------------------------------------------------------------
 
 def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Every tensor :func:`export` writes, by key, and the layout of the packed ones.
+    """Every tensor :func:`export` writes, by key, and the layout of the packed and tied ones.
 
+    A float key tied to an earlier float key is only a layout entry ``{"tied": earlier key}``.
     ``cbp.summary`` sizes its table from these, so its totals are the export's payload exactly.
     """
     # Own, contiguous copies: safetensors refuses tensors sharing memory (tied weights).
@@ -83,6 +86,10 @@ def packed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         layout[key] = {"shape": list(weight.shape), "n_levels": group.levels,
                        "group": [group.size, group.bits],
                        "dtype": str(weight.dtype).removeprefix("torch.")}
+    for key, first in tied_keys(model).items():
+        if key not in layout and first not in layout:   # packed copies are small: kept as they are
+            del tensors[key]
+            layout[key] = {"tied": first}
     return tensors, layout
 
 
@@ -118,13 +125,16 @@ def write_file(path: Path, data: bytes) -> None:
         raise ExportError(f"{path}: cannot write ({err.strerror or err})") from err
 
 
-def _grouped(tensors: dict[str, torch.Tensor],
+def _grouped(order: list[str], tensors: dict[str, torch.Tensor],
              packed: dict[str, dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """One flat tensor per group (``packed``, or a dtype name) and the layout that splits them."""
     groups: dict[str, list[torch.Tensor]] = {}
     layout = []
-    for key, tensor in tensors.items():
-        if key in packed:
+    for key in order:
+        tensor = tensors.get(key)
+        if tensor is None:
+            layout.append({"key": key, **packed[key]})
+        elif key in packed:
             groups.setdefault(PACKED, []).append(tensor)
             layout.append({"key": key, **packed[key]})
         else:
@@ -136,7 +146,7 @@ def _grouped(tensors: dict[str, torch.Tensor],
 
 def export(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` (prepared or plain) as one packed safetensors file; return its path."""
-    grouped, layout = _grouped(*packed_tensors(model))
+    grouped, layout = _grouped(list(model.state_dict()), *packed_tensors(model))
     encoded = base64.b64encode(zlib.compress(json.dumps(layout, separators=(",", ":")).encode(), 9))
     meta = {"format": FORMAT, "version": VERSION, "layout": encoded.decode()}
     unsigned = st_save(grouped, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
@@ -207,6 +217,9 @@ def _entry_grouping(entry: dict, version: int) -> Grouping:
 
 def _valid_entry(entry: dict, version: int) -> bool:
     """Type-checks one layout entry; a packed one gains ``"grouping"``."""
+    if "tied" in entry:
+        return version >= 4 and set(entry) == {"key", "tied"} and all(
+            isinstance(value, str) for value in entry.values())
     try:
         ok = (isinstance(entry["key"], str)
               and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
@@ -252,7 +265,7 @@ def _split(grouped: dict[str, torch.Tensor], layout: list[dict],
            where: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Cut the group tensors back into ``(float entries, packed weights)`` by key."""
     state, packed, used = {}, {}, dict.fromkeys(grouped, 0)
-    for entry in layout:
+    for entry in [e for e in layout if "tied" not in e]:
         key, count = entry["key"], math.prod(entry["shape"])
         group = PACKED if "grouping" in entry else entry["dtype"]
         size = entry["grouping"].nbytes(count) if group == PACKED else count
@@ -300,7 +313,8 @@ def _unpack_weight(entry: dict, packed: torch.Tensor, state: dict[str, torch.Ten
 
 
 def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The float ``state_dict`` stored in an export: packed weights rebuilt on their levels."""
+    """The float ``state_dict`` stored in an export: packed weights rebuilt on their levels, and a
+    tied key holding the very tensor of the key it is tied to."""
     where = str(path)
     try:
         data = Path(path).read_bytes()
@@ -320,6 +334,11 @@ def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     weights = {e["key"]: _unpack_weight(e, packed[e["key"]], state, where)
                for e in layout if "grouping" in e}
     state.update(weights)   # the levels and scales went into the weights: not float-model state
+    for entry in (e for e in layout if "tied" in e):
+        if entry["tied"] not in state:
+            raise ExportError(f"{where}: corrupted cbp metadata: {entry['key']!r} is tied to "
+                              f"{entry['tied']!r}, which the file does not hold before it")
+        state[entry["key"]] = state[entry["tied"]]
     return {e["key"]: state[e["key"]] for e in layout if e["key"] in state}  # state_dict order
 
 
@@ -342,7 +361,8 @@ def load_packed(path: str | os.PathLike,
     """A plain float model, in eval mode, computing what the exported prepared model computed.
 
     ``model_builder`` builds the float architecture (``lambda: build_model(...)``), or is that
-    model itself, which is then filled in place (a prepared one is converted first).
+    model itself, which is then filled in place (a prepared one is converted first). Its
+    Parameters end up shared as the file's tensors are (:func:`cbp.ties.share_as_stored`).
     """
     state = read_packed(path)
     model = model_builder if isinstance(model_builder, nn.Module) else model_builder()
@@ -350,5 +370,6 @@ def load_packed(path: str | os.PathLike,
         raise ExportError(f"model_builder must return an nn.Module, got {type(model).__name__}")
     convert(model, inplace=True)
     _check_fits(state, model, str(path))
+    share_as_stored(model, state)
     model.load_state_dict(state)
     return model.eval()

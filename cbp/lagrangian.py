@@ -94,6 +94,12 @@ class Lagrangian:
         """Announce that about ``steps`` steps follow: the automatic compile policy needs it."""
         self._kernel.plan(steps)
 
+    @property
+    def penalty_pass(self) -> str | None:
+        """Which form of the penalty pass runs, and why (``cbp.penalty.PenaltyKernel.decision``);
+        None until the automatic policy has decided."""
+        return self._kernel.decision
+
     @torch.no_grad()
     def add_penalty_grad(self, clip: float | None = None) -> torch.Tensor:
         """Add ``lambda * d cs / d w`` to each quantized weight's ``.grad``; return the penalty value.

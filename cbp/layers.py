@@ -217,12 +217,24 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Plain ``nn.Conv*d`` / ``nn.Linear`` layers with weights snapped to their levels.
 
     The result needs no ``cbp`` code to run and computes exactly what the prepared model computes.
+    A weight the quantized layer shares with a float layer (a head tied to an embedding) stays
+    float there; the quantized layer gets its own snapped copy (:mod:`cbp.ties`).
     """
     if not inplace:
         model = copy.deepcopy(model)
+    float_owned = {id(p) for m in model.modules() if not isinstance(m, QuantizedLayer)
+                   for p in m.parameters(recurse=False)}
+    copies: dict[int, nn.Parameter] = {}  # layers tied to each other (and a float one) stay tied
     for name, layer in quantized_layers(model).items():
-        with torch.no_grad():
-            layer.weight.copy_(quantize(layer.weight, layer.levels))
+        weight = layer.weight
+        if id(weight) in float_owned:
+            if id(weight) not in copies:
+                copies[id(weight)] = nn.Parameter(quantize(weight.detach(), layer.levels),
+                                                  requires_grad=weight.requires_grad)
+            layer.weight = copies[id(weight)]
+        else:
+            with torch.no_grad():
+                weight.copy_(quantize(weight, layer.levels))
         plain = _swap_class(layer, _FLOAT_OF[type(layer)])
         del plain._buffers["cbp_factors"], plain._buffers["cbp_scale"]
         model = _set_submodule(model, name, plain)

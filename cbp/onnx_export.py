@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
 
 def check_onnx(path: str | os.PathLike, model: nn.Module, example_input: torch.Tensor,
                atol: float = 1e-5) -> float:
-    """Largest gap between onnxruntime's and PyTorch's outputs; ExportError above ``atol``."""
+    """Largest gap between onnxruntime's outputs and ``model``'s own (in eval mode, on a copy);
+    ExportError above ``atol``. The reference is the model as trained, not ``cbp.convert``'s
+    copy, so a conversion that changed what the model computes is caught here too."""
     ort = _onnx_runtime()
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -64,7 +67,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, example_input: torch.T
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ExportError(f"{path}: onnxruntime cannot run it ({reason})") from None
     with torch.no_grad():
-        expected = convert(model).eval()(example_input).cpu()
+        expected = copy.deepcopy(model).eval()(example_input).cpu()
     if got.shape != expected.shape:
         raise ExportError(f"{path}: ONNX output shape {tuple(got.shape)}, "
                           f"PyTorch {tuple(expected.shape)}")

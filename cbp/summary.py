@@ -69,7 +69,7 @@ def summary(model: nn.Module) -> Summary:
     tensors, layout = packed_tensors(model)
     quantized = quantized_layers(model)
     rows: dict[str, dict] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in tensors.items():   # a tied key is stored (and counted) once, not here
         name = key.rpartition(".")[0]
         row = rows.setdefault(name, {"float": 0, "packed": 0})
         row["packed"] += tensor.nbytes

@@ -384,9 +384,14 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         return rows
     epochs = tqdm(range(pos.epoch, run.epochs), initial=pos.epoch, total=run.epochs,
                   desc="epochs", unit="epoch", disable=not (run.show_progress and ctx.is_main))
+    said = None
     for epoch in epochs:
         tic = time.perf_counter()
         stats = train_epoch(run, net, loader, epoch, pos if epoch == pos.epoch else None, stop)
+        decision = run.lagrangian.penalty_pass if run.lagrangian is not None else None
+        if decision != said and run.show_progress and ctx.is_main:
+            said = decision
+            epochs.write(f"cbp: penalty pass: {decision}")
         if not _finite(run.model):
             raise NonFiniteError(f"the weights became NaN or infinite in epoch {epoch + 1}")
         if stats["stopped_at"] is not None:

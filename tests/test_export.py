@@ -156,7 +156,7 @@ def test_load_packed_predicts_exactly_like_the_prepared_model(tmp_path, levels):
     for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "13.bias", "0.weight"):
         assert torch.equal(plain.state_dict()[key], model.state_dict()[key])
     meta, layout = read_meta(path.read_bytes())
-    assert (meta["format"], meta["version"]) == ("cbp-packed", 3)
+    assert (meta["format"], meta["version"]) == ("cbp-packed", 4)
     assert [e["key"] for e in layout] == list(model.state_dict())
     k = len(cbp.resolve_factors(levels))
     groups = [(e["n_levels"], e["group"]) for e in layout if "group" in e]

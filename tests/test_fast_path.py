@@ -12,7 +12,7 @@ import torch.nn as nn
 import cbp
 import cbp.train
 from cbp.constraint import constraint, constraint_and_grad
-from cbp.penalty import AUTO_COMPILE_STEPS, PenaltyKernel, penalty_grad_, penalty_grads_
+from cbp.penalty import PenaltyKernel, penalty_grad_, penalty_grads_
 
 LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
 GS = [1.0, 3.0, 50.0, math.inf]
@@ -125,7 +125,7 @@ def test_auto_mode_stays_eager_for_short_runs():
     kernel = PenaltyKernel(False)
     kernel.steps = 10**9
     kernel.start_step(torch.device("cpu"))
-    assert kernel.compiled is None
+    assert kernel.compiled is None and kernel.decision == "eager (compile_penalty=False)"
 
 
 def test_bad_compile_setting_is_a_clear_error():
@@ -141,24 +141,73 @@ def test_constraint_and_grad_matches_constraint():
         assert torch.allclose(cs, constraint(w, levels, g), atol=1e-6)
 
 
-def test_auto_mode_compiles_at_the_start_of_a_long_run_only(monkeypatch):
-    """Issue 14 item 11: a loop that announces a long run compiles at its first step (no pause
-    mid-run); one that announces a short run never compiles; one that announces nothing compiles
-    once AUTO_COMPILE_STEPS steps have passed."""
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
-    cpu = torch.device("cpu")
-    long_run, short_run, unknown = PenaltyKernel(None), PenaltyKernel(None), PenaltyKernel(None)
-    long_run.plan(AUTO_COMPILE_STEPS)
-    short_run.plan(AUTO_COMPILE_STEPS - 1)
-    long_run.start_step(cpu)
-    assert compiled == [penalty_grads_]
-    for _ in range(AUTO_COMPILE_STEPS + 5):
-        short_run.start_step(cpu)
-    assert short_run.compiled is None
-    for step in range(1, AUTO_COMPILE_STEPS + 2):
-        unknown.start_step(cpu)
-        assert (unknown.compiled is not None) == (step > AUTO_COMPILE_STEPS)
+class FakeClock:
+    """Each reading ``dt`` later than the one before: every timed eager pass takes ``dt``."""
+
+    def __init__(self, dt: float) -> None:
+        self.t, self.dt = 0.0, dt
+
+    def __call__(self) -> float:
+        self.t += self.dt
+        return self.t
+
+
+def run_kernel(kernel: PenaltyKernel, steps: int, layers: int) -> list[int]:
+    """``steps`` steps of ``layers`` small layers; the steps at which torch.compile was called."""
+    ws = [torch.linspace(-1, 1, 6) for _ in range(layers)]
+    compiled_at = []
+    for step in range(1, steps + 1):
+        before = kernel.compiled
+        kernel.start_step(torch.device("cpu"))
+        if kernel.compiled is not before:
+            compiled_at.append(step)
+        kernel(ws, [torch.ones(6)] * layers, [torch.zeros(6) for _ in ws],
+               [torch.tensor([-1.0, 1.0])] * layers, [torch.tensor(0.5)] * layers, 1.0)
+    return compiled_at
+
+
+@pytest.mark.parametrize("planned, form", [(100_000, "one-graph"), (3000, "per-layer"),
+                                           (300, "eager")])
+def test_auto_mode_takes_the_form_with_the_least_estimated_time(monkeypatch, planned, form):
+    """20 layers, an eager pass of 8 ms (a binary ResNet-20 on this CPU), 5 steps timed (the
+    first untimed), then over the 5 steps done less: eager 8 ms a step; per-layer 13 s + (8/15 ms
+    + 20 x 0.1 ms) a step; one-graph 20 x 3 s + 8/15 ms a step."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn) or fn)
+    kernel = PenaltyKernel(None, clock=FakeClock(0.008))
+    kernel.plan(planned)
+    assert run_kernel(kernel, 5, 20) == [] and kernel.decision is None
+    assert run_kernel(kernel, 20, 20) == ([] if form == "eager" else [1])   # step 6 of the run
+    remaining = planned - 5
+    costs = (remaining * 0.008, 13 + remaining * (0.008 / 15 + 20e-4),
+             60 + remaining * 0.008 / 15)
+    assert kernel.decision == (
+        f"{form}{' compiled' if form != 'eager' else ''} (eager pass 8.0 ms/step measured; "
+        f"estimated over {remaining} steps: eager {costs[0]:.0f} s, per-layer {costs[1]:.0f} s, "
+        f"one-graph {costs[2]:.0f} s)")
+    assert calls == {"eager": [], "per-layer": [penalty_grad_], "one-graph": [penalty_grads_]}[form]
+
+
+def test_auto_mode_in_a_loop_of_unknown_length_looks_again_as_it_grows(monkeypatch):
+    """No plan: the steps to come are taken to be as many as those done, reconsidered at steps
+    6, 12, 24, ... With 2 layers and a 100 ms eager pass, one-graph (6 s + 100/15 ms a step)
+    beats eager (100 ms a step) from 65 steps on: over 95 steps at step 96, not over 47 at 48."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    kernel = PenaltyKernel(None, clock=FakeClock(0.1))
+    assert run_kernel(kernel, 95, 2) == []
+    assert kernel.decision.startswith("eager (eager pass 100.0 ms/step measured; estimated over "
+                                      "47 steps: eager 5 s, per-layer 13 s, one-graph 6 s)")
+    assert run_kernel(kernel, 10, 2) == [1]
+    assert kernel.decision.startswith("one-graph compiled (eager pass 100.0 ms/step measured; "
+                                      "estimated over 95 steps:")
+
+
+def test_a_set_policy_decides_at_the_first_step(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    on, off = PenaltyKernel(True), PenaltyKernel(False)
+    assert run_kernel(on, 3, 2) == [1] and run_kernel(off, 3, 2) == []
+    assert on.decision == "one-graph compiled (compile_penalty=True)"
+    assert off.decision == "eager (compile_penalty=False)"
 
 
 def test_fit_announces_the_run_length(monkeypatch, tmp_path):
@@ -172,6 +221,18 @@ def test_fit_announces_the_run_length(monkeypatch, tmp_path):
     assert planned == [tiny_run.EPOCHS * 64 // tiny_run.BATCH]
 
 
+def test_fit_prints_the_penalty_pass_it_chose(tmp_path, capsys):
+    """A short run (24 steps of a small MLP) stays eager and says so once, with its estimate."""
+    import tiny_run
+
+    run = tiny_run.build(str(tmp_path), "adam")
+    run.show_progress = True
+    cbp.train.fit(run)
+    said = [line for line in capsys.readouterr().out.splitlines() if "penalty pass" in line]
+    assert len(said) == 1 and said[0].startswith("cbp: penalty pass: eager (eager pass ")
+    assert "estimated over 19 steps: eager " in said[0]
+
+
 def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
     """Issue 14 item 11: torch's "No CUDA runtime is found, using CUDA_HOME" notice, logged when
     compiling first imports torch.utils.cpp_extension, says nothing about a CPU run."""
@@ -183,9 +244,10 @@ def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
     assert "CUDA" not in result.stderr
 
 
-def train_steps(compile_penalty: bool,
+def train_steps(compile_penalty: bool | None, form: str | None = None,
                 scale: str = "per-layer") -> tuple[cbp.Lagrangian, dict, list[float]]:
-    """Four CBP steps and two epoch ends on a small net, the penalty kernel compiled or eager."""
+    """Four CBP steps and two epoch ends on a small net, the penalty kernel compiled or eager
+    (``form``: that compiled form from the first step)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(),
                           nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 3))
@@ -194,6 +256,8 @@ def train_steps(compile_penalty: bool,
     cbp.prepare(model, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     lag = cbp.Lagrangian(model, config, optimizer)
+    if form is not None:
+        lag._kernel._compile(form, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
     sums = []
     for _ in range(2):
@@ -209,11 +273,12 @@ def train_steps(compile_penalty: bool,
     return lag, {"model": model.state_dict(), **lag.state_dict()["multipliers"]}, sums
 
 
+@pytest.mark.parametrize("form", ["one-graph", "per-layer"])
 @pytest.mark.parametrize("scale", ["per-layer", "per-channel"])
-def test_compiled_kernel_trains_like_the_eager_form(scale):
-    """The path of every run past 200 steps, compiled from the first step, against eager."""
+def test_compiled_kernel_trains_like_the_eager_form(form, scale):
+    """Each compiled form from the first step, against eager, with either kind of scale."""
     eager_lag, eager, eager_sums = train_steps(compile_penalty=False, scale=scale)
-    compiled_lag, compiled, compiled_sums = train_steps(compile_penalty=True, scale=scale)
+    compiled_lag, compiled, compiled_sums = train_steps(None, form, scale)
     assert eager_lag._kernel.compiled is None
     assert compiled_lag._kernel.compiled is not None, "torch.compile failed: eager was used"
     # slopes are exactly +-2 or 0, so the gradients and the weights agree bit for bit; the

@@ -16,7 +16,7 @@ from conftest import one_thread
 import cbp
 from cbp import cli, runs
 from cbp.checkpoint import load_checkpoint
-from cbp.gpt import CBP_SELECTION, GPT, GPTConfig, generate
+from cbp.gpt import CBP_SELECTION, GPT, GPTConfig, KVCache, generate
 from cbp.tasks import LanguageModel
 from cbp.text import CharVocab, CharWindows, load_text, read_corpus, split_text
 from cbp.train import CHECKPOINT_NAME, LOG_NAME, read_jsonl
@@ -284,6 +284,32 @@ def test_cli_pretrain_quantize_evaluate_language_model(lm_runs, capsys):
     assert os.path.exists(root / "ter" / "curves.png")
 
 
+def test_cli_quantize_first_last_exports_and_samples_the_trained_model(lm_runs, tmp_path, capsys):
+    """`--quantize-first-last` quantizes the head tied to the float embedding: the export holds
+    both (the head on its levels, the embedding as trained) and computes what the checkpoint's
+    model computes; generate samples what that model samples (issue 26's tied-weight case)."""
+    root, texts = lm_runs
+    out, file = tmp_path / "fl", tmp_path / "fl.safetensors"
+    with one_thread():
+        assert cli.main(["quantize", "--from", str(root / "fp" / CHECKPOINT_NAME), "--constraint",
+                         "ternary", "--quantize-first-last", "--out", str(out), "--data", "shakespeare",
+                         "--data-dir", texts, "--batch-size", "4", "--epochs", "1", "--epoch-iters",
+                         "2", "--val-limit", "4", "--optimizer", "adamw", "--quiet"]) == 0
+        assert cli.main(["export", str(out / CHECKPOINT_NAME), str(file)]) == 0
+    model, meta = runs.load_model(str(out / CHECKPOINT_NAME))
+    assert "lm_head" in cbp.quantized_layers(model) and model.lm_head.weight is model.wte.weight
+    loaded = cbp.load_packed(file, lambda: runs.rebuild_model(meta))
+    assert loaded.lm_head.weight is not loaded.wte.weight
+    x = torch.randint(0, meta["num_classes"], (2, 32))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    capsys.readouterr()
+    assert cli.main(["generate", str(out / CHECKPOINT_NAME), "--prompt", "ROMEO:", "--tokens", "20"]) == 0
+    prompt = CharVocab(meta["vocab"]).encode("ROMEO:")[None]
+    expected = CharVocab(meta["vocab"]).decode(_generate_without_cache(model, prompt, 20, 0)[0])
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_cli_generate_is_deterministic_for_a_seed(lm_runs, capsys):
     root, _ = lm_runs
     ckpt = str(root / "ter" / CHECKPOINT_NAME)
@@ -297,17 +323,54 @@ def test_cli_generate_is_deterministic_for_a_seed(lm_runs, capsys):
     assert outputs[0].startswith("ROMEO:") and len(outputs[0].rstrip("\n")) == 46
 
 
+def _generate_without_cache(model, idx, tokens, seed, temperature=1.0, top_k=None):
+    """The sampling loop by hand: the whole last-``context`` window through the model every step."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(tokens):
+            logits = model(idx[:, -model.cfg.context:])[:, -1] / temperature
+            if top_k is not None:
+                logits[logits < logits.topk(top_k).values[:, -1:]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
+            idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
 def test_generate_matches_sampling_by_hand():
     model = tiny_gpt().eval()
     idx = torch.tensor([[1, 2]])
-    out = generate(model, idx, 3, seed=5)
-    gen = torch.Generator().manual_seed(5)
-    expected = idx
+    assert torch.equal(generate(model, idx, 3, seed=5), _generate_without_cache(model, idx, 3, 5))
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 4}])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_the_kv_cache_samples_what_the_whole_window_samples_also_past_the_context(options, prepared):
+    """40 tokens after a 3-token prompt with a 16-token context: 13 steps on the cache, then 27 on
+    a sliding window (every step re-run); token for token what the cache-free loop draws."""
+    model = tiny_gpt(seed=3).eval()
+    if prepared:
+        cbp.prepare(model, cbp.CBPConfig("ternary", **CBP_SELECTION))
+    idx = torch.tensor([[4, 1, 7]])
+    for seed in (0, 1):
+        out = generate(model, idx, 40, seed=seed, **options)
+        assert out.shape == (1, 43) and torch.equal(out[:, :3], idx)
+        assert torch.equal(out, _generate_without_cache(model, idx, 40, seed, **options))
+
+
+def test_a_cached_forward_gives_the_logits_of_the_whole_sequence():
+    model = tiny_gpt().eval()
+    x = torch.randint(0, 11, (2, 16))
+    cache = KVCache(TINY.layers)
     with torch.no_grad():
-        for _ in range(3):
-            probs = F.softmax(model(expected)[:, -1], dim=-1)
-            expected = torch.cat([expected, torch.multinomial(probs, 1, generator=gen)], dim=1)
-    assert torch.equal(out, expected)
+        steps = [model(x[:, :5], cache)] + [model(x[:, i : i + 1], cache) for i in range(5, 16)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), model(x))
+        assert cache.length == 16 and cache.layers[1][0].shape == (2, 2, 16, 8)
+        with pytest.raises(ValueError, match="17 tokens is longer than the context 16"):
+            model(x[:, :1], cache)
+        short = KVCache(TINY.layers)
+        model(x[:, :3], short)
+        with pytest.raises(ValueError, match="one token at a time"):
+            model(x[:, 3:5], short)
 
 
 def test_cli_language_model_mistakes_are_one_line(lm_runs, tiny_fashion, tmp_path, capsys):
