@@ -49,7 +49,11 @@ def plan(budgets, base: compare.Size = compare.FULL):
 def run(budgets, cache: str, results_file: str | None, jobs: int, cached: bool,
         base: compare.Size = compare.FULL) -> dict:
     """Every cell of the rungs (read when already computed), merged into ``results_file``;
-    ``{(budget, model, levels): cells}``. Each rung's wall time is printed."""
+    ``{(budget, model, levels): cells}``. Each rung's wall time is printed.
+
+    ``cached``: train nothing; this code version's cells found in the cache are merged into
+    ``results_file``, and the tables take that file's cells of whatever version they were
+    computed with - one version per table (:func:`committed`)."""
     out = {}
     for size, model, lv, methods in plan(budgets, base):
         tic = time.perf_counter()
@@ -58,10 +62,25 @@ def run(budgets, cache: str, results_file: str | None, jobs: int, cached: bool,
                                 known=compare.read_results(results_file))
         if results_file and cells:
             compare.save_results(results_file, cells)
+        if cached and results_file:
+            cells = committed(compare.read_results(results_file), size, model, lv, methods)
         print(f"{size.budget}x {model} {lv}: {len(cells)} cells, "
               f"{time.perf_counter() - tic:.0f} s", file=sys.stderr)
         out[(size.budget, model, lv)] = cells
     return out
+
+
+def committed(results: list[dict], size: compare.Size, model: str, lv: str, methods) -> list[dict]:
+    """A rung's cells of one model and level set from a results file, whatever code version
+    computed them; cells of two settings or versions (two keys) are refused, never mixed."""
+    rows = [r for r in results if r.get("budget", 1) == size.budget and r["model"] == model
+            and r["method"] in methods and r["levels"] in (lv, "-")
+            and r["seed"] < compare.seeds(size, model)]
+    keys = sorted({r["key"] for r in rows})
+    if len(keys) > 1:
+        raise ValueError(f"{size.budget}x {model} {lv}: cells of {len(keys)} settings or code "
+                         f"versions ({', '.join(keys)}) in the results file; recompute one of them")
+    return rows
 
 
 def ladder_table(cells: dict, model: str, lv: str, key: str) -> list[str]:
@@ -95,7 +114,8 @@ def steps(cells: dict, k: int, model: str, lv: str) -> int:
 
 def report(cells: dict, base: compare.Size = compare.FULL) -> str:
     out = []
-    pairs = sorted({(m, lv) for _, m, lv in cells}, key=lambda c: list(compare.MODELS).index(c[0]))
+    pairs = sorted({(m, lv) for (_, m, lv), rows in cells.items() if rows},
+                   key=lambda c: list(compare.MODELS).index(c[0]))
     for model, lv in pairs:
         for key, what in (("top1", "BN re-estimated"), ("top1_train_bn", "training BN")):
             out += [f"### {compare.MODELS[model]}, {lv}: Δ top-1 vs STE-only, {what}", "",
@@ -124,7 +144,8 @@ def plot(cells: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = sorted({(m, lv) for _, m, lv in cells}, key=lambda c: list(compare.MODELS).index(c[0]))
+    pairs = sorted({(m, lv) for (_, m, lv), rows in cells.items() if rows},
+                   key=lambda c: list(compare.MODELS).index(c[0]))
     fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.2), squeeze=False)
     for ax, (model, lv) in zip(axes[0], pairs):
         budgets = sorted(k for k, m, v in cells if (m, v) == (model, lv) and cells[(k, m, v)])

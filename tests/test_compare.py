@@ -247,3 +247,18 @@ def test_quick_comparison_produces_every_row_in_range(tmp_path):
                             ["binary"], ["mobilenet"], jobs=1, reuse=True)
     key = lambda r: (r["method"], r["seed"])  # noqa: E731
     assert sorted(again, key=key) == sorted(results, key=key)
+
+
+def test_ladder_tables_take_committed_cells_of_one_version_only():
+    import ladder
+
+    size = replace(compare.FULL, budget=4, seeds_primary=2)
+    cell = {"model": "mobilenet", "method": "ste", "levels": "binary", "seed": 0, "budget": 4,
+            "key": "k1"}
+    rows = [cell, {**cell, "seed": 1}, {**cell, "seed": 2}, {**cell, "budget": 1, "key": "k0"},
+            {**cell, "method": "fp", "levels": "-"}, {**cell, "levels": "ternary", "key": "k9"}]
+    got = ladder.committed(rows, size, "mobilenet", "binary", ("fp", "ste"))
+    assert sorted((r["method"], r["seed"]) for r in got) == [("fp", 0), ("ste", 0), ("ste", 1)]
+    with pytest.raises(ValueError, match="2 settings or code versions"):
+        ladder.committed(rows + [{**cell, "seed": 1, "key": "k2"}], size, "mobilenet", "binary",
+                         ("ste",))
