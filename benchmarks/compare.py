@@ -420,6 +420,20 @@ def tasks(size: Size, plan, methods=METHODS, levels=LEVELS, models=tuple(MODELS)
     return out
 
 
+def committed(results: list[dict], size: Size, plan, methods=METHODS, levels=LEVELS,
+              models=tuple(MODELS)) -> list[dict]:
+    """The cells of ``plan`` in a results file, whatever code version computed them: the tables
+    rebuilt from committed data. Cells under two keys (settings or code versions) are refused,
+    never mixed."""
+    wanted = set(tasks(size, plan, methods, levels, models))
+    rows = [r for r in results if task_of(r) in wanted and r.get("budget", 1) == size.budget]
+    keys = sorted({r["key"] for r in rows})
+    if len(keys) > 1:
+        raise ValueError(f"cells of {len(keys)} settings or code versions ({', '.join(keys)}) in "
+                         "the results file; recompute one of them")
+    return rows
+
+
 def brevitas_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -519,12 +533,12 @@ def run_all(size: Size, cache: str, plan=DEFAULT_PLAN, methods=METHODS, levels=L
     todo = tasks(size, plan, methods, levels, models)
     version = code_version(device)
     key = cell_key(size, version)
-    committed = {task_of(r): r for r in known if r.get("key") == key}
+    stored = {task_of(r): r for r in known if r.get("key") == key}
     results, pending = [], []
     for task in todo:
         path = result_path(size, cache, task, version)
-        if (reuse or cached_only) and task in committed:
-            results.append(committed[task])
+        if (reuse or cached_only) and task in stored:
+            results.append(stored[task])
         elif (reuse or cached_only) and os.path.exists(path):
             with open(path) as f:
                 results.append(json.load(f))
@@ -742,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="runs/bench", help="checkpoints, runs and cell results")
     p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
     p.add_argument("--cached", action="store_true",
-                   help="only tabulate the cells already computed; train nothing")
+                   help="only tabulate the cells already computed; train nothing (with --results: "
+                   "that file's cells, of the code version that computed them)")
     p.add_argument("--results", help="a results file (JSON lines): cells of the same settings and "
                    "code version are read from it with --reuse/--cached, and every cell of this "
                    "run is merged into it")
@@ -770,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                       args.cached, args.device, known=read_results(args.results))
     if args.results:
         save_results(args.results, results)
+        if args.cached:   # the tables of the committed cells, of the version that computed them
+            results = committed(read_results(args.results), size, plan, methods, levels, models)
     wants_brevitas = any(m.startswith("brevitas") for m in methods)
     publish(table(results, size, brevitas_missing() if wants_brevitas else None),
             f"{args.jobs} worker(s) on {device_name(args.device)}", tic, args.out)

@@ -71,16 +71,11 @@ def run(budgets, cache: str, results_file: str | None, jobs: int, cached: bool,
 
 
 def committed(results: list[dict], size: compare.Size, model: str, lv: str, methods) -> list[dict]:
-    """A rung's cells of one model and level set from a results file, whatever code version
-    computed them; cells of two settings or versions (two keys) are refused, never mixed."""
-    rows = [r for r in results if r.get("budget", 1) == size.budget and r["model"] == model
-            and r["method"] in methods and r["levels"] in (lv, "-")
-            and r["seed"] < compare.seeds(size, model)]
-    keys = sorted({r["key"] for r in rows})
-    if len(keys) > 1:
-        raise ValueError(f"{size.budget}x {model} {lv}: cells of {len(keys)} settings or code "
-                         f"versions ({', '.join(keys)}) in the results file; recompute one of them")
-    return rows
+    """A rung's cells of one model and level set from a results file (``compare.committed``)."""
+    try:
+        return compare.committed(results, size, ((model, lv, methods),), methods, (lv,), (model,))
+    except ValueError as err:
+        raise ValueError(f"{size.budget}x {model} {lv}: {err}") from None
 
 
 def ladder_table(cells: dict, model: str, lv: str, key: str) -> list[str]:
