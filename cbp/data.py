@@ -7,6 +7,7 @@ and multi-process runs share one code path and see the same global batches.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 import zlib
@@ -14,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 
@@ -248,3 +249,51 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0,
     return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                       drop_last=train, num_workers=num_workers,
                       persistent_workers=num_workers > 0)
+
+
+class _SkipBatches(Sampler):
+    """A batch sampler without its first ``count`` batches: where a mid-epoch checkpoint resumes."""
+
+    def __init__(self, batch_sampler: Sampler, count: int) -> None:
+        self.batch_sampler, self.count = batch_sampler, count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.count)
+
+
+def _batches(loader: DataLoader, skip: int):
+    """The epoch's batches after the first ``skip``, which are never loaded.
+
+    The sampler's order depends only on seed and epoch, so these are the batches an uninterrupted
+    run sees. Starting an iterator draws a seed from the global RNG; a mid-epoch resume puts the
+    RNG back as the checkpoint had it, so random augmentation done in the main process
+    (``workers=0``) continues exactly too; worker processes get fresh seeds.
+    """
+    if skip == 0:
+        return iter(loader)
+    rest = DataLoader(loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, skip),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                      generator=loader.generator)
+    rng = torch.get_rng_state()
+    batches = iter(rest)
+    torch.set_rng_state(rng)
+    return batches
+
+
+def epoch_batches(loader: DataLoader, epoch: int, steps: int, skip: int):
+    """The batches of an epoch of ``steps`` steps after its first ``skip``.
+
+    An epoch longer than one pass through the data (``epoch_iters`` > batches per pass, as in a
+    long CBP epoch on a small data set) continues into fresh passes: pass ``p`` of epoch ``e``
+    draws the sampler's permutation ``e * passes + p``, so an epoch of at most one pass keeps the
+    order it always had (permutation ``e``) and no two passes of a run share a permutation.
+    """
+    passes = -(-steps // len(loader))
+    first_pass, skip = divmod(skip, len(loader))
+    for p in range(first_pass, passes):
+        loader.sampler.set_epoch(epoch * passes + p)
+        yield from _batches(loader, skip if p == first_pass else 0)

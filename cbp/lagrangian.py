@@ -205,6 +205,10 @@ class Lagrangian:
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.config.lr_drop_factor
 
+    def epoch_stats(self) -> dict:
+        """A subclass's own figures of the epoch, columns of ``log.jsonl`` (cbp.peers); CBP has none."""
+        return {}
+
     @property
     def finished(self) -> bool:
         """True once g exceeds ``config.stop_once_g_exceeds`` (never when it is None)."""
