@@ -18,10 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-
-class DataError(ValueError):
-    """Missing or malformed data; the message is one line meant for the user."""
-
+from .datadir import DOWNLOAD_DIR, DataError
+from .text import load_text, shakespeare_dir
 
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "the IDX file format")
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -59,7 +57,6 @@ def read_idx(path: str) -> torch.Tensor:
 FASHION_MNIST_DIR = os.environ.get("CBP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 FASHION_MNIST_CLASSES = 10
-DOWNLOAD_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cbp")
 
 
 def _find_idx(directory: str, name: str) -> str | None:
@@ -223,8 +220,6 @@ def load_dataset(name: str, data_dir: str | None, train: bool, limit: int | None
                                                       _spread_over_classes(folder.targets, limit))
         return dataset, len(folder.classes), 3
     if name == "shakespeare":
-        from .text import load_text, shakespeare_dir
-
         dataset = load_text(shakespeare_dir(data_dir, download), train, TEXT_CONTEXT, limit)
         return dataset, len(dataset.vocab), 1
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
