@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from . import distributed, metrics
+from . import distributed, metrics, peers
 from .baselines import recalibrate_bn, require_batch_norm
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import CBPConfig, check_number
@@ -43,7 +43,6 @@ from .layers import param_groups, prepare
 from .models import DEFAULT_SELECTION, build_model, generate
 from .onnx_export import check_onnx, export_onnx
 from .options import build_parsers, cbp_config, load_config, parse_args
-from .peers import OSCILLATION_FIXES
 from .plots import plot_run
 from .runs import CHECKPOINT_NAME, LOG_NAME, describe, load_model, load_pretrained, read_jsonl
 from .summary import summary
@@ -189,13 +188,9 @@ def _distillation(args, model, num_classes: int, in_channels: int,
 
 def _lagrangian(args, model, config: CBPConfig, optimizer, train_data) -> Lagrangian:
     """CBP's Lagrangian, or the oscillation fix of ``--oscillation-fix`` (cbp.peers)."""
-    if not args.oscillation_fix:
-        return Lagrangian(model, config, optimizer)
-    cls = OSCILLATION_FIXES[args.oscillation_fix]
-    if args.oscillation_fix == "gate":
-        return cls(model, config, optimizer)
     per_epoch = args.epoch_iters or len(train_data) // args.batch_size   # full global batches
-    return cls(model, config, optimizer, total_steps=max(1, per_epoch * args.epochs))
+    return peers.build(args.oscillation_fix, model, config, optimizer,
+                       total_steps=max(1, per_epoch * args.epochs))
 
 
 def _recalibration_loader(data, batch_size: int, seed: int, batches: int):

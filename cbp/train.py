@@ -138,6 +138,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, unit="step",
                disable=not (run.show_progress and ctx.is_main))
     step, stopped_at, signum = first, None, 0
+    own_tracker = run.lagrangian.oscillation if run.lagrangian is not None else None  # it steps it
     for x, y in itertools.islice(epoch_batches(loader, epoch, steps, first), steps - first):
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         if run.channels_last and x.dim() == 4:
@@ -153,7 +154,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
             run.optimizer.step()
         else:
             run.lagrangian.step()
-        if run.oscillation is not None:
+        if run.oscillation is not None and run.oscillation is not own_tracker:
             run.oscillation.step()
         loss = loss.detach()
         loss_sum += loss
@@ -224,7 +225,8 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
     """
     ctx = run.ctx
     if run.oscillation is None and run.track_oscillations and quantized_layers(run.model):
-        run.oscillation = OscillationTracker(run.model)
+        run.oscillation = ((run.lagrangian.oscillation if run.lagrangian is not None else None)
+                           or OscillationTracker(run.model))
     os.makedirs(run.out_dir, exist_ok=True)
     ckpt_path = os.path.join(run.out_dir, CHECKPOINT_NAME)
     fresh = not (resume and os.path.exists(ckpt_path))
