@@ -130,6 +130,8 @@ def check_run_state(state: dict, path: str, model: bool = True, training: bool =
              and {"state", "param_groups"} <= set(state["optimizer"]), "an optimizer state_dict"),
             ("scheduler", state.get("scheduler") is None or isinstance(state["scheduler"], dict),
              "a scheduler state_dict or None"),
+            ("plan", state.get("plan") is None or isinstance(state["plan"], dict),
+             "a table (seed, batch size, epoch length, samples) or None"),
             ("rng", isinstance(state.get("rng"), torch.Tensor)
              and state["rng"].dtype == torch.uint8 and state["rng"].numel() == rng_size,
              f"a uint8 tensor of {rng_size} bytes"),

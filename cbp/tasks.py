@@ -113,8 +113,8 @@ def task_of(meta: dict):
     """
     if "task" in meta:
         return TASKS[meta["task"]]
-    if "epoch" in meta:
-        return Classification if Classification.headline in meta else LanguageModel
+    if "epoch" in meta:   # the first task whose headline figure the row has
+        return next(task for task in TASKS.values() if task.headline in meta)
     model, dataset = meta.get("model"), meta.get("dataset")
     is_lm, is_text = model in LANGUAGE_MODELS, dataset in TEXT_DATASETS
     if model is not None and dataset is not None and is_lm != is_text:
