@@ -328,7 +328,8 @@ def test_build_names_each_peer_and_the_gate_is_stepped_once_per_step(tmp_path):
     assert build("dampen", toy(), config, total_steps=7).total_steps == 7
     assert build("freeze", toy(), config, total_steps=3, momentum=0.5).tracker.momentum == 0.5
     torch.manual_seed(0)
-    model = cbp.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), config)
+    model = cbp.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                      nn.Linear(8, 3)), config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     gated = build("gate", model, config, optimizer)
     assert isinstance(gated, OscillationGatedCBP)
