@@ -60,6 +60,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import cbp
+from cbp import peers
 from cbp.data import load_fashion_mnist, make_loader
 from cbp.distributed import setup
 from cbp.layers import select_layers
@@ -298,18 +299,14 @@ class TimedTracker(OscillationTracker):
 FREEZE_RUN = {"momentum": 0.01, "threshold": 0.02, "final_threshold": 0.002}
 
 
+PEER_OF = {"dampen": ("dampen", {}), "freeze": ("freeze", {}), "freeze_run": ("freeze", FREEZE_RUN),
+           "cbp_gated": ("gate", {})}   # method -> (cbp.peers.build's name, its options)
+
+
 def lagrangian_for(method: str, model: nn.Module, config: cbp.CBPConfig, optimizer,
                    total_steps: int) -> cbp.Lagrangian:
-    if method == "dampen":
-        return cbp.OscillationDampening(model, config, optimizer, total_steps=total_steps)
-    if method == "freeze":
-        return cbp.IterativeFreezing(model, config, optimizer, total_steps=total_steps)
-    if method == "freeze_run":
-        return cbp.IterativeFreezing(model, config, optimizer, total_steps=total_steps,
-                                     **FREEZE_RUN)
-    if method == "cbp_gated":
-        return cbp.OscillationGatedCBP(model, config, optimizer)
-    return cbp.Lagrangian(model, config, optimizer)
+    name, options = PEER_OF.get(method, (None, {}))
+    return peers.build(name, model, config, optimizer, total_steps=total_steps, **options)
 
 
 def bn_loader(size: Size, train, seed: int):

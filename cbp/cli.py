@@ -29,25 +29,24 @@ import time
 
 import torch
 
-from . import distributed, metrics
+from . import distributed, metrics, peers
 from .baselines import recalibrate_bn, require_batch_norm
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import CBPConfig, check_number
-from .data import TEXT_DATASETS, check_same_classes, class_names, load_dataset, make_loader
+from .data import check_same_classes, class_names, load_dataset, make_loader
 from .distill import Distillation, file_sha256
 from .export import export as export_packed
 from .guards import check_run_dir, check_sources, lock_run_dir, recorded_settings, resume_settings
 from .interrupts import Interrupted
 from .lagrangian import Lagrangian
 from .layers import param_groups, prepare
-from .models import DEFAULT_SELECTION, LANGUAGE_MODELS, build_model, generate
+from .models import DEFAULT_SELECTION, build_model, generate
 from .onnx_export import check_onnx, export_onnx
 from .options import build_parsers, cbp_config, load_config, parse_args
-from .peers import OSCILLATION_FIXES
 from .plots import plot_run
 from .runs import CHECKPOINT_NAME, LOG_NAME, describe, load_model, load_pretrained, read_jsonl
 from .summary import summary
-from .tasks import Classification, LanguageModel, task_of
+from .tasks import task_of
 from .text import CharVocab
 from .train import Run, evaluate, fit
 
@@ -74,16 +73,6 @@ def model_selection(config: CBPConfig, model_name: str, args: argparse.Namespace
     if model_name not in DEFAULT_SELECTION or args.include or not args.skip_first_last:
         return config
     return dataclasses.replace(config, **DEFAULT_SELECTION[model_name])
-
-
-def task_for(model_name: str, dataset: str):
-    """The task of a model on a dataset; a language model needs text and a CNN images."""
-    is_lm, is_text = model_name in LANGUAGE_MODELS, dataset in TEXT_DATASETS
-    if is_lm != is_text:
-        raise ValueError(f"model {model_name} does not fit dataset {dataset}: language models "
-                         f"({', '.join(LANGUAGE_MODELS)}) take text ({', '.join(TEXT_DATASETS)}), "
-                         "the others images")
-    return LanguageModel if is_lm else Classification
 
 
 def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -128,17 +117,17 @@ def _train(args: argparse.Namespace) -> list[dict]:
     if args.command == "quantize" and args.recalibrate_bn > len(train_data) // args.batch_size:
         raise ValueError(f"--recalibrate-bn {args.recalibrate_bn}: the training set gives only "
                          f"{len(train_data) // args.batch_size} batches of {args.batch_size}")
-    vocab = train_data.vocab.chars if hasattr(train_data, "vocab") else None
+    vocab = task_of({"dataset": args.data}).vocab(train_data)
     classes = class_names(train_data)
     check_same_classes(classes, class_names(val_data), f"{args.data_dir}/val")
     torch.manual_seed(args.seed)
     lagrangian = scheduler = distillation = None
     if args.command == "pretrain":
         model, model_name = build_model(args.model, num_classes, in_channels, args.weights), args.model
-        task = task_for(model_name, args.data)
+        task = task_of({"model": model_name, "dataset": args.data})
     else:
         model, model_name = _pretrained_model(args, num_classes, in_channels, vocab)
-        task = task_for(model_name, args.data)
+        task = task_of({"model": model_name, "dataset": args.data})
         config = model_selection(config, model_name, args)
         distillation, teacher_hash = _distillation(args, model, num_classes, in_channels, vocab)
         prepare(model, config)
@@ -199,13 +188,9 @@ def _distillation(args, model, num_classes: int, in_channels: int,
 
 def _lagrangian(args, model, config: CBPConfig, optimizer, train_data) -> Lagrangian:
     """CBP's Lagrangian, or the oscillation fix of ``--oscillation-fix`` (cbp.peers)."""
-    if not args.oscillation_fix:
-        return Lagrangian(model, config, optimizer)
-    cls = OSCILLATION_FIXES[args.oscillation_fix]
-    if args.oscillation_fix == "gate":
-        return cls(model, config, optimizer)
     per_epoch = args.epoch_iters or len(train_data) // args.batch_size   # full global batches
-    return cls(model, config, optimizer, total_steps=max(1, per_epoch * args.epochs))
+    return peers.build(args.oscillation_fix, model, config, optimizer,
+                       total_steps=max(1, per_epoch * args.epochs))
 
 
 def _recalibration_loader(data, batch_size: int, seed: int, batches: int):
@@ -255,15 +240,16 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.checkpoint} is a {meta['num_classes']}-class, "
                          f"{meta['in_channels']}-channel model; the data has {num_classes} "
                          f"classes and {in_channels} channels")
-    if getattr(val_data, "vocab", None) is not None and val_data.vocab.chars != meta.get("vocab"):
+    task = task_of(meta)
+    if task.vocab(val_data) != meta.get("vocab"):
         raise ValueError(f"{args.checkpoint} was trained on another vocabulary (text) than this data's")
     check_same_classes(meta.get("classes"), class_names(val_data), f"{args.data_dir}/val")
-    result = task_of(meta).evaluate(model.to(ctx.device), val_data, ctx)
+    result = task.evaluate(model.to(ctx.device), val_data, ctx)
     if args.recalibrate_bn:
         train_data, _, _ = load_dataset(meta["dataset"], args.data_dir, True, None, args.image_size)
         loader = _recalibration_loader(train_data, args.batch_size, args.seed, args.recalibrate_bn)
         recalibrate_bn(model, loader, args.recalibrate_bn)
-        after = task_of(meta).evaluate(model, val_data, ctx)
+        after = task.evaluate(model, val_data, ctx)
         result.update(top1_recalibrated=after["top1"], top5_recalibrated=after["top5"],
                       bn_gap=after["top1"] - result["top1"])
     if meta["mode"] == "quantize":
@@ -278,7 +264,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 def run_generate(args: argparse.Namespace) -> str:
     """Print ``--tokens`` characters sampled after ``--prompt``; the same seed, the same text."""
     model, meta = load_model(args.checkpoint)
-    if meta.get("task") != LanguageModel.name:
+    if not task_of(meta).can_generate:
         raise ValueError(f"{args.checkpoint} is not a language model; generate needs one")
     vocab = CharVocab(meta["vocab"])
     if not args.prompt:
@@ -297,8 +283,7 @@ def run_export(args: argparse.Namespace) -> None:
     print(summary(model))
     print(f"\nwrote {path} ({os.path.getsize(path):,} bytes)")
     if args.onnx:
-        example = (torch.randint(0, meta["num_classes"], (2, *meta["input_size"]))
-                   if meta.get("task") == LanguageModel.name else torch.randn(2, *meta["input_size"]))
+        example = task_of(meta).example_input(meta)
         export_onnx(model, args.onnx, example)
         error = check_onnx(args.onnx, model, example)
         print(f"wrote {args.onnx} (max |onnxruntime - torch| = {error:.2e})")

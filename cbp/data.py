@@ -7,6 +7,7 @@ and multi-process runs share one code path and see the same global batches.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 import zlib
@@ -14,13 +15,11 @@ from collections import Counter
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-
-class DataError(ValueError):
-    """Missing or malformed data; the message is one line meant for the user."""
-
+from .datadir import DOWNLOAD_DIR, DataError
+from .text import load_text, shakespeare_dir
 
 # IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/, "the IDX file format")
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -58,7 +57,6 @@ def read_idx(path: str) -> torch.Tensor:
 FASHION_MNIST_DIR = os.environ.get("CBP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 FASHION_MNIST_CLASSES = 10
-DOWNLOAD_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cbp")
 
 
 def _find_idx(directory: str, name: str) -> str | None:
@@ -222,8 +220,6 @@ def load_dataset(name: str, data_dir: str | None, train: bool, limit: int | None
                                                       _spread_over_classes(folder.targets, limit))
         return dataset, len(folder.classes), 3
     if name == "shakespeare":
-        from .text import load_text, shakespeare_dir
-
         dataset = load_text(shakespeare_dir(data_dir, download), train, TEXT_CONTEXT, limit)
         return dataset, len(dataset.vocab), 1
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
@@ -248,3 +244,51 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0,
     return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                       drop_last=train, num_workers=num_workers,
                       persistent_workers=num_workers > 0)
+
+
+class _SkipBatches(Sampler):
+    """A batch sampler without its first ``count`` batches: where a mid-epoch checkpoint resumes."""
+
+    def __init__(self, batch_sampler: Sampler, count: int) -> None:
+        self.batch_sampler, self.count = batch_sampler, count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.count)
+
+
+def _batches(loader: DataLoader, skip: int):
+    """The epoch's batches after the first ``skip``, which are never loaded.
+
+    The sampler's order depends only on seed and epoch, so these are the batches an uninterrupted
+    run sees. Starting an iterator draws a seed from the global RNG; a mid-epoch resume puts the
+    RNG back as the checkpoint had it, so random augmentation done in the main process
+    (``workers=0``) continues exactly too; worker processes get fresh seeds.
+    """
+    if skip == 0:
+        return iter(loader)
+    rest = DataLoader(loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, skip),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                      generator=loader.generator)
+    rng = torch.get_rng_state()
+    batches = iter(rest)
+    torch.set_rng_state(rng)
+    return batches
+
+
+def epoch_batches(loader: DataLoader, epoch: int, steps: int, skip: int):
+    """The batches of an epoch of ``steps`` steps after its first ``skip``.
+
+    An epoch longer than one pass through the data (``epoch_iters`` > batches per pass, as in a
+    long CBP epoch on a small data set) continues into fresh passes: pass ``p`` of epoch ``e``
+    draws the sampler's permutation ``e * passes + p``, so an epoch of at most one pass keeps the
+    order it always had (permutation ``e``) and no two passes of a run share a permutation.
+    """
+    passes = -(-steps // len(loader))
+    first_pass, skip = divmod(skip, len(loader))
+    for p in range(first_pass, passes):
+        loader.sampler.set_epoch(epoch * passes + p)
+        yield from _batches(loader, skip if p == first_pass else 0)

@@ -12,6 +12,8 @@ import signal
 import sys
 import threading
 
+import torch
+
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped on a signal after writing a checkpoint; exit with ``128 + signum``."""
@@ -53,3 +55,15 @@ class GracefulStop:
         self._restore()
         print(f"\ncbp: {signal.Signals(signum).name}: stopping after this step to write a "
               "checkpoint (send it again to abort at once)", file=sys.stderr, flush=True)
+
+
+def poll(stop: GracefulStop | None, first_bad: torch.Tensor, world_size: int) -> tuple[int, int]:
+    """``(signal number or 0, first step with a NaN/inf loss or -1)``, the same on every process:
+    a stop and a bad loss seen by one process stop them all at the same step."""
+    signum = (stop.signum if stop is not None else None) or 0
+    if world_size == 1:
+        return signum, int(first_bad)
+    flags = torch.stack([torch.tensor(signum, device=first_bad.device), first_bad])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    signum, bad = flags.tolist()
+    return signum, bad

@@ -87,8 +87,19 @@ class Lagrangian:
         :meth:`step` adds the same gradient in closed form, which is cheaper; use this to add the
         term to your own loss and call ``backward`` on the sum.
         """
-        return sum((lam * constraint(layer.weight, layer.levels, self.g)).sum()
-                   for layer, lam in zip(self.layers.values(), self.multipliers.values()))
+        return sum((self.pull(name) * constraint(layer.weight, layer.levels, self.g)).sum()
+                   for name, layer in self.layers.items() if name in self.multipliers)
+
+    def pull(self, name: str) -> torch.Tensor:
+        """The multipliers layer ``name``'s weights feel in the penalty: all of them here; a
+        subclass may mask some (``cbp.peers.OscillationGatedCBP``)."""
+        return self.multipliers[name]
+
+    @property
+    def oscillation(self):
+        """An ``OscillationTracker`` this Lagrangian steps itself, which a training loop may log
+        instead of stepping one of its own (``cbp.train.fit``); None here."""
+        return None
 
     def plan(self, steps: int) -> None:
         """Announce that about ``steps`` steps follow: the automatic compile policy needs it."""
@@ -115,7 +126,7 @@ class Lagrangian:
             if layer.weight.grad is None:
                 layer.weight.grad = torch.zeros_like(layer.weight)
         return self._kernel([layer.weight.detach() for layer in layers],
-                            [self.multipliers[name] for name in self.layers],
+                            [self.pull(name) for name in self.layers],
                             [layer.weight.grad for layer in layers],
                             [layer.cbp_factors for layer in layers],
                             [layer.cbp_scale for layer in layers], self.g, clip)
@@ -204,6 +215,10 @@ class Lagrangian:
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.config.lr_drop_factor
+
+    def epoch_stats(self) -> dict:
+        """A subclass's own figures of the epoch, columns of ``log.jsonl`` (cbp.peers); CBP has none."""
+        return {}
 
     @property
     def finished(self) -> bool:

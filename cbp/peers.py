@@ -17,7 +17,6 @@ use them unchanged:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -192,23 +191,14 @@ class OscillationGatedCBP(Lagrangian):
         self.tracker = OscillationTracker(model, momentum)
         self.gate = {n: torch.zeros_like(i, dtype=torch.bool) for n, i in self.tracker.index.items()}
 
-    @contextlib.contextmanager
-    def _gated(self):
-        """The multipliers of unflagged weights read as 0 inside the block (the stored ones stay)."""
-        full = self.multipliers
-        self.multipliers = {n: lam * self.gate[n] for n, lam in full.items()}
-        try:
-            yield
-        finally:
-            self.multipliers = full
+    def pull(self, name: str) -> torch.Tensor:
+        """The multipliers of unflagged weights read as 0 (the stored ones stay)."""
+        return self.multipliers[name] * self.gate[name]
 
-    def penalty(self) -> torch.Tensor:
-        with self._gated():
-            return super().penalty()
-
-    def add_penalty_grad(self, clip: float | None = None) -> torch.Tensor:
-        with self._gated():
-            return super().add_penalty_grad(clip)
+    @property
+    def oscillation(self) -> OscillationTracker:
+        """The tracker of the gate: the loop's own (EMA 0.01 too) would count the same flips."""
+        return self.tracker
 
     @torch.no_grad()
     def step(self) -> None:
@@ -235,3 +225,17 @@ class OscillationGatedCBP(Lagrangian):
 
 OSCILLATION_FIXES = {"dampen": OscillationDampening, "freeze": IterativeFreezing,
                      "gate": OscillationGatedCBP}
+
+
+def build(name: str | None, model: nn.Module, config: CBPConfig,
+          optimizer: torch.optim.Optimizer | None = None, *, total_steps: int = 1,
+          **options) -> Lagrangian:
+    """The Lagrangian of a method: CBP's (``name`` None) or an oscillation fix of
+    ``OSCILLATION_FIXES``. The fixes with a schedule over the run take ``total_steps``; ``options``
+    go to the class (a freezing threshold, say)."""
+    if not name:
+        return Lagrangian(model, config, optimizer, **options)
+    cls = OSCILLATION_FIXES[name]
+    if cls is OscillationGatedCBP:   # the gate follows the oscillations, not a schedule
+        return cls(model, config, optimizer, **options)
+    return cls(model, config, optimizer, total_steps=total_steps, **options)

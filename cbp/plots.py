@@ -19,13 +19,15 @@ from .runs import (  # noqa: E402
     OSCILLATIONS_PNG,
     read_jsonl,
 )
+from .tasks import Classification, task_of  # noqa: E402
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
     """Top-1 accuracy (validation loss for a language model), and for CBP runs the CFS (log
     scale) and g, against epochs."""
     epochs = [r["epoch"] for r in rows]
-    key, label, panel = (("top1", "top-1 accuracy (%)", "validation accuracy") if "top1" in rows[0]
+    key, label, panel = (("top1", "top-1 accuracy (%)", "validation accuracy")
+                         if task_of(rows[0]) is Classification
                          else ("val_loss", "loss (nats per character)", "validation loss"))
     cbp_run = "g" in rows[0]
     fig, axes = plt.subplots(1, 3 if cbp_run else 1, figsize=(13 if cbp_run else 5, 3.6),

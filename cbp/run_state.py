@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .data import DATASET_NAMES
 from .levels import SCALES, resolve_factors
 from .models import LANGUAGE_MODELS, MODEL_NAMES
-from .tasks import TASKS, LanguageModel
+from .tasks import TASKS, Classification, LanguageModel, task_of
 
 # Bounds far above any real model, far below what would exhaust a machine's memory.
 MAX_CLASSES = 100_000            # ImageNet-21k has 21,841
@@ -60,10 +60,10 @@ def _meta_checks(meta: dict) -> list[tuple[str, bool, str]]:
         ("meta.classes", meta.get("classes") is None or (isinstance(meta["classes"], list) and all(
             isinstance(c, str) for c in meta["classes"])), "a list of class names"),
         ("meta.task", meta.get("task", "classification") in TASKS
-         and (meta.get("task") == LanguageModel.name) == (meta.get("model") in LANGUAGE_MODELS),
+         and TASKS[meta.get("task", Classification.name)] is task_of({"model": meta.get("model")}),
          f"{LanguageModel.name!r} for {', '.join(LANGUAGE_MODELS)}, else 'classification'"),
     ]
-    if meta.get("task") == LanguageModel.name:
+    if meta.get("task") in TASKS and task_of(meta) is LanguageModel:
         vocab = meta.get("vocab")
         checks.append(("meta.vocab", isinstance(vocab, str) and len(set(vocab)) == len(vocab)
                        == meta.get("num_classes"),
@@ -130,6 +130,8 @@ def check_run_state(state: dict, path: str, model: bool = True, training: bool =
              and {"state", "param_groups"} <= set(state["optimizer"]), "an optimizer state_dict"),
             ("scheduler", state.get("scheduler") is None or isinstance(state["scheduler"], dict),
              "a scheduler state_dict or None"),
+            ("plan", state.get("plan") is None or isinstance(state["plan"], dict),
+             "a table (seed, batch size, epoch length, samples) or None"),
             ("rng", isinstance(state.get("rng"), torch.Tensor)
              and state["rng"].dtype == torch.uint8 and state["rng"].numel() == rng_size,
              f"a uint8 tensor of {rng_size} bytes"),

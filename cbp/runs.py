@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import FORMAT_V1, CheckpointError, WriteError, atomic_write, load_error_reason
+from .checkpoint import (
+    FORMAT_V1,
+    CheckpointError,
+    WriteError,
+    atomic_write,
+    load_error_reason,
+    remove_stale_temporaries,
+)
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
 from .models import model_options, rebuild_model
@@ -93,6 +100,25 @@ def _json_object(line: str) -> dict | None:
     return row if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
+def clear_run_dir(out_dir: str, fresh: bool) -> None:
+    """Before a run's first step: the temporaries of an interrupted write removed, and for a
+    fresh run every file an earlier run wrote (``RUN_FILES``; nothing else of the directory)."""
+    remove_stale_temporaries(out_dir, RUN_FILES)
+    for name in RUN_FILES if fresh else ():
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))
+
+
+def trim_logs(out_dir: str, epoch: int, model: nn.Module, hist_layer: str | None,
+              fresh: bool) -> None:
+    """The logs as the checkpoint of ``epoch`` left them (later rows dropped); a fresh run's
+    weight histogram of its start."""
+    keep_rows_up_to(os.path.join(out_dir, LOG_NAME), epoch)
+    keep_rows_up_to(os.path.join(out_dir, HIST_NAME), epoch)
+    if hist_layer and fresh:
+        append_row(os.path.join(out_dir, HIST_NAME), weight_histogram(model, hist_layer, 0))
+
+
 def histogram_layer(model: nn.Module) -> str | None:
     """The quantized layer whose weights the histograms follow: the largest one."""
     layers = quantized_layers(model)
@@ -148,8 +174,11 @@ def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_cla
 
 def checkpoint_state(pos: Position, meta: dict, model: nn.Module,
                      optimizer: torch.optim.Optimizer, lagrangian=None, scheduler=None,
-                     oscillation=None) -> dict:
-    """Everything a checkpoint holds (``cbp.checkpoint.save_checkpoint`` adds the format)."""
+                     oscillation=None, plan: dict | None = None) -> dict:
+    """Everything a checkpoint holds (``cbp.checkpoint.save_checkpoint`` adds the format).
+
+    ``plan``: what fixes the batches of an epoch (seed, batch size, epoch length, samples).
+    """
     return {
         "epoch": pos.epoch, "step": pos.step, "loss_sum": pos.loss_sum,
         "loss_terms": pos.loss_terms, "meta": meta,
@@ -157,17 +186,20 @@ def checkpoint_state(pos: Position, meta: dict, model: nn.Module,
         "cbp": lagrangian.state_dict() if lagrangian else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
         "oscillation": oscillation.state_dict() if oscillation else None,
-        "rng": torch.get_rng_state(),
+        "rng": torch.get_rng_state(), "plan": plan,
     }
 
 
 def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
                   optimizer: torch.optim.Optimizer, lagrangian=None, scheduler=None,
-                  world_size: int = 1, oscillation=None) -> Position:
+                  world_size: int = 1, oscillation=None, plan: dict | None = None) -> Position:
     """Load a checkpoint's ``state`` into the run's parts; returns where it stands.
 
-    Refuses one of another run (``IDENTITY_KEYS``) or one that does not fit the model.
+    Refuses one of another run (``IDENTITY_KEYS``), one that does not fit the model, or one taken
+    mid-epoch with another ``plan`` (see :func:`checkpoint_state`).
     """
+    if plan is not None:
+        check_same_plan(state, plan, source)
     state = _upgrade(state, world_size)
     for key in IDENTITY_KEYS:
         if state["meta"].get(key) != meta.get(key):
@@ -188,6 +220,19 @@ def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
     torch.set_rng_state(state["rng"])
     return Position(int(state["epoch"]), int(state.get("step", 0)), state.get("loss_sum"),
                     state.get("loss_terms"))
+
+
+def check_same_plan(state: dict, plan: dict, source: str) -> None:
+    """Refuse to resume a checkpoint taken mid-epoch with another seed, batch size or epoch
+    length: the rest of the epoch would not be the batches the run skipped to."""
+    saved, now = state.get("plan"), plan
+    if not state.get("step") or saved is None or saved == now:
+        return
+    changed = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
+                        if saved.get(key) != now[key])
+    raise CheckpointError(f"{source} stopped in epoch {int(state['epoch']) + 1} after step "
+                          f"{state['step']}; it resumes exactly only with the same data order, "
+                          f"but {changed}: resume with the values it was started with")
 
 
 def _upgrade(state: dict, world_size: int) -> dict:

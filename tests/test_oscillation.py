@@ -15,7 +15,8 @@ from conftest import _assert_same
 import cbp
 from cbp.constraint import constraint_and_grad, quantize
 from cbp.oscillation import OscillationTracker, level_index
-from cbp.peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP, cosine_anneal
+from cbp.peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP, build, cosine_anneal
+from cbp.train import Run, fit
 
 
 def toy(levels="ternary"):
@@ -317,3 +318,25 @@ def test_recalibrate_bn_changes_only_batchnorm_statistics():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"{i}.{s}" for i in (1, 4) for s in ("running_mean", "running_var",
                                                              "num_batches_tracked")}
+
+
+def test_build_names_each_peer_and_the_gate_is_stepped_once_per_step(tmp_path):
+    """``peers.build`` is the one name -> method dispatch (CLI and benchmarks), and under ``fit``
+    the gated variant's tracker is the one the loop logs, stepped once per step, not twice."""
+    config = cbp.CBPConfig("ternary")
+    assert type(build(None, toy(), config)) is cbp.Lagrangian
+    assert build("dampen", toy(), config, total_steps=7).total_steps == 7
+    assert build("freeze", toy(), config, total_steps=3, momentum=0.5).tracker.momentum == 0.5
+    torch.manual_seed(0)
+    model = cbp.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                      nn.Linear(8, 3)), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gated = build("gate", model, config, optimizer)
+    assert isinstance(gated, OscillationGatedCBP)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    run = Run(model=model, optimizer=optimizer, train_data=data, val_data=data,
+              out_dir=str(tmp_path), epochs=2, batch_size=8, ctx=cbp.distributed.setup("cpu"),
+              lagrangian=gated, show_progress=False)
+    rows = fit(run)
+    assert run.oscillation is gated.tracker and gated.tracker.steps == 2 * 4
+    assert all("gated" in row and "oscillations_per_step" in row for row in rows)

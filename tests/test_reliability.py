@@ -22,6 +22,7 @@ from conftest import REFERENCE_EPOCHS, one_thread
 from PIL import Image
 
 import cbp.cli
+import cbp.tasks
 import cbp.train
 from cbp import cli
 from cbp.checkpoint import (
@@ -108,12 +109,12 @@ def test_sigterm_during_the_epoch_end_stops_after_it(
         quantize_argv, reference_run, assert_same_run, tmp_path, monkeypatch, capsys,
         signals_raise):
     out = str(tmp_path / "run")
-    evaluate = cbp.train.evaluate
+    evaluate = cbp.tasks.Classification.evaluate
 
     def evaluate_then_term(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*args, **kwargs)
-    monkeypatch.setattr(cbp.train, "evaluate", evaluate_then_term)
+    monkeypatch.setattr(cbp.tasks.Classification, "evaluate", staticmethod(evaluate_then_term))
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS)) == 143
     assert last_line(capsys).startswith("cbp: stopped by SIGTERM after epoch 1;")
     assert (checkpoint(out)["epoch"], checkpoint(out)["step"]) == (1, 0)

@@ -33,8 +33,8 @@ from cbp.checkpoint import (
 from cbp.export import read_packed
 from cbp.lagrangian import Lagrangian
 from cbp.run_state import check_run_state
-from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
-from cbp.train import _check_same_plan
+from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, check_same_plan, read_jsonl
+from cbp.train import _plan
 
 STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 
@@ -358,10 +358,10 @@ def test_the_training_loop_itself_refuses_a_mid_epoch_resume_with_another_plan()
     """Library users call ``fit`` without the CLI's settings check."""
     plan = {"seed": 0, "batch_size": 32, "epoch_iters": None, "train_samples": 96}
     run = SimpleNamespace(seed=0, batch_size=64, epoch_iters=None, train_data=range(96))
-    _check_same_plan(run, {"epoch": 1, "step": 0, "plan": plan}, "c")   # an epoch end: fine
+    check_same_plan({"epoch": 1, "step": 0, "plan": plan}, _plan(run), "c")   # an epoch end: fine
     with pytest.raises(CheckpointError, match="stopped in epoch 2 after step 1.*batch_size 32 "
                                               "-> 64"):
-        _check_same_plan(run, {"epoch": 1, "step": 1, "plan": plan}, "c")
+        check_same_plan({"epoch": 1, "step": 1, "plan": plan}, _plan(run), "c")
 
 
 # ---- 11: a torn last line in the logs ------------------------------------------------------------

@@ -5,8 +5,7 @@ import itertools
 import torch
 from torch.utils.data import TensorDataset
 
-from cbp.data import make_loader
-from cbp.train import _epoch_batches
+from cbp.data import epoch_batches, make_loader
 
 
 def _indices(loader, permutation: int) -> list[list[int]]:
@@ -20,7 +19,7 @@ def test_an_epoch_longer_than_a_pass_continues_into_fresh_passes_and_resumes_ins
     steps = 12                                                        # 3 passes: 5 + 5 + 2
 
     def batches(epoch, skip=0):
-        it = _epoch_batches(loader, epoch, steps, skip)
+        it = epoch_batches(loader, epoch, steps, skip)
         return [x.tolist() for x, _ in itertools.islice(it, steps - skip)]
 
     epoch1 = batches(1)
@@ -34,7 +33,7 @@ def test_an_epoch_longer_than_a_pass_continues_into_fresh_passes_and_resumes_ins
 def test_an_epoch_of_at_most_one_pass_keeps_its_permutation():
     data = TensorDataset(torch.arange(20), torch.zeros(20))
     loader = make_loader(data, batch_size=4, train=True, seed=3)
-    got = [x.tolist() for x, _ in itertools.islice(_epoch_batches(loader, 2, 3, 0), 3)]
+    got = [x.tolist() for x, _ in itertools.islice(epoch_batches(loader, 2, 3, 0), 3)]
     assert got == _indices(loader, 2)[:3]
-    got = [x.tolist() for x, _ in itertools.islice(_epoch_batches(loader, 2, 5, 1), 4)]
+    got = [x.tolist() for x, _ in itertools.islice(epoch_batches(loader, 2, 5, 1), 4)]
     assert got == _indices(loader, 2)[1:]
