@@ -169,13 +169,13 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.steps} steps "
           f"in {args.epochs} epochs, {args.repeat} runs per side, alternated")
-    results = compare(args.case or list(CASES), args.steps, args.epochs, args.repeat, extra)
     print(f"{'case':20} {'cbp s (median)':>15} {'plain s (median)':>17} {'cbp/plain':>10}")
-    for case, r in results.items():
+    for case in args.case or list(CASES):   # each row as soon as its case is measured
+        r = compare([case], args.steps, args.epochs, args.repeat, extra)[case]
         print(f"{case:20} {statistics.median(r['cbp']):15.2f} "
               f"{statistics.median(r['plain']):17.2f} {r['ratio']:10.3f}"
               f"   cbp {' '.join(f'{s:.2f}' for s in r['cbp'])},"
-              f" plain {' '.join(f'{s:.2f}' for s in r['plain'])}")
+              f" plain {' '.join(f'{s:.2f}' for s in r['plain'])}", flush=True)
 
 
 if __name__ == "__main__":
