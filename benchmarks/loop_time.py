@@ -1,7 +1,7 @@
 """Is cbp's training loop as fast as the loop a user would write? ``cbp.train.fit`` vs plain PyTorch.
 
     flock /tmp/cbp-core1.lock taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
-        .venv/bin/python benchmarks/loop_time.py                  # 4 cases, ~5 min on one core
+        .venv/bin/python benchmarks/loop_time.py                  # 4 cases x 6 runs, ~20 min on one core
     ... benchmarks/loop_time.py --case resnet20-pretrain --steps 50
     ... benchmarks/loop_time.py --profile gpt-quantize           # cProfile of cbp's side
 
@@ -25,10 +25,17 @@ Neither side augments: cbp's Fashion-MNIST reader has no augmentation. Sides alt
 the ratio of the medians, cbp / plain.
 
 Measured (2-core x86_64, everything on core 1 under the lock while core 0 ran another benchmark;
-``--steps 100 --epochs 2``, median of 3): see the README's speed section.
+the defaults: ``--steps 100 --epochs 2``, median of 3, 20 min)::
 
-Where cbp's time goes (``--profile``, cProfile of cbp's side): see FINDINGS below, filled in from
-the profile of each case.
+    case                  cbp s (median)  plain s (median)  cbp/plain
+    resnet20-pretrain              50.44             51.85      0.973   cbp 54.55 48.64 50.44, plain 51.85 54.26 49.22
+    resnet20-quantize              51.93             51.89      1.001   cbp 51.93 50.39 54.17, plain 51.89 56.48 50.92
+    gpt-pretrain                   51.92             53.78      0.965   cbp 51.92 57.55 50.01, plain 53.68 53.78 55.59
+    gpt-quantize                   30.12             29.93      1.006   cbp 31.69 28.33 30.12, plain 30.24 28.30 29.93
+
+Runs of one side spread by up to 10% (a shared core), far more than the two sides differ.
+
+FINDINGS
 """
 
 from __future__ import annotations
