@@ -27,11 +27,11 @@ the ratio of the medians, cbp / plain.
 Measured (2-core x86_64, everything on core 1 under the lock while core 0 ran another benchmark;
 the defaults: ``--steps 100 --epochs 2``, median of 3, 20 min)::
 
-    case                  cbp s (median)  plain s (median)  cbp/plain
-    resnet20-pretrain              50.44             51.85      0.973   cbp 54.55 48.64 50.44, plain 51.85 54.26 49.22
-    resnet20-quantize              51.93             51.89      1.001   cbp 51.93 50.39 54.17, plain 51.89 56.48 50.92
-    gpt-pretrain                   51.92             53.78      0.965   cbp 51.92 57.55 50.01, plain 53.68 53.78 55.59
-    gpt-quantize                   30.12             29.93      1.006   cbp 31.69 28.33 30.12, plain 30.24 28.30 29.93
+    case               cbp s (median)  plain s (median)  cbp/plain   cbp runs, plain runs (s)
+    resnet20-pretrain           50.44             51.85      0.973   54.6 48.6 50.4, 51.9 54.3 49.2
+    resnet20-quantize           51.93             51.89      1.001   51.9 50.4 54.2, 51.9 56.5 50.9
+    gpt-pretrain                51.92             53.78      0.965   51.9 57.6 50.0, 53.7 53.8 55.6
+    gpt-quantize                30.12             29.93      1.006   31.7 28.3 30.1, 30.2 28.3 29.9
 
 Runs of one side spread by up to 10% (a shared core), far more than the two sides differ.
 
