@@ -171,8 +171,10 @@ def main() -> None:
     if args.profile:
         profile = cProfile.Profile()
         time_side(args.profile, "cbp", args.steps, args.epochs, extra, profile)
-        pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative").print_stats(40)
-        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profile, stream=sys.stdout)
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(r"(cbp|tqdm)/", 60)   # the loop's own parts
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.steps} steps "
           f"in {args.epochs} epochs, {args.repeat} runs per side, alternated")
