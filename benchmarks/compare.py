@@ -1,6 +1,6 @@
 """When is CBP worth it? Low-bit methods side by side, paired, before and after BN re-estimation.
 
-    .venv/bin/python benchmarks/compare.py            # the headline cells, <= 20 min on 2 cores
+    .venv/bin/python benchmarks/compare.py            # the headline cells, ~19 min on 2 cores
     .venv/bin/python benchmarks/compare.py --full     # the whole grid
     .venv/bin/python benchmarks/compare.py --quick    # CI size, < 3 min
 
@@ -12,7 +12,9 @@ width 8 (the control). Every method starts from that checkpoint, per level set a
   rounding    post-training rounding, a = mean|W| (``cbp.post_training_rounding``)
   ste         STE-only fine-tuning: ``CBPConfig(use_constraint=False)`` on CBP's g / p clock
   dampen      STE + oscillation dampening, Nagel et al. ICML 2022 (``cbp.OscillationDampening``)
-  freeze      STE + iterative weight freezing, Nagel et al. (``cbp.IterativeFreezing``)
+  freeze      STE + iterative weight freezing, Nagel et al. (``cbp.IterativeFreezing``), their
+              settings (which hardly act in 950 steps)
+  freeze_run  the same with thresholds that act within these runs (``FREEZE_RUN``)
   cbp_1e-4    CBP as published, eta_lambda 1e-4 (the paper's), window schedule g = 1, 2, ...
   cbp_1e-3    the same with eta_lambda 1e-3
   cbp_1e-2    the same with eta_lambda 1e-2
@@ -23,6 +25,9 @@ width 8 (the control). Every method starts from that checkpoint, per level set a
   cbp_gated   CBP (eta_lambda 1e-2) whose pull acts only on weights seen oscillating
               (``cbp.OscillationGatedCBP``, this project's variant)
   brevitas    Brevitas QAT, its binary / ternary per-tensor weight quantizers (``bench`` extra)
+  brevitas_noclamp  Brevitas binary without its in-place clamp of the stored weights
+  X+kd, X+pc  method X with distillation from the float checkpoint / per-channel scales
+              (``--recipes``)
 
 Equal budget, paired seeds: per seed every trained method runs the same steps on the same data
 order with the same SGD, batch, lr and weight decay, from the same checkpoint. The length is what
@@ -33,8 +38,8 @@ clipping and weight clamping too), a ``MultiStepLR`` for no-window CBP (whose g 
 Brevitas (plain SGD steps). Every trained cell is evaluated on the 10,000 test images twice:
 with the BatchNorm statistics training left, and after re-estimating them on 50 training batches
 (``cbp.recalibrate_bn``, the same batches for every method of a seed). Differences to STE-only
-are per-seed pairs, mean ± standard error; "real" when |mean| > 2 SE and >= 80% of the pairs
-agree in sign.
+are per-seed pairs, mean ± standard error and a paired t-test; "real" only when the test survives
+a Holm-Bonferroni correction over every contrast of its table (``paired.py``).
 """
 
 from __future__ import annotations
