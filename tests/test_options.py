@@ -131,21 +131,23 @@ def test_load_config_gives_the_demo_settings_the_cli_runs_with():
 
 
 def test_recipe_sets_the_method_and_config_and_flags_win(tmp_path):
-    """Issue 23 item 4: ``--recipe best`` is cbp/configs/recipes/best.toml; a --config beside it
-    wins over it, and flags over both. The paper's method stays the default."""
+    """Issue 23 item 4: ``--recipe best`` is cbp/configs/recipes/best.toml (STE-only, what the
+    benchmarks found most accurate); a --config beside it wins over it, and flags over both. The
+    paper's method stays the default."""
     args = parse_args(["quantize", "--recipe", "best", "--out", "o"])
-    assert args.distill is True and cbp_config(args).scale == "per-channel"
-    assert parse_args(["quantize", "--config", "recipes/best", "--out", "o"]).distill is True
-    path = write(tmp_path, "[quantize]\nscale = 'per-layer'\np_max = 3\n")
+    assert cbp_config(args).use_constraint is False
+    assert cbp_config(parse_args(["quantize", "--config", "recipes/best", "--out", "o"])
+                      ).use_constraint is False
+    path = write(tmp_path, "[quantize]\nuse_constraint = true\np_max = 3\n")
     config = config_of("--recipe", "best", "--config", path)
-    assert (config.scale, config.p_max) == ("per-layer", 3)
-    assert config_of("--recipe", "best", "--scale", "per-layer").scale == "per-layer"
+    assert (config.use_constraint, config.p_max) == (True, 3)
+    assert config_of("--recipe", "best", "--use-constraint").use_constraint is True
     plain = parse_args(["quantize", "--out", "o"])
-    assert plain.distill is False and cbp_config(plain).scale == "per-layer"
+    assert plain.distill is False and cbp_config(plain).use_constraint is True
     recipe = cbp.load_config("demo", recipe="best")
-    assert recipe.cbp.scale == "per-channel" and recipe.cbp.p_max == 2   # demo's p_max
-    assert recipe.training["distill"] is True and "recipe" not in recipe.training
-    assert cbp.load_config(None, recipe="best").training["distill_alpha"] == 0.5
+    assert recipe.cbp.use_constraint is False and recipe.cbp.p_max == 2   # demo's p_max
+    assert "recipe" not in recipe.training
+    assert cbp.load_config(None, recipe="best").cbp.use_constraint is False
     with pytest.raises(ValueError, match="recipe must be one of best"):
         cbp.load_config(None, recipe="worst")
 
