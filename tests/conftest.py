@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -37,6 +38,28 @@ def quiet_cli(monkeypatch):
     monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
     with one_thread():
         yield
+
+
+def fails(capsys, argv: list[str], *needles: str) -> str:
+    """``cbp argv`` exits 2 with exactly one line, ``cbp: error: ...``, holding ``needles``."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("cbp: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def signals_raise():
+    """Should a signal reach past the training loop, fail the test instead of killing pytest."""
+    def fail(signum, frame):
+        raise RuntimeError(f"{signal.Signals(signum).name} was not handled by the training loop")
+    previous = {s: signal.signal(s, fail) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 def write_idx(path: str, array: np.ndarray) -> None:

@@ -79,15 +79,6 @@ def test_bad_settings_are_refused(kwargs):
         cbp.Distillation(nn.Identity(), **kwargs)
 
 
-@pytest.fixture
-def signals_raise():
-    """Should a signal reach past the training loop, fail the test instead of killing pytest."""
-    def fail(signum, frame):
-        raise RuntimeError(f"{signal.Signals(signum).name} was not handled by the training loop")
-    previous = {s: signal.signal(s, fail) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in previous.items():
-        signal.signal(s, handler)
 
 
 def test_quantize_with_distill_logs_both_terms_and_resumes_mid_epoch_with_the_same_teacher(

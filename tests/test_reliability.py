@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_EPOCHS, one_thread
+from conftest import REFERENCE_EPOCHS, fails, one_thread
 from PIL import Image
 
 import cbp.cli
@@ -42,15 +42,6 @@ STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
 
 
-@pytest.fixture
-def signals_raise():
-    """Should a signal reach past the training loop, fail the test instead of killing pytest."""
-    def fail(signum, frame):
-        raise RuntimeError(f"{signal.Signals(signum).name} was not handled by the training loop")
-    previous = {s: signal.signal(s, fail) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in previous.items():
-        signal.signal(s, handler)
 
 
 def after_step(monkeypatch, call: int, action) -> None:
@@ -71,15 +62,6 @@ def last_line(capsys) -> str:
     return err.strip().splitlines()[-1]
 
 
-def fails(capsys, argv: list[str], *needles: str) -> str:
-    """``cbp argv`` exits 2 with exactly one line, ``cbp: error: ...``, holding ``needles``."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("cbp: error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def checkpoint(run_dir) -> dict:

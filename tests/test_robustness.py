@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import one_thread
+from conftest import fails, one_thread
 from test_gpt import write_texts
 
 import cbp
@@ -30,15 +30,6 @@ from cbp.runs import CHECKPOINT_NAME, LOCK_NAME, LOG_NAME, RUN_FILES
 pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
 
 
-def fails(capsys, argv: list[str], *needles: str) -> str:
-    """``cbp argv`` exits 2 with exactly one line, ``cbp: error: ...``, holding ``needles``."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("cbp: error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def flag_refused(capsys, argv: list[str], *needles: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import REFERENCE_EPOCHS
+from conftest import REFERENCE_EPOCHS, fails
 from PIL import Image
 
 import cbp
@@ -42,15 +42,6 @@ STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
 
 
-def fails(capsys, argv: list[str], *needles: str) -> str:
-    """``cbp argv`` exits 2 with exactly one line, ``cbp: error: ...``, holding ``needles``."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("cbp: error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def after_step(monkeypatch, call: int, action) -> None:
