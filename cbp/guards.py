@@ -179,10 +179,11 @@ def resume_settings(args, given: set[str]) -> list[str]:
 def _check_recorded(recorded: dict, command: str, path: str) -> None:
     """Each recorded setting as its flag would accept it (the same type, range and choices), or
     a one-line error naming the file and the setting: a checkpoint may have been edited."""
-    flags = build_parsers()[1][command].by_key
+    flags = build_parsers()[1][command]
     for key, value in recorded.items():
-        action = flags[key][0] if key in flags else None
-        if action is None or key in NOT_RECORDED or (value is None and action.default is None):
+        action = flags.by_key[key][0] if key in flags.by_key else None
+        if action is None or key in NOT_RECORDED or (value is None and
+                                                     flags.defaults[action.dest] is None):
             continue   # a setting of another cbp version, or one left unset
         if not _accepts(action, value):
             raise CheckpointError(f"checkpoint {path}: settings.{key} ({_flag(key)}) is "

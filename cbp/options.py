@@ -112,40 +112,53 @@ def cbp_fields() -> list:
 # ---- the parser ----------------------------------------------------------------------------------
 
 class Flags:
-    """The flags of one command, by every name a config file may give them (dest or option)."""
+    """The flags of one command, by every name a config file may give them (dest or option).
+
+    The command's parser stores only what the command line gives (``argument_default=SUPPRESS``);
+    the defaults live here, so that :func:`parse_args` can tell a given setting from a default
+    with one parse and merge defaults, config files and flags itself.
+    """
 
     def __init__(self, parser: argparse.ArgumentParser) -> None:
         self.parser = parser
         self.by_key: dict[str, tuple[argparse.Action, bool]] = {}  # key -> (action, negated)
+        self.defaults: dict = {}   # dest -> default, in the order of the flags
+        self.actions: list[argparse.Action] = []
 
     def add(self, group, *flags: str, **kwargs) -> argparse.Action:
+        """``group.add_argument``, its default kept here (the help still shows it)."""
+        default = kwargs.pop("default", False if kwargs.get("action") == "store_true" else None)
+        help = kwargs.get("help")
+        if help not in (None, argparse.SUPPRESS):
+            kwargs["help"] = help.replace("%(default)s", str(default))
         action = group.add_argument(*flags, **kwargs)
+        self.actions.append(action)
         for option in action.option_strings:
             key = option.lstrip("-").replace("-", "_")
             negated = isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-")
             self.by_key[key] = (action, negated)
         self.by_key.setdefault(action.dest, (action, False))
+        if default is not argparse.SUPPRESS:
+            self.defaults.setdefault(action.dest, default)
         return action
 
-    def set_from_config(self, values: dict, name: str) -> set[str]:
-        """Make a config's values the defaults, each checked as the flag's value would be;
-        return the settings (dests) it sets."""
+    def from_config(self, values: dict, name: str) -> dict:
+        """A config's values by dest, each checked as the flag's value would be."""
         keys = {key: self.by_key.get(key.replace("-", "_")) for key in values}
         unknown = [key for key, entry in keys.items()
                    if entry is None or entry[0].dest in NOT_CONFIG_KEYS]
         if unknown:
             raise ValueError(f"config {name}: unknown key(s) {', '.join(unknown)} for "
                              f"`cbp {self.parser.prog.split()[-1]}`")
-        defaults = {}
+        settings = {}
         for key, (action, negated) in keys.items():
             try:
-                defaults[action.dest] = _config_value(action, negated, values[key])
+                settings[action.dest] = _config_value(action, negated, values[key])
             except argparse.ArgumentTypeError as err:   # a value the flag would refuse: as argparse
                 self.parser.error(f"config {name}: argument {action.option_strings[0]}: {err}")
             except ValueError as err:
                 raise ValueError(f"config {name}: {key} {err}") from None
-        self.parser.set_defaults(**defaults)
-        return set(defaults)
+        return settings
 
 
 def _config_value(action: argparse.Action, negated: bool, value):
@@ -258,13 +271,16 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    pretrain = Flags(sub.add_parser("pretrain", help="plain full-precision training; saves a checkpoint"))
+    # the commands a config file configures store only the flags given; Flags holds the defaults
+    pretrain = Flags(sub.add_parser("pretrain", help="plain full-precision training; saves a checkpoint",
+                                    argument_default=argparse.SUPPRESS))
     pretrain.add(pretrain.parser, "--model", choices=MODEL_NAMES, default="resnet20")
     pretrain.add(pretrain.parser, "--weights", help="start from 'torchvision' weights (the paper's), "
                  "'torchvision:MEMBER' (e.g. torchvision:IMAGENET1K_V2) or a local file")
     _common(pretrain, lr=0.1, weight_decay=5e-4, batch_size=128, epochs=10)
 
-    quantize = Flags(sub.add_parser("quantize", help="CBP from a pretrained checkpoint"))
+    quantize = Flags(sub.add_parser("quantize", help="CBP from a pretrained checkpoint",
+                                    argument_default=argparse.SUPPRESS))
     src = quantize.parser.add_argument_group("pretrained model (one of)")
     quantize.add(src, "--from", dest="from_checkpoint", help="checkpoint of `cbp pretrain`")
     quantize.add(src, "--model", choices=MODEL_NAMES, help="model name, with --weights")
@@ -396,30 +412,28 @@ def _glue_number_lists(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namespace:
-    """Parse the command line; ``--recipe``'s, then ``--config``'s values become the defaults."""
+    """Parse the command line once; for ``pretrain`` / ``quantize`` merge, the later winning:
+    the defaults, ``--recipe``'s values, ``--config``'s values, the flags given.
+
+    Their ``args._given`` holds the settings the flags and config files set (a config's value
+    counts as given on ``--resume``).
+    """
     argv = _glue_number_lists(list(sys.argv[1:] if argv is None else argv))
     parser, commands = build_parsers(description)
-    args = parser.parse_args(argv)
-    files = [f"recipes/{args.recipe}"] if getattr(args, "recipe", None) else []
-    files += [args.config] if getattr(args, "config", None) else []
-    from_config: set[str] = set()
-    if files and args.command in commands:
-        for name in files:   # the later wins
-            from_config |= commands[args.command].set_from_config(read_config(name, args.command),
-                                                                  name)
-        args = parser.parse_args(argv)
-    if args.command in ("pretrain", "quantize"):   # a config's value counts as given on --resume
-        args._given = _given_settings(argv) | from_config
+    given = vars(parser.parse_args(argv))
+    flags = commands.get(given["command"])
+    if flags is None:
+        return argparse.Namespace(**given)
+    files = [f"recipes/{given['recipe']}"] if "recipe" in given else []
+    files += [given["config"]] if "config" in given else []
+    from_config: dict = {}
+    for name in files:   # the later wins
+        from_config.update(flags.from_config(read_config(name, given["command"]), name))
+    args = argparse.Namespace(command=given["command"])
+    for dest, default in flags.defaults.items():
+        setattr(args, dest, given.get(dest, from_config.get(dest, default)))
+    args._given = (set(given) - {"command"}) | set(from_config)
     return args
-
-
-def _given_settings(argv: list[str]) -> set[str]:
-    """The settings ``argv`` sets, as opposed to defaults (``--config``'s values are defaults)."""
-    parser, _ = build_parsers()
-    for sub in parser._subparsers._group_actions[0].choices.values():
-        for action in sub._actions:
-            action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv))) - {"command"}
 
 
 def cbp_config(args: argparse.Namespace) -> CBPConfig:
