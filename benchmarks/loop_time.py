@@ -8,7 +8,7 @@
 Each case is a CLI command (``cbp pretrain``/``cbp quantize`` with the packaged ``demo`` or ``gpt``
 config, quantize from a randomly initialised ``--model``), cut to ``--steps`` steps in
 ``--epochs`` epochs and 1,000 validation images (the GPT configs' own 200/16 windows). Both sides
-run inside ``cbp.cli.run_training`` with ``cbp.cli.fit`` swapped for a timed function, so they get
+run inside ``cbp.cli_training.run_training`` with its ``fit`` swapped for a timed function, so they get
 the Run exactly as the CLI builds it (data from ``cbp.data``, model, optimizer, scheduler, the
 Lagrangian, seed) and only the loop differs:
 
@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from cbp import cli
+from cbp import cli_training
 from cbp.options import parse_args
 from cbp.tasks import LanguageModel
 from cbp.train import Run, fit
@@ -161,8 +161,9 @@ def time_side(case: str, side: str, steps: int, epochs: int, extra: list[str],
 
     with tempfile.TemporaryDirectory() as out:
         args = parse_args(case_argv(case, steps, epochs, f"{out}/run", extra))
-        with mock.patch.object(cli, "fit", timed), mock.patch.object(cli, "plot_run", lambda d: None):
-            cli.run_training(args)
+        with (mock.patch.object(cli_training, "fit", timed),
+              mock.patch.object(cli_training, "plot_run", lambda d: None)):
+            cli_training.run_training(args)
     return seconds[0]
 
 

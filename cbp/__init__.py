@@ -17,7 +17,8 @@ from .baselines import post_training_rounding, recalibrate_bn
 from .config import CBPConfig
 from .constraint import constrained_mask, constraint, quantize, sawtooth
 from .distill import Distillation
-from .export import ExportError, export, load_packed, read_packed
+from .export import ExportError, export
+from .export_read import load_packed, read_packed
 from .lagrangian import EpochEnd, Lagrangian
 from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
 from .levels import LEVEL_SETS, resolve_factors

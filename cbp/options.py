@@ -3,8 +3,8 @@
 The CBP flags of ``cbp quantize`` are made from ``dataclasses.fields(CBPConfig)``: a field
 ``multiplier_lr`` is the flag ``--multiplier-lr``, with the field's default and its documentation
 as help, so a new field is a new flag. A TOML config (a file, or the name of a packaged one such
-as ``demo`` or ``paper/resnet50-binary``) sets the defaults of the same parser - its keys are the
-flags' names (``multiplier_lr`` or ``multiplier-lr``) - and flags on the command line win.
+as ``demo`` or ``paper/resnet50-binary``) sets the same settings - its keys are the flags' names
+(``multiplier_lr`` or ``multiplier-lr``) - and flags on the command line win (:func:`parse_args`).
 ``cbp quantize --recipe NAME`` is a packaged config of ``configs/recipes/`` that chooses a method
 (``best``: what measured closest to full precision); a ``--config`` beside it wins over it.
 :func:`load_config` gives a library user what the CLI would run with.
@@ -17,79 +17,26 @@ import os
 import re
 import sys
 from dataclasses import dataclass, fields
-from importlib import resources
 
 from .config import CBPConfig, SettingError
 from .data import DATASET_NAMES
 from .distill import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+from .flags import (
+    RECIPES,
+    TABLES,
+    Flags,
+    at_least,
+    increments,
+    optional_float,
+    random_seed,
+    read_config,
+    temperature,
+)
 from .levels import LEVEL_SETS
 from .models import MODEL_NAMES
 from .peers import OSCILLATION_FIXES
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 CONSTRAINTS = (*LEVEL_SETS, "custom")
-TABLES = ("pretrain", "quantize")   # the commands a config file configures
-RECIPES = tuple(sorted(entry.name.removesuffix(".toml") for entry in
-                       (resources.files("cbp") / "configs" / "recipes").iterdir()
-                       if entry.name.endswith(".toml")))
-NOT_CONFIG_KEYS = ("config", "recipe")   # what chooses config files is not a key inside one
-
-
-# ---- value types ---------------------------------------------------------------------------------
-
-def _optional_float(text: str) -> float | None:
-    """A float, or None for "none"/"off" (switches a reference extra off); "inf" is infinity."""
-    return None if text.lower() in ("none", "off") else float(text)
-
-
-def _at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (sizes and counts; 0 or less is a mistake)."""
-    def integer(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return integer
-
-
-def _seed(text: str) -> int:
-    """A random seed: an integer of 64 bits, what ``torch.manual_seed`` takes."""
-    value = _at_least(-2**63)(text)
-    if value >= 2**63:
-        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    """A sampling temperature: finite and >= 0.001 (the logits are divided by it: a smaller one
-    overflows them to infinity, and 0.001 already all but always picks the likeliest token)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 1e-3 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0.001, got {text}")
-    return value
-
-
-def _increments(text: str) -> tuple[tuple[float, float], ...]:
-    """``10:1,100:10,inf:100`` as ``((10, 1), (100, 10), (inf, 100))``."""
-    try:
-        pairs = tuple(tuple(float(x) for x in pair.split(":")) for pair in text.split(","))
-    except ValueError:
-        pairs = ()
-    if not pairs or any(len(p) != 2 for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected BOUND:INCREMENT,..., e.g. 10:1,100:10,inf:100; "
-                                         f"got {text!r}")
-    return pairs
-
 
 # A CBPConfig field's annotation -> how its flag reads a value.
 _KINDS = {
@@ -97,10 +44,10 @@ _KINDS = {
     "bool | None": {"action": argparse.BooleanOptionalAction},
     "int": {"type": int},
     "float": {"type": float},
-    "float | None": {"type": _optional_float},
+    "float | None": {"type": optional_float},
     "str": {},
     "Sequence[str]": {"nargs": "*"},
-    "Sequence[tuple[float, float]]": {"type": _increments},
+    "Sequence[tuple[float, float]]": {"type": increments},
 }
 
 
@@ -110,89 +57,6 @@ def cbp_fields() -> list:
 
 
 # ---- the parser ----------------------------------------------------------------------------------
-
-class Flags:
-    """The flags of one command, by every name a config file may give them (dest or option).
-
-    The command's parser stores only what the command line gives (``argument_default=SUPPRESS``);
-    the defaults live here, so that :func:`parse_args` can tell a given setting from a default
-    with one parse and merge defaults, config files and flags itself.
-    """
-
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        self.parser = parser
-        self.by_key: dict[str, tuple[argparse.Action, bool]] = {}  # key -> (action, negated)
-        self.defaults: dict = {}   # dest -> default, in the order of the flags
-        self.actions: list[argparse.Action] = []
-
-    def add(self, group, *flags: str, **kwargs) -> argparse.Action:
-        """``group.add_argument``, its default kept here (the help still shows it)."""
-        default = kwargs.pop("default", False if kwargs.get("action") == "store_true" else None)
-        help = kwargs.get("help")
-        if help not in (None, argparse.SUPPRESS):
-            kwargs["help"] = help.replace("%(default)s", str(default))
-        action = group.add_argument(*flags, **kwargs)
-        self.actions.append(action)
-        for option in action.option_strings:
-            key = option.lstrip("-").replace("-", "_")
-            negated = isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-")
-            self.by_key[key] = (action, negated)
-        self.by_key.setdefault(action.dest, (action, False))
-        if default is not argparse.SUPPRESS:
-            self.defaults.setdefault(action.dest, default)
-        return action
-
-    def from_config(self, values: dict, name: str) -> dict:
-        """A config's values by dest, each checked as the flag's value would be."""
-        keys = {key: self.by_key.get(key.replace("-", "_")) for key in values}
-        unknown = [key for key, entry in keys.items()
-                   if entry is None or entry[0].dest in NOT_CONFIG_KEYS]
-        if unknown:
-            raise ValueError(f"config {name}: unknown key(s) {', '.join(unknown)} for "
-                             f"`cbp {self.parser.prog.split()[-1]}`")
-        settings = {}
-        for key, (action, negated) in keys.items():
-            try:
-                settings[action.dest] = _config_value(action, negated, values[key])
-            except argparse.ArgumentTypeError as err:   # a value the flag would refuse: as argparse
-                self.parser.error(f"config {name}: argument {action.option_strings[0]}: {err}")
-            except ValueError as err:
-                raise ValueError(f"config {name}: {key} {err}") from None
-        return settings
-
-
-def _config_value(action: argparse.Action, negated: bool, value):
-    """A TOML value as the flag's action would store it."""
-    if action.nargs == 0:   # a switch
-        if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {value!r}")
-        if isinstance(action, argparse.BooleanOptionalAction):
-            return value != negated
-        return action.const if value else not action.const
-    if isinstance(value, list):
-        if action.nargs not in ("*", "+"):
-            raise ValueError("takes one value, not a list")
-        return [_convert(action, v) for v in value]
-    converted = _convert(action, value)
-    return [converted] if action.nargs in ("*", "+") else converted
-
-
-def _convert(action: argparse.Action, value):
-    """One value through the flag's type and choices; ``ArgumentTypeError`` in argparse's words."""
-    if isinstance(value, dict):
-        raise ValueError("is a table, not a value")
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    try:
-        result = action.type(text) if action.type is not None else text
-    except argparse.ArgumentTypeError:
-        raise
-    except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"invalid {action.type.__name__} value: {text!r}") from None
-    if action.choices is not None and result not in action.choices:
-        raise argparse.ArgumentTypeError(f"invalid choice: {result!r} (choose from "
-                                         f"{', '.join(map(repr, action.choices))})")
-    return result
-
 
 def _add_cbp_flags(flags: Flags, group) -> None:
     """``--constraint`` / ``--levels``, then one flag per CBPConfig field."""
@@ -231,24 +95,24 @@ def _common(flags: Flags, *, lr: float, weight_decay: float, batch_size: int, ep
     flags.add(g, "--data", choices=DATASET_NAMES, default="fashion-mnist")
     flags.add(g, "--data-dir", help="dataset folder (Fashion-MNIST IDX files, or train/ and val/)")
     flags.add(g, "--download", action="store_true", help="fetch Fashion-MNIST if it is missing")
-    flags.add(g, "--limit", type=_at_least(1), help="use only this many training images")
-    flags.add(g, "--val-limit", type=_at_least(1), help="use only this many validation images")
-    flags.add(g, "--image-size", type=_at_least(1), default=224,
+    flags.add(g, "--limit", type=at_least(1), help="use only this many training images")
+    flags.add(g, "--val-limit", type=at_least(1), help="use only this many validation images")
+    flags.add(g, "--image-size", type=at_least(1), default=224,
               help="crop size for image folders")
-    flags.add(g, "--workers", type=_at_least(0), default=0, help="data-loading processes")
+    flags.add(g, "--workers", type=at_least(0), default=0, help="data-loading processes")
     g = p.add_argument_group("training")
-    flags.add(g, "--epochs", type=_at_least(1), default=epochs)
-    flags.add(g, "--epoch-iters", type=_at_least(1),
+    flags.add(g, "--epochs", type=at_least(1), default=epochs)
+    flags.add(g, "--epoch-iters", type=at_least(1),
               help="steps per epoch (default: a full pass; more than a pass continues into fresh "
               "passes); CBP's end-of-epoch rule runs after each")
-    flags.add(g, "--batch-size", type=_at_least(1), default=batch_size, help="global batch size")
+    flags.add(g, "--batch-size", type=at_least(1), default=batch_size, help="global batch size")
     flags.add(g, "--lr", type=float, default=lr, help="weight learning rate")
     flags.add(g, "--optimizer", choices=("sgd", "adamw"), default="sgd",
               help="of the weights: SGD with momentum (the paper's), or AdamW (transformers)")
     flags.add(g, "--momentum", type=float, default=0.9)
     flags.add(g, "--weight-decay", type=float, default=weight_decay,
               help="on Conv/Linear weights only")
-    flags.add(g, "--seed", type=_seed, default=0)
+    flags.add(g, "--seed", type=random_seed, default=0)
     flags.add(g, "--device", help="cpu or cuda (default: cuda when available)")
     flags.add(g, "--sync-bn", action="store_true",
               help="BatchNorm statistics over all processes (GPU only; default: per process)")
@@ -295,7 +159,7 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
                  help="dampen / freeze: Nagel et al. (ICML 2022), with --no-constraint for their "
                       "STE methods, annealed over --epochs; gate: CBP's pull on oscillating "
                       "weights only (this project's variant)")
-    quantize.add(g, "--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
+    quantize.add(g, "--recalibrate-bn", type=at_least(0), default=0, metavar="N",
                  help="at the end, re-estimate BatchNorm statistics on N training batches "
                       "(saved in the checkpoint; top-1 reported before and after)")
     g = quantize.parser.add_argument_group("distillation from the full-precision model (cbp.distill)")
@@ -313,24 +177,24 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     p = sub.add_parser("evaluate", help="top-1/top-5 (loss and bits per character) and CFS")
     p.add_argument("checkpoint")
     p.add_argument("--data-dir")
-    p.add_argument("--val-limit", type=_at_least(1))
-    p.add_argument("--image-size", type=_at_least(1), default=224)
+    p.add_argument("--val-limit", type=at_least(1))
+    p.add_argument("--image-size", type=at_least(1), default=224)
     p.add_argument("--device")
-    p.add_argument("--recalibrate-bn", type=_at_least(0), default=0, metavar="N",
+    p.add_argument("--recalibrate-bn", type=at_least(0), default=0, metavar="N",
                    help="also report top-1 after re-estimating BatchNorm statistics on N training "
                         "batches (the checkpoint is not changed)")
-    p.add_argument("--batch-size", type=_at_least(1), default=256,
+    p.add_argument("--batch-size", type=at_least(1), default=256,
                    help="batch size of the BatchNorm re-estimation")
-    p.add_argument("--seed", type=_seed, default=0, help="order of the re-estimation batches")
+    p.add_argument("--seed", type=random_seed, default=0, help="order of the re-estimation batches")
 
     p = sub.add_parser("generate", help="sample text from a language-model checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", default="\n", help="text the sample continues")
-    p.add_argument("--tokens", type=_at_least(0), default=300, help="characters to generate")
-    p.add_argument("--seed", type=_seed, default=0, help="the same seed gives the same text")
-    p.add_argument("--temperature", type=_temperature, default=1.0,
+    p.add_argument("--tokens", type=at_least(0), default=300, help="characters to generate")
+    p.add_argument("--seed", type=random_seed, default=0, help="the same seed gives the same text")
+    p.add_argument("--temperature", type=temperature, default=1.0,
                    help="divides the logits: below 1 likelier tokens, above 1 more random (>= 0.001)")
-    p.add_argument("--top-k", type=_at_least(1), help="sample from the k likeliest characters only")
+    p.add_argument("--top-k", type=at_least(1), help="sample from the k likeliest characters only")
 
     p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
     p.add_argument("checkpoint")
@@ -348,44 +212,6 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     p.add_argument("--config", default="demo")
     p.add_argument("--quiet", action="store_true")
     return parser, {"pretrain": pretrain, "quantize": quantize}
-
-
-# ---- config files --------------------------------------------------------------------------------
-
-def read_config(name: str, command: str) -> dict:
-    """The keys a TOML config gives ``command``: its ``[command]`` table, or its flat keys.
-
-    A file holds either flat keys (for any command) or ``[pretrain]`` / ``[quantize]`` tables;
-    anything else - another table, a flat key beside tables, no table for this command - is an
-    error, not a silently ignored setting.
-    """
-    if os.path.exists(name):
-        with open(name, "rb") as f:
-            text = f.read()
-    else:
-        packaged = resources.files("cbp") / "configs" / f"{name}.toml"
-        if not packaged.is_file():
-            raise ValueError(f"config {name!r} is neither a file nor a packaged config")
-        text = packaged.read_bytes()
-    try:
-        data = tomllib.loads(text.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"config {name} is not valid TOML: {err}") from err
-    tables = [key for key, value in data.items() if isinstance(value, dict)]
-    flat = [key for key, value in data.items() if not isinstance(value, dict)]
-    unknown = [t for t in tables if t not in TABLES]
-    if unknown:
-        raise ValueError(f"config {name}: unknown table [{unknown[0]}]; a config has [pretrain] "
-                         "and/or [quantize] tables, or flat keys only")
-    if not tables:
-        return data
-    if flat:
-        raise ValueError(f"config {name}: key(s) {', '.join(flat)} outside the "
-                         f"[{'] / ['.join(tables)}] table(s); move them into one")
-    if command not in tables:
-        raise ValueError(f"config {name} has no [{command}] table (it has "
-                         f"[{'] / ['.join(tables)}])")
-    return data[command]
 
 
 _NUMBER_LIST = re.compile(r"^-[^-].*,")  # "-1,0,1", "-inf,1": no option holds a comma

@@ -34,8 +34,8 @@ def one_thread():
 @pytest.fixture
 def quiet_cli(monkeypatch):
     """CLI runs on one thread and without plots: neither changes what the CLI tests check."""
-    import cbp.cli
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    import cbp.cli_training
+    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
     with one_thread():
         yield
 

@@ -18,7 +18,7 @@ from cbp import cli
 from cbp.checkpoint import load_checkpoint
 from cbp.data import load_dataset, make_loader
 from cbp.distributed import Context
-from cbp.export import read_packed
+from cbp.export_read import read_packed
 from cbp.layers import convert, quantized_layers
 from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, load_model, read_jsonl
 from cbp.train import evaluate

@@ -18,7 +18,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import cbp
-from cbp.export import ExportError, checksum, export, load_packed
+from cbp.export import ExportError, checksum, export
+from cbp.export_read import load_packed
 from cbp.onnx_export import MissingDependencyError, check_onnx, export_onnx
 from cbp.packing import (
     MAX_GROUP_BITS,

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import cbp
 import cbp.cli
+import cbp.cli_training
 import cbp.train
 from cbp.models import build_model
 
@@ -104,7 +105,7 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
         init(self, *args, **kwargs)
         built.append(self)
     monkeypatch.setattr(cbp.Lagrangian, "__init__", recording)
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
     want = expected(name)
     # AlexNet-BN's config names no weights: it starts from random ones unless --weights is given.
     weights = [] if want["weights"] is None else ["--weights", weights_files(want["model"])]

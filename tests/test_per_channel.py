@@ -16,7 +16,7 @@ import cbp
 from cbp import cli
 from cbp.checkpoint import load_checkpoint, save_checkpoint
 from cbp.constraint import constraint_and_grad, level_index, level_values
-from cbp.export import read_packed
+from cbp.export_read import read_packed
 from cbp.runs import CHECKPOINT_NAME, load_model
 
 # channel 0: a_0 = mean(0.005, 0.02, 0.035) = 0.02; channel 1: a_1 = 2.0, 100 times larger

@@ -32,7 +32,8 @@ from cbp.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from cbp.export import ExportError, read_packed
+from cbp.export import ExportError
+from cbp.export_read import read_packed
 from cbp.lagrangian import Lagrangian
 from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 import cbp
 import cbp.cli
+import cbp.cli_training
 import cbp.runs
 from cbp import cli
 from cbp.checkpoint import (
@@ -30,7 +31,7 @@ from cbp.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from cbp.export import read_packed
+from cbp.export_read import read_packed
 from cbp.lagrangian import Lagrangian
 from cbp.run_state import check_run_state
 from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, check_same_plan, read_jsonl
@@ -304,7 +305,7 @@ def test_resume_checks_every_field_it_reads_before_loading_data(
         quantize_argv, reference_run, tmp_path, capsys, monkeypatch, field, value, needle):
     out = tmp_path / "run"
     path = bad_copy(reference_run, out, field, value)
-    monkeypatch.setattr(cbp.cli, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(cbp.cli_training, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     fails(capsys, quantize_argv(str(out), 3, "--resume"), f"checkpoint {path}: {needle}")
     assert check_run_state(load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME)), "x")
 
@@ -339,7 +340,7 @@ def test_a_mid_epoch_resume_with_another_data_order_is_refused(
     after_step(monkeypatch, STEPS + 1, lambda: os.kill(os.getpid(), signal.SIGINT))
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS)) == 130
     monkeypatch.undo()
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
     before = snapshot(out)
     fails(capsys, quantize_argv(out, REFERENCE_EPOCHS, "--resume", *flags), needle)
     assert snapshot(out) == before
@@ -368,7 +369,7 @@ def test_a_torn_last_log_line_blocks_neither_resume_nor_plot(
     monkeypatch.undo()
     assert cli.main(["plot", out]) == 0
     assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
     assert_same_run(out, reference_run)
     with open(os.path.join(out, LOG_NAME), "a") as f:   # damage elsewhere is an error
@@ -412,7 +413,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_naming_the_file(
     fails(capsys, quantize_argv(out, REFERENCE_EPOCHS),
           f"cannot write {ckpt}: No space left on device; the previous file is untouched")
     monkeypatch.undo()
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
     assert load_checkpoint(ckpt)["epoch"] == 1                      # epoch 1's, whole
     assert sorted(os.listdir(out)) == [CHECKPOINT_NAME, HIST_NAME, LOG_NAME]   # no temporary
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0

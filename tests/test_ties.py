@@ -9,7 +9,8 @@ from safetensors.torch import load as st_load
 from test_export import FIXTURES, assert_export_error, read_meta, resave
 
 import cbp
-from cbp.export import export, load_packed, read_packed
+from cbp.export import export
+from cbp.export_read import load_packed, read_packed
 from cbp.gpt import CBP_SELECTION, GPT, GPTConfig
 from cbp.summary import summary
 from cbp.ties import share_as_stored, tied_keys
