@@ -21,6 +21,22 @@ from .distributed import Context, all_reduce_sum
 from .models import LANGUAGE_MODELS
 
 
+def _shard_batches(model: nn.Module, data: Dataset, ctx: Context, batch_size: int,
+                   channels_last: bool):
+    """The batches of this process's share of ``data``, on its device, the model in eval mode.
+
+    Each process takes every ``world_size``-th sample, so the sums of all processes cover each
+    exactly once; an image batch goes channels-last if the run trains so.
+    """
+    model.eval()
+    shard = Subset(data, range(ctx.rank, len(data), ctx.world_size))
+    for x, y in DataLoader(shard, batch_size=batch_size):
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y
+
+
 class Classification:
     name = "classification"
     headline = "top1"   # the figure progress bars and plots show
@@ -44,17 +60,9 @@ class Classification:
     @torch.no_grad()
     def evaluate(model: nn.Module, data: Dataset, ctx: Context, channels_last: bool = False,
                  batch_size: int = 500) -> dict:
-        """Top-1, top-5 (top-k for fewer classes) and loss over the whole of ``data``.
-
-        Each process takes every ``world_size``-th sample, so the sums cover each exactly once.
-        """
-        model.eval()
-        shard = Subset(data, range(ctx.rank, len(data), ctx.world_size))
+        """Top-1, top-5 (top-k for fewer classes) and loss over the whole of ``data``."""
         totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # top1, top5, loss, n
-        for x, y in DataLoader(shard, batch_size=batch_size):
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in _shard_batches(model, data, ctx, batch_size, channels_last):
             logits = model(x)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top == y[:, None]
@@ -86,15 +94,9 @@ class LanguageModel:
     @torch.no_grad()
     def evaluate(model: nn.Module, data: Dataset, ctx: Context, channels_last: bool = False,
                  batch_size: int = 64) -> dict:
-        """Mean cross-entropy per token over all of ``data`` and bits per character.
-
-        Each process takes every ``world_size``-th window, so the sums cover each exactly once.
-        """
-        model.eval()
-        shard = Subset(data, range(ctx.rank, len(data), ctx.world_size))
+        """Mean cross-entropy per token over all of ``data`` and bits per character."""
         totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, tokens
-        for x, y in DataLoader(shard, batch_size=batch_size):
-            x, y = x.to(ctx.device), y.to(ctx.device)
+        for x, y in _shard_batches(model, data, ctx, batch_size, channels_last):
             loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten(), reduction="sum")
             totals += torch.stack([loss.double(), torch.tensor(y.numel(), device=ctx.device)])
         loss, n = all_reduce_sum(totals).tolist()
