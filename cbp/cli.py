@@ -1,7 +1,7 @@
 """Command-line interface: a thin layer over the library.
 
     cbp pretrain --model resnet20 --data fashion-mnist --out runs/fp
-    cbp quantize --from runs/fp/checkpoint.pt --constraint binary --out runs/binary
+    cbp quantize --from runs/fp/checkpoint.pt --levels binary --out runs/binary
     cbp evaluate runs/binary/checkpoint.pt
     cbp plot runs/binary
     cbp demo

@@ -119,8 +119,7 @@ def _train(args: argparse.Namespace) -> list[dict]:
         if args.recalibrate_bn:
             require_batch_norm(model, "--recalibrate-bn")
     meta = describe(args.command, model, model_name, args.data, num_classes, in_channels,
-                    list(train_data[0][0].shape), getattr(args, "constraint", None), config,
-                    task.name, vocab)
+                    list(train_data[0][0].shape), config, task.name, vocab)
     if distillation is not None:   # a resume reloads the teacher by path: the same file?
         meta["teacher_sha256"] = teacher_hash
         distillation.teacher.to(ctx.device)

@@ -85,7 +85,7 @@ def _doc(default, help: str, **cli):
 class CBPConfig:
     levels: str | Sequence[float] = _doc(
         "binary", "which values the weights may take: binary | ternary | shift1 | shift2, or a "
-        "sorted sequence of factors of the layer's scale", flag=False)  # CLI: --constraint, --levels
+        "sorted sequence of factors of the layer's scale", flag=False)  # CLI: --levels
 
     scale: str = _doc(
         "per-layer", "the scale a the levels are factors of: per-layer (one a = mean|W| per "

@@ -52,17 +52,19 @@ _KINDS = {
 
 
 def cbp_fields() -> list:
-    """The CBPConfig fields that are flags (``levels`` is spelt ``--constraint`` / ``--levels``)."""
+    """The CBPConfig fields that are flags made from their field (``levels`` has its own)."""
     return [f for f in fields(CBPConfig) if f.init and f.metadata.get("flag", True)]
 
 
 # ---- the parser ----------------------------------------------------------------------------------
 
 def _add_cbp_flags(flags: Flags, group) -> None:
-    """``--constraint`` / ``--levels``, then one flag per CBPConfig field."""
-    flags.add(group, "--constraint", choices=CONSTRAINTS, default="binary")
-    flags.add(group, "--levels",
-              help="custom level factors, comma separated, e.g. -1,-0.5,0,0.5,1")
+    """``--levels`` (and its old spelling ``--constraint``), then one flag per CBPConfig field."""
+    flags.add(group, "--levels", default="binary",
+              help=f"the level set: {', '.join(LEVEL_SETS)}, or custom level factors, comma "
+                   "separated, e.g. -1,-0.5,0,0.5,1 (default: %(default)s)")
+    flags.add(group, "--constraint", choices=CONSTRAINTS, default=argparse.SUPPRESS,
+              help="the old spelling of --levels NAME (custom: the factors are --levels')")
     for f in cbp_fields():
         if f.type not in _KINDS:
             raise TypeError(f"CBPConfig.{f.name}: no command-line form for {f.type!r}; add one to "
@@ -254,7 +256,9 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
     files += [given["config"]] if "config" in given else []
     from_config: dict = {}
     for name in files:   # the later wins
-        from_config.update(flags.from_config(read_config(name, given["command"]), name))
+        from_config.update(_old_spelling(flags.from_config(read_config(name, given["command"]),
+                                                           name)))
+    given = _old_spelling(given)
     args = argparse.Namespace(command=given["command"])
     for dest, default in flags.defaults.items():
         setattr(args, dest, given.get(dest, from_config.get(dest, default)))
@@ -262,19 +266,34 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
     return args
 
 
+def _old_spelling(settings: dict) -> dict:
+    """``constraint``, the old name of ``levels``, as ``levels``: ``constraint = NAME`` is
+    ``levels = NAME``; ``constraint = "custom"`` said that the factors are ``levels``'."""
+    if "constraint" not in settings:
+        return settings
+    settings = dict(settings)
+    constraint, levels = settings.pop("constraint"), settings.get("levels")
+    if constraint == "custom":
+        settings.setdefault("levels", "custom")   # cbp_config asks for the factors
+    elif levels is not None and levels != constraint:
+        raise ValueError(f"--constraint {constraint} and --levels {levels} name two level sets: "
+                         "pass --levels alone")
+    else:
+        settings["levels"] = constraint
+    return settings
+
+
 def cbp_config(args: argparse.Namespace) -> CBPConfig:
     """The CBPConfig of parsed ``quantize`` arguments."""
-    if args.constraint == "custom":
-        if not args.levels:
-            raise ValueError("--constraint custom needs --levels, e.g. --levels -1,0,1")
+    levels = args.levels
+    if levels == "custom":   # --constraint custom with no factors
+        raise ValueError("--constraint custom needs --levels, e.g. --levels -1,0,1")
+    if levels not in LEVEL_SETS:
         try:
-            levels = [float(x) for x in args.levels.split(",")]
+            levels = [float(x) for x in levels.split(",")]
         except ValueError as err:
-            raise ValueError(f"--levels must be comma-separated numbers, got {args.levels!r}") from err
-    elif args.levels:
-        raise ValueError(f"--levels needs --constraint custom (the constraint is {args.constraint})")
-    else:
-        levels = args.constraint
+            raise ValueError(f"--levels must be one of {', '.join(LEVEL_SETS)} or comma-separated "
+                             f"numbers, got {args.levels!r}") from err
     try:
         return CBPConfig(levels=levels, **{f.name: getattr(args, f.name) for f in cbp_fields()})
     except SettingError as err:   # CBPConfig's check, in the words of the command line

@@ -70,7 +70,7 @@ def _meta_checks(meta: dict) -> list[tuple[str, bool, str]]:
                        "a string of distinct characters, one per token (meta.num_classes)"))
     if meta.get("mode") == "quantize":
         checks += [
-            ("meta.constraint", isinstance(meta.get("constraint", ""), str), "a string"),
+            ("meta.levels", isinstance(meta.get("levels", ""), str), "a string"),
             ("meta.include", isinstance(meta.get("include"), list)
              and all(isinstance(p, str) for p in meta["include"]), "a list of strings"),
             ("meta.exclude", isinstance(meta.get("exclude"), list)
@@ -197,6 +197,29 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def today_names(meta: dict) -> dict:
+    """``meta`` in today's names: ``levels``, the level set, was ``constraint`` (and in the
+    recorded settings ``--constraint NAME`` is ``--levels NAME``; ``--constraint custom`` kept its
+    factors in ``--levels``)."""
+    settings = meta.get("settings")
+    old_settings = isinstance(settings, dict) and "constraint" in settings
+    if "constraint" not in meta and not old_settings:
+        return meta
+    meta = dict(meta)
+    if "constraint" in meta:
+        meta["levels"] = meta.pop("constraint")
+    if old_settings:
+        settings = dict(settings)
+        constraint = settings.pop("constraint")
+        if constraint != "custom":
+            settings["levels"] = constraint
+        meta["settings"] = settings
+    return meta
+
+
 def load_run_checkpoint(path: str, model: bool = True, training: bool = True) -> dict:
-    """:func:`load_checkpoint`, then :func:`check_run_state`."""
-    return check_run_state(load_checkpoint(path), path, model, training)
+    """:func:`load_checkpoint` (``meta`` in today's names), then :func:`check_run_state`."""
+    state = load_checkpoint(path)
+    if isinstance(state.get("meta"), dict):
+        state["meta"] = today_names(state["meta"])
+    return check_run_state(state, path, model, training)

@@ -32,7 +32,7 @@ from .checkpoint import (
 from .config import CBPConfig
 from .layers import prepare, quantized_layers
 from .models import model_options, rebuild_model
-from .run_state import load_run_checkpoint
+from .run_state import load_run_checkpoint, today_names
 
 LOG_NAME, HIST_NAME, CHECKPOINT_NAME = "log.jsonl", "histograms.jsonl", "checkpoint.pt"
 CURVES_PNG, OSCILLATIONS_PNG, HISTOGRAMS_PNG = "curves.png", "oscillations.png", "histograms.png"
@@ -44,7 +44,7 @@ RUN_FILES = (LOG_NAME, HIST_NAME, CHECKPOINT_NAME, CURVES_PNG, OSCILLATIONS_PNG,
 LOCK_NAME = ".cbp-lock"
 HIST_RANGE, HIST_BINS = 1.6, 160  # histogram of w / scale over [-1.6, 1.6]
 # meta entries that must match for a checkpoint to continue a run
-IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "constraint", "factors",
+IDENTITY_KEYS = ("mode", "model", "dataset", "num_classes", "in_channels", "levels", "factors",
                  "scale", "vocab", "teacher_sha256")
 
 
@@ -151,20 +151,22 @@ class Position:
 
 
 def describe(mode: str, model: nn.Module, model_name: str, dataset: str, num_classes: int,
-             in_channels: int, input_size: list[int], constraint: str | None = None,
-             config: CBPConfig | None = None, task: str | None = None,
+             in_channels: int, input_size: list[int], config: CBPConfig | None = None,
+             task: str | None = None,
              vocab: str | None = None) -> dict:
     """A run's identity (``meta``): enough to check a resume and to rebuild its model
     (``model_options``: what :func:`cbp.models.rebuild_model` needs besides the weights).
 
-    A language model's also names its task and its vocabulary (the characters of its tokens).
+    A language model's also names its task and its vocabulary (the characters of its tokens); a
+    CBP run's its level set (``levels``: its name, or ``custom``) and factors, and its layers.
     """
     meta = {"mode": mode, "dataset": dataset, "num_classes": num_classes,
             "in_channels": in_channels, "input_size": input_size, "model": model_name,
             "model_options": model_options(model)}
     meta.update({k: v for k, v in (("task", task), ("vocab", vocab)) if v is not None})
     if config is not None:
-        meta.update(constraint=constraint, factors=list(config.factors),
+        meta.update(levels=config.levels if isinstance(config.levels, str) else "custom",
+                    factors=list(config.factors),
                     include=list(config.include), exclude=list(config.exclude),
                     skip_first_last=config.skip_first_last)
         if config.scale != "per-layer":   # absent: per layer, as every run before the option
@@ -201,6 +203,7 @@ def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
     if plan is not None:
         check_same_plan(state, plan, source)
     state = _upgrade(state, world_size)
+    meta = today_names(meta)   # a library user's run may still say "constraint"
     for key in IDENTITY_KEYS:
         if state["meta"].get(key) != meta.get(key):
             raise CheckpointError(f"{source} is from another run ({key}: "

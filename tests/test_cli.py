@@ -129,7 +129,7 @@ def test_quantize_evaluate_export_plot(pretrained, tiny_fashion, tmp_path, capsy
 
     ckpt = os.path.join(out, CHECKPOINT_NAME)
     state = load_checkpoint(ckpt)
-    assert (state["epoch"], state["meta"]["constraint"], state["cbp"]["g"]) == (2, "binary", 3.0)
+    assert (state["epoch"], state["meta"]["levels"], state["cbp"]["g"]) == (2, "binary", 3.0)
     model, _ = load_model(ckpt)
     assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     # CFS and the on-level fraction of the last epoch, recomputed from the checkpoint's weights

@@ -240,7 +240,7 @@ def test_cli_quantize_under_torchrun(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["steps"] == 2 for r in rows)
     for r in rows:   # accuracy counts over all 51 validation images
         assert r["top1"] * 51 / 100 == pytest.approx(round(r["top1"] * 51 / 100))
-    assert load_checkpoint(str(out / CHECKPOINT_NAME))["meta"]["constraint"] == "binary"
+    assert load_checkpoint(str(out / CHECKPOINT_NAME))["meta"]["levels"] == "binary"
     assert (out / "curves.png").is_file()
     evaluate = ["-m", "cbp", "evaluate", str(out / CHECKPOINT_NAME), "--val-limit", "51",
                 "--device", "cpu"]

@@ -40,7 +40,7 @@ FACTORS = {"binary": (-1.0, 1.0), "ternary": (-1.0, 0.0, 1.0),
 def expected(name: str) -> dict:
     model, constraint = name.split("-")
     lr, shift_lr, weight_decay, batch_size, p_max = PAPER[model]
-    return {"data": "imagefolder", "model": model, "constraint": constraint,
+    return {"data": "imagefolder", "model": model, "levels": constraint,
             "weights": None if model == "alexnet_bn" else "torchvision:IMAGENET1K_V1",
             "lr": shift_lr if constraint.startswith("shift") else lr,
             "weight_decay": weight_decay, "batch_size": batch_size, "p_max": p_max,
@@ -119,14 +119,14 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
     assert (row["epoch"], row["steps"], row["lr"]) == (1, 1, want["lr"])
     assert (row["g"], row["updated"]) == (1, False)   # first epoch: L_sum < L_sum_pre = inf
     (state,) = saved
-    assert (state["meta"]["model"], state["meta"]["constraint"]) == (want["model"],
-                                                                     want["constraint"])
+    assert (state["meta"]["model"], state["meta"]["levels"]) == (want["model"],
+                                                                     want["levels"])
     decay_group = state["optimizer"]["param_groups"][0]
     assert (decay_group["lr"], decay_group["weight_decay"]) == (want["lr"], want["weight_decay"])
     assert state["cbp"]["ascent"]["param_groups"][0]["lr"] == want["multiplier_lr"]
     (lagrangian,) = built
     config = lagrangian.config
-    assert config.factors == FACTORS[want["constraint"]]
+    assert config.factors == FACTORS[want["levels"]]
     assert (config.p_max, config.lr_drop_at_g, config.multiplier_lr) == (
         want["p_max"], want["lr_drop_at_g"], want["multiplier_lr"])
     assert (config.multiplier_rule, config.g_init, config.stop_once_g_exceeds, config.lr_drop_factor) == (

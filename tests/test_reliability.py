@@ -399,7 +399,9 @@ def test_bad_custom_levels(files, capsys, levels):
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (lambda f: quantize(f, "--levels", "-1,0,1"), ["--levels needs --constraint custom"]),
+    (lambda f: quantize(f, "--constraint", "ternary", "--levels", "-1,0,1"),
+     ["--constraint ternary and --levels -1,0,1 name two level sets"]),
+    (lambda f: quantize(f, "--constraint", "custom"), ["--constraint custom needs --levels"]),
     (lambda f: quantize(f, "--exclude", "."), ["no layer left to quantize"]),
     (lambda f: quantize(f, "--exclude", "("), ["not a regular expression"]),
     (lambda f: quantize(f, "--limit", "16"), ["no training step", "batch of 32"]),
@@ -414,7 +416,7 @@ def test_bad_custom_levels(files, capsys, levels):
      ["3-class", "the data has 2 classes"]),
     # checkpoints from another run, damaged or missing
     (lambda f: quantize(f, "--constraint", "ternary", "--out", f.ref_dir, "--resume"),
-     ["--constraint 'ternary' (the run's: 'binary')"]),
+     ["--levels 'ternary' (the run's: 'binary')"]),
     (lambda f: ["pretrain", "--model", "resnet18", "--data-dir", f.data, "--out",
                 os.path.dirname(f.fp), "--resume"], ["--model 'resnet18' (the run's: 'resnet20')"]),
     (lambda f: ["pretrain", "--data-dir", f.data, "--out", f.ref_dir, "--resume"],

@@ -156,15 +156,18 @@ def test_one_scale_per_output_channel_passes_the_check(reference_run):
 
 @pytest.mark.parametrize("key, value", [
     ("epoch_iters", 0), ("seed", 1e30), ("workers", -1), ("batch_size", "32"),
-    ("constraint", "quinary"), ("use_constraint", 1), ("lr", math.nan),
+    ("levels", "quinary"), ("use_constraint", 1), ("lr", math.nan),
 ])
 def test_recorded_settings_are_range_checked_on_resume(reference_run, quantize_argv, tmp_path,
                                                        capsys, key, value):
     run = tampered(reference_run, tmp_path / "run",
                    lambda state: state["meta"]["settings"].update({key: value}))
     flag = "--" + key.replace("_", "-")
-    fails(capsys, ["quantize", "--out", run, "--resume", "--quiet"],
-          f"settings.{key} ({flag}) is {value!r}, which {flag} does not accept")
+    # --levels takes any text (a level set or factors); CBPConfig's check is its range check
+    needle = ("--levels must be one of binary, ternary, shift1, shift2 or comma-separated numbers, "
+              "got 'quinary'" if key == "levels" else
+              f"settings.{key} ({flag}) is {value!r}, which {flag} does not accept")
+    fails(capsys, ["quantize", "--out", run, "--resume", "--quiet"], needle)
 
 
 def test_config_file_values_count_as_given_on_resume(reference_run, tmp_path, capsys):
@@ -173,6 +176,23 @@ def test_config_file_values_count_as_given_on_resume(reference_run, tmp_path, ca
     config.write_text("[quantize]\nlr = 0.5\np_max = 1\n")   # p_max: the run's own value
     fails(capsys, ["quantize", "--out", str(run), "--resume", "--config", str(config)],
           "--lr 0.5 (the run's: 0.001)")
+
+
+def test_a_checkpoint_that_names_its_level_set_constraint_resumes(reference_run, quantize_argv,
+                                                                 tmp_path, capsys):
+    """Checkpoints from before ``levels`` was the level set's name everywhere: ``meta`` and the
+    recorded settings said ``constraint`` (``--constraint binary``, ``--levels`` unset)."""
+    run = str(shutil.copytree(reference_run, tmp_path / "run"))
+    path = os.path.join(run, CHECKPOINT_NAME)
+    state = load_checkpoint(path)
+    state["meta"]["constraint"] = state["meta"].pop("levels")
+    state["meta"]["settings"].update(constraint=state["meta"]["settings"].pop("levels"), levels=None)
+    save_checkpoint(state, path)
+    fails(capsys, quantize_argv(run, 3, "--resume", "--levels", "ternary"),
+          "--levels 'ternary' (the run's: 'binary')")
+    with one_thread():
+        assert cli.main(quantize_argv(run, 3, "--resume", "--constraint", "binary")) == 0
+    assert load_checkpoint(path)["epoch"] == 3 and load_checkpoint(path)["meta"]["levels"] == "binary"
 
 
 def test_overwrite_refuses_to_replace_the_checkpoint_it_quantizes(pretrained, tiny_fashion,

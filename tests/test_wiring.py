@@ -110,7 +110,7 @@ def test_every_quantize_flag_reaches_the_run(runs, pretrained, tiny_fashion, tmp
                                                                               "lower-lr", False)
     assert (len(run.train_data), len(run.val_data)) == (40, 24)
     assert run.ctx.device == torch.device("cpu") and run.scheduler is None
-    assert run.meta["constraint"] == "custom" and run.meta["skip_first_last"] is False
+    assert run.meta["levels"] == "custom" and run.meta["skip_first_last"] is False
     distill = run.distillation
     assert (distill.alpha, distill.temperature) == (0.8, 3) and not distill.teacher.training
     assert not cbp.quantized_layers(distill.teacher)   # the float model, as loaded from --from
