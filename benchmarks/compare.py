@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/compare.py --quick    # CI size, < 3 min
 
 Two networks, each pretrained once on Fashion-MNIST (cached under ``--cache``): a tiny
-MobileNetV2 (``cbp.models.mobilenetv2_tiny``, depthwise convs, the primary model) and ResNet-20
+MobileNetV2 (``cbp.zoo.models.mobilenetv2_tiny``, depthwise convs, the primary model) and ResNet-20
 width 8 (the control). Every method starts from that checkpoint, per level set and seed:
 
   fp          the checkpoint itself (reference)
@@ -65,13 +65,13 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import cbp
-from cbp import peers
-from cbp.data import load_fashion_mnist, make_loader
-from cbp.distributed import setup
-from cbp.layers import select_layers
-from cbp.models import load_weights, mobilenetv2_tiny, resnet20
-from cbp.oscillation import OscillationTracker
-from cbp.train import Run, evaluate, fit
+from cbp.core.distributed import setup
+from cbp.core.layers import select_layers
+from cbp.core.oscillation import OscillationTracker
+from cbp.training import peers
+from cbp.training.train import Run, evaluate, fit
+from cbp.zoo.data import load_fashion_mnist, make_loader
+from cbp.zoo.models import load_weights, mobilenetv2_tiny, resnet20
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared module
 from paired import holm, mean_se, paired  # noqa: E402
@@ -305,7 +305,7 @@ FREEZE_RUN = {"momentum": 0.01, "threshold": 0.02, "final_threshold": 0.002}
 
 
 PEER_OF = {"dampen": ("dampen", {}), "freeze": ("freeze", {}), "freeze_run": ("freeze", FREEZE_RUN),
-           "cbp_gated": ("gate", {})}   # method -> (cbp.peers.build's name, its options)
+           "cbp_gated": ("gate", {})}   # method -> (cbp.training.peers.build's name, its options)
 
 
 def lagrangian_for(method: str, model: nn.Module, config: cbp.CBPConfig, optimizer,
@@ -681,7 +681,7 @@ def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cbp.runs import LOG_NAME, read_jsonl
+    from cbp.training.runs import LOG_NAME, read_jsonl
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     shown = []

@@ -14,7 +14,7 @@ then reused) and, per level set and seed:
   ste         STE-only fine-tuning: ``CBPConfig(use_constraint=False)``
   cbp         CBP with the window schedule g = 1, 2, ..., 10, 20, ..., 100, 200
 
-Quantized: every Linear inside the blocks (``cbp.gpt.CBP_SELECTION``); the embeddings and the tied
+Quantized: every Linear inside the blocks (``cbp.zoo.gpt.CBP_SELECTION``); the embeddings and the tied
 output head stay float. Equal budget: STE-only and CBP run the same epochs of ``epoch_iters`` steps
 on the same windows (seed), with the same Adam, lr and clipping, the lr x0.1 at the epoch where
 CBP's g reaches 20. The numbers come from one evaluation of ``test_windows`` validation windows
@@ -52,12 +52,12 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import cbp
-from cbp.distributed import setup
-from cbp.gpt import CBP_SELECTION, generate
-from cbp.runs import load_model
-from cbp.tasks import LanguageModel
-from cbp.text import CharVocab, load_text, shakespeare_dir
-from cbp.train import Run, fit
+from cbp.core.distributed import setup
+from cbp.training.runs import load_model
+from cbp.training.train import Run, fit
+from cbp.zoo.gpt import CBP_SELECTION, generate
+from cbp.zoo.tasks import LanguageModel
+from cbp.zoo.text import CharVocab, load_text, shakespeare_dir
 
 _spec = importlib.util.spec_from_file_location(
     "bench_compare", os.path.join(os.path.dirname(__file__), "compare.py"))

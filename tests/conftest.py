@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cbp import cli
-from cbp.checkpoint import load_checkpoint
-from cbp.data import FASHION_MNIST_DIR, read_idx
-from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.cli import commands as cli
+from cbp.files.checkpoint import load_checkpoint
+from cbp.training.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.zoo.data import FASHION_MNIST_DIR, read_idx
 
 TINY_TRAIN, TINY_VAL = 256, 128
 
@@ -34,8 +34,8 @@ def one_thread():
 @pytest.fixture
 def quiet_cli(monkeypatch):
     """CLI runs on one thread and without plots: neither changes what the CLI tests check."""
-    import cbp.cli_training
-    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
+    import cbp.cli.training
+    monkeypatch.setattr(cbp.cli.training, "plot_run", lambda run_dir: [])
     with one_thread():
         yield
 

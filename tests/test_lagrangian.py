@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import _assert_same
 
 import cbp
-from cbp.constraint import constraint, constraint_and_grad, sawtooth
+from cbp.core.constraint import constraint, constraint_and_grad, sawtooth
 
 
 def three_linear():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 
 import cbp
-from cbp.constraint import quantize
+from cbp.core.constraint import quantize
 
 
 def small_net():

@@ -11,8 +11,8 @@ import pytest
 import torch.nn as nn
 
 import cbp
-from cbp import cli
-from cbp.options import cbp_config, cbp_fields, parse_args
+from cbp.cli import commands as cli
+from cbp.cli.options import cbp_config, cbp_fields, parse_args
 
 
 def config_of(*argv: str) -> cbp.CBPConfig:
@@ -197,7 +197,7 @@ def test_a_new_multiplier_rule_is_one_entry(monkeypatch):
     """Issue 15 item 3: an entry in ASCENT_RULES reaches CBPConfig, the flag and the Lagrangian."""
     import torch
 
-    from cbp.ascent import ASCENT_RULES
+    from cbp.core.ascent import ASCENT_RULES
 
     monkeypatch.setitem(ASCENT_RULES, "adamw",
                         lambda params, lr: torch.optim.AdamW(params, lr=lr, maximize=True))

@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import cbp
-import cbp.cli
-import cbp.cli_training
-import cbp.train
-from cbp.models import build_model
+import cbp.cli.commands
+import cbp.cli.training
+import cbp.training.train
+from cbp.zoo.models import build_model
 
 MODELS = ("alexnet_bn", "resnet18", "resnet50", "googlenet")
 CONSTRAINTS = ("binary", "ternary", "shift1", "shift2")
@@ -50,7 +50,7 @@ def expected(name: str) -> dict:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_holds_the_papers_settings(name):
-    args = cbp.cli.parse_args(["quantize", "--config", f"paper/{name}", "--out", "unused"])
+    args = cbp.cli.commands.parse_args(["quantize", "--config", f"paper/{name}", "--out", "unused"])
     assert {key: getattr(args, key) for key in expected(name)} == expected(name)
     assert (args.stop_once_g_exceeds, args.multiplier_rule, args.momentum) == (None, "adam", 0.9)
 
@@ -98,24 +98,24 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
     The checkpoint is captured rather than written (AlexNet-BN's would be over a gigabyte), plots
     are skipped."""
     saved, built = [], []
-    monkeypatch.setattr(cbp.train, "save_checkpoint", lambda state, path: saved.append(state))
+    monkeypatch.setattr(cbp.training.train, "save_checkpoint", lambda state, path: saved.append(state))
     init = cbp.Lagrangian.__init__
 
     def recording(self, *args, **kwargs):   # the CBPConfig that actually runs
         init(self, *args, **kwargs)
         built.append(self)
     monkeypatch.setattr(cbp.Lagrangian, "__init__", recording)
-    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli.training, "plot_run", lambda run_dir: [])
     want = expected(name)
     # AlexNet-BN's config names no weights: it starts from random ones unless --weights is given.
     weights = [] if want["weights"] is None else ["--weights", weights_files(want["model"])]
     size = "64" if want["model"] == "alexnet_bn" else "32"   # AlexNet needs >= 63 px
-    cbp.cli.main_or_raise([
+    cbp.cli.commands.main_or_raise([
         "quantize", "--config", f"paper/{name}", *weights, "--data-dir", str(image_folder),
         "--out", str(tmp_path), "--epochs", "1", "--epoch-iters", "1", "--batch-size", "2",
         "--image-size", size, "--include", QUANTIZED[want["model"]], "--device", "cpu",
         "--no-channels-last", "--quiet"])
-    row = json.loads((tmp_path / cbp.train.LOG_NAME).read_text())
+    row = json.loads((tmp_path / cbp.training.train.LOG_NAME).read_text())
     assert (row["epoch"], row["steps"], row["lr"]) == (1, 1, want["lr"])
     assert (row["g"], row["updated"]) == (1, False)   # first epoch: L_sum < L_sum_pre = inf
     (state,) = saved

@@ -1,5 +1,5 @@
 """Issue 8: interrupted runs resume exactly, NaN stops cleanly, bad input is one line, unsafe
-files are refused. Everything goes through ``cbp.cli.main`` on a tiny Fashion-MNIST; the kills
+files are refused. Everything goes through ``cbp.cli.commands.main`` on a tiny Fashion-MNIST; the kills
 that need a real process (SIGKILL, a real Ctrl-C) run one."""
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ import torch
 from conftest import REFERENCE_EPOCHS, fails, one_thread
 from PIL import Image
 
-import cbp.cli
-import cbp.tasks
-import cbp.train
-from cbp import cli
-from cbp.checkpoint import (
+import cbp.cli.commands
+import cbp.training.train
+import cbp.zoo.tasks
+from cbp.cli import commands as cli
+from cbp.core.lagrangian import Lagrangian
+from cbp.files.checkpoint import (
     CheckpointError,
     atomic_write,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from cbp.export import ExportError
-from cbp.export_read import read_packed
-from cbp.lagrangian import Lagrangian
-from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
+from cbp.files.export import ExportError
+from cbp.files.export_read import read_packed
+from cbp.training.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
 
 STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 
@@ -92,12 +92,12 @@ def test_sigterm_during_the_epoch_end_stops_after_it(
         quantize_argv, reference_run, assert_same_run, tmp_path, monkeypatch, capsys,
         signals_raise):
     out = str(tmp_path / "run")
-    evaluate = cbp.tasks.Classification.evaluate
+    evaluate = cbp.zoo.tasks.Classification.evaluate
 
     def evaluate_then_term(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*args, **kwargs)
-    monkeypatch.setattr(cbp.tasks.Classification, "evaluate", staticmethod(evaluate_then_term))
+    monkeypatch.setattr(cbp.zoo.tasks.Classification, "evaluate", staticmethod(evaluate_then_term))
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS)) == 143
     assert last_line(capsys).startswith("cbp: stopped by SIGTERM after epoch 1;")
     assert (checkpoint(out)["epoch"], checkpoint(out)["step"]) == (1, 0)
@@ -136,19 +136,19 @@ def test_log_rows_after_the_checkpoint_are_dropped_on_resume(
     """A crash after epoch 2's log and histogram rows but before its checkpoint: the resumed run
     redoes epoch 2 and its rows appear once."""
     out = str(tmp_path / "run")
-    save, calls = cbp.train.save_checkpoint, []
+    save, calls = cbp.training.train.save_checkpoint, []
 
     def crash_at_the_second(state, path):
         calls.append(state["epoch"])
         if len(calls) == 2:
             raise Crash
         save(state, path)
-    monkeypatch.setattr(cbp.train, "save_checkpoint", crash_at_the_second)
+    monkeypatch.setattr(cbp.training.train, "save_checkpoint", crash_at_the_second)
     with pytest.raises(Crash):
         cli.main(quantize_argv(out, REFERENCE_EPOCHS))
     assert [r["epoch"] for r in read_jsonl(os.path.join(out, LOG_NAME))] == [1, 2]
     assert checkpoint(out)["epoch"] == 1
-    monkeypatch.setattr(cbp.train, "save_checkpoint", save)
+    monkeypatch.setattr(cbp.training.train, "save_checkpoint", save)
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
     assert_same_run(out, reference_run)
     assert [h["epoch"] for h in read_jsonl(os.path.join(out, HIST_NAME))] == [0, 1, 2]
@@ -161,7 +161,8 @@ def test_log_rows_after_the_checkpoint_are_dropped_on_resume(
 # however slowly the test itself runs.
 CHILD = f"""
 import sys
-from cbp import cli, lagrangian
+from cbp.cli import commands as cli
+from cbp.core import lagrangian
 step, count = lagrangian.Lagrangian.step, [0]
 def printing(self):
     step(self)
@@ -223,13 +224,13 @@ def test_ctrl_c_in_a_real_process(quantize_argv, reference_run, assert_same_run,
 # kind this test exists to catch.
 KILLED_WRITER = """
 import io, os, signal, sys, torch
-import cbp.checkpoint
-from cbp.checkpoint import save_checkpoint
+import cbp.files.checkpoint
+from cbp.files.checkpoint import save_checkpoint
 if sys.argv[2] == "naive":
     def naive(path, write, mode="wb"):
         with open(path, mode) as f:
             write(f)
-    cbp.checkpoint.atomic_write = naive
+    cbp.files.checkpoint.atomic_write = naive
 save_checkpoint({"i": 1, "blob": torch.full((100_000,), 1.0)}, sys.argv[1])
 real_save = torch.save
 def save_half_then_die(obj, f, *args, **kwargs):

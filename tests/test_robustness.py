@@ -1,7 +1,7 @@
 """Issue 26: models and files cbp has never seen - a model without BatchNorm, tampered checkpoint
 tensors and settings, two runs in one directory, foreign module trees, code for the old API.
 
-Each case runs through the real CLI (``cbp.cli.main``) or the library call a user would make.
+Each case runs through the real CLI (``cbp.cli.commands.main``) or the library call a user would make.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from conftest import fails, one_thread
 from test_gpt import write_texts
 
 import cbp
-from cbp import cli
-from cbp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cbp.guards import lock_run_dir
-from cbp.plots import plot_run
-from cbp.run_state import check_run_state
-from cbp.runs import CHECKPOINT_NAME, LOCK_NAME, LOG_NAME, RUN_FILES
+from cbp.cli import commands as cli
+from cbp.cli.guards import lock_run_dir
+from cbp.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cbp.training.plots import plot_run
+from cbp.training.run_state import check_run_state
+from cbp.training.runs import CHECKPOINT_NAME, LOCK_NAME, LOG_NAME, RUN_FILES
 
 pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
 
@@ -210,7 +210,7 @@ def test_overwrite_refuses_to_replace_the_checkpoint_it_quantizes(pretrained, ti
 # ---- the run directory ---------------------------------------------------------------------------
 
 def test_every_file_a_run_writes_is_one_it_owns(reference_run):
-    """A finished run's directory holds exactly :data:`cbp.runs.RUN_FILES`: a file a run writes
+    """A finished run's directory holds exactly :data:`cbp.training.runs.RUN_FILES`: a file a run writes
     but does not own would be replaced in a user's folder without --overwrite."""
     assert set(os.listdir(reference_run)) == set(RUN_FILES)
 
@@ -227,7 +227,7 @@ def test_a_live_run_locks_its_directory_and_a_killed_ones_lock_is_taken_over(
         reference_run, quantize_argv, tmp_path, capsys):
     run = str(shutil.copytree(reference_run, tmp_path / "run"))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cbp.guards import lock_run_dir\n"
+        [sys.executable, "-c", "import sys, time; from cbp.cli.guards import lock_run_dir\n"
          f"with lock_run_dir({run!r}):\n    print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -1,6 +1,6 @@
 """Issue 16 (never lose a user's file, never accept a value that silently breaks training) and
 issue 14 item 9 (``--resume`` with changed settings). One test (or parametrized group) per item,
-each through ``cbp.cli.main`` where a user would meet it, on the tiny Fashion-MNIST of conftest."""
+each through ``cbp.cli.commands.main`` where a user would meet it, on the tiny Fashion-MNIST of conftest."""
 
 from __future__ import annotations
 
@@ -20,22 +20,22 @@ from conftest import REFERENCE_EPOCHS, fails
 from PIL import Image
 
 import cbp
-import cbp.cli
-import cbp.cli_training
-import cbp.runs
-from cbp import cli
-from cbp.checkpoint import (
+import cbp.cli.commands
+import cbp.cli.training
+import cbp.training.runs
+from cbp.cli import commands as cli
+from cbp.core.lagrangian import Lagrangian
+from cbp.files.checkpoint import (
     TMP_SUFFIX,
     CheckpointError,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from cbp.export_read import read_packed
-from cbp.lagrangian import Lagrangian
-from cbp.run_state import check_run_state
-from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, check_same_plan, read_jsonl
-from cbp.train import _plan
+from cbp.files.export_read import read_packed
+from cbp.training.run_state import check_run_state
+from cbp.training.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, check_same_plan, read_jsonl
+from cbp.training.train import _plan
 
 STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
 
@@ -232,7 +232,7 @@ def test_prepare_quantizes_a_bare_layer_in_place(layer, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(4, 6) if isinstance(layer, nn.Linear) else torch.randn(2, 2, 5, 5)
     q = cbp.prepare(layer, cbp.CBPConfig(skip_first_last=False))
-    assert q is layer and isinstance(q, cbp.layers.QuantizedLayer)
+    assert q is layer and isinstance(q, cbp.core.layers.QuantizedLayer)
     assert [name for name, _ in q.named_modules()] == [""]            # contains no module
     assert set(q.state_dict()) == {"weight", "bias", "cbp_factors", "cbp_scale"}
     a = layer.weight.abs().mean()
@@ -245,7 +245,7 @@ def test_prepare_quantizes_a_bare_layer_in_place(layer, tmp_path):
     plain = cbp.convert(q)
     assert type(plain) in (nn.Linear, nn.Conv2d) and set(plain.state_dict()) == {"weight", "bias"}
     torch.testing.assert_close(plain(x), expected)
-    assert isinstance(q, cbp.layers.QuantizedLayer)                   # convert copied
+    assert isinstance(q, cbp.core.layers.QuantizedLayer)                   # convert copied
 
 
 # ---- 9: a checkpoint whose format is valid but whose contents are not ----------------------------
@@ -286,7 +286,7 @@ def bad_copy(reference_run, folder, field: str, value) -> str:
 def test_a_checkpoint_with_bad_contents_is_one_line_naming_the_field(
         reference_run, tmp_path, capsys, monkeypatch, field, value, needle):
     path = bad_copy(reference_run, tmp_path / "run", field, value)
-    monkeypatch.setattr(cbp.runs, "rebuild_model", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr(cbp.training.runs, "rebuild_model", lambda *a, **k: pytest.fail("model built"))
     for argv in (["evaluate", path], ["export", path, str(tmp_path / "m.safetensors")],
                  ["summary", path]):
         fails(capsys, argv, f"checkpoint {path}: {needle}")
@@ -305,7 +305,7 @@ def test_resume_checks_every_field_it_reads_before_loading_data(
         quantize_argv, reference_run, tmp_path, capsys, monkeypatch, field, value, needle):
     out = tmp_path / "run"
     path = bad_copy(reference_run, out, field, value)
-    monkeypatch.setattr(cbp.cli_training, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(cbp.cli.training, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     fails(capsys, quantize_argv(str(out), 3, "--resume"), f"checkpoint {path}: {needle}")
     assert check_run_state(load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME)), "x")
 
@@ -340,7 +340,7 @@ def test_a_mid_epoch_resume_with_another_data_order_is_refused(
     after_step(monkeypatch, STEPS + 1, lambda: os.kill(os.getpid(), signal.SIGINT))
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS)) == 130
     monkeypatch.undo()
-    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli.training, "plot_run", lambda run_dir: [])
     before = snapshot(out)
     fails(capsys, quantize_argv(out, REFERENCE_EPOCHS, "--resume", *flags), needle)
     assert snapshot(out) == before
@@ -369,7 +369,7 @@ def test_a_torn_last_log_line_blocks_neither_resume_nor_plot(
     monkeypatch.undo()
     assert cli.main(["plot", out]) == 0
     assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000
-    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli.training, "plot_run", lambda run_dir: [])
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0
     assert_same_run(out, reference_run)
     with open(os.path.join(out, LOG_NAME), "a") as f:   # damage elsewhere is an error
@@ -413,7 +413,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_naming_the_file(
     fails(capsys, quantize_argv(out, REFERENCE_EPOCHS),
           f"cannot write {ckpt}: No space left on device; the previous file is untouched")
     monkeypatch.undo()
-    monkeypatch.setattr(cbp.cli_training, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli.training, "plot_run", lambda run_dir: [])
     assert load_checkpoint(ckpt)["epoch"] == 1                      # epoch 1's, whole
     assert sorted(os.listdir(out)) == [CHECKPOINT_NAME, HIST_NAME, LOG_NAME]   # no temporary
     assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume")) == 0

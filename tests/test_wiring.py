@@ -1,7 +1,7 @@
 """Every command-line flag and every packaged config reaches the objects that run.
 
 ``cbp quantize`` / ``cbp pretrain`` go through the real CLI up to the training loop, which is
-replaced by one that records the :class:`cbp.train.Run` it is handed: its ``CBPConfig`` (through
+replaced by one that records the :class:`cbp.training.train.Run` it is handed: its ``CBPConfig`` (through
 the Lagrangian), optimizer, scheduler, data and loop settings are compared with values written
 out by hand here, not derived from the parser.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import cbp
-import cbp.train
-from cbp import cli
-from cbp.options import build_parsers
+import cbp.training.train
+from cbp.cli import commands as cli
+from cbp.cli.options import build_parsers
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def runs(monkeypatch) -> list:
     def record(run, resume=False):
         recorded.append(run)
         return []
-    fit = cbp.train.fit
+    fit = cbp.training.train.fit
     for name, module in list(sys.modules.items()):
         if (name == "cbp" or name.startswith("cbp.")) and getattr(module, "fit", None) is fit:
             monkeypatch.setattr(module, "fit", record)
