@@ -9,17 +9,12 @@ import os
 import pickle
 import shutil
 import signal
-import stat
 import subprocess
-import sys
-import threading
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_EPOCHS, fails, one_thread
-from PIL import Image
+from conftest import REFERENCE_EPOCHS, STEPS, Payload, after_step, fails, image_folders, one_thread, spawn
 
 import cbp.cli.commands
 import cbp.training.train
@@ -28,41 +23,19 @@ from cbp.cli import commands as cli
 from cbp.core.lagrangian import Lagrangian
 from cbp.files.checkpoint import (
     CheckpointError,
-    atomic_write,
     load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
 )
 from cbp.files.export import ExportError
 from cbp.files.export_read import read_packed
 from cbp.training.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, read_jsonl
 
-STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
-
-
 pytestmark = pytest.mark.usefixtures("quiet_cli")   # one thread, no plots (conftest)
-
-
-
-
-def after_step(monkeypatch, call: int, action) -> None:
-    """Run ``action(lagrangian)`` right after the ``call``-th CBP step (counting from 1)."""
-    step, count = Lagrangian.step, [0]
-
-    def counted(self):
-        step(self)
-        count[0] += 1
-        if count[0] == call:
-            action(self)
-    monkeypatch.setattr(Lagrangian, "step", counted)
 
 
 def last_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err.strip().splitlines()[-1]
-
-
 
 
 def checkpoint(run_dir) -> dict:
@@ -175,16 +148,6 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def spawn(code: str, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    watchdog = threading.Timer(120, proc.kill)   # a hung child fails the test, not the session
-    watchdog.daemon = True
-    watchdog.start()
-    return proc
-
-
 def read_lines(proc: subprocess.Popen, count: int) -> list[str]:
     lines = [proc.stdout.readline() for _ in range(count)]
     assert all(lines), f"the child ended early: {proc.communicate()[1]}"
@@ -222,67 +185,6 @@ def test_ctrl_c_in_a_real_process(quantize_argv, reference_run, assert_same_run,
 # Writes a checkpoint whole, then SIGKILLs itself half-way through writing the next one: the
 # kill lands inside the write every time. "naive" swaps in a writer that writes in place, the
 # kind this test exists to catch.
-KILLED_WRITER = """
-import io, os, signal, sys, torch
-import cbp.files.checkpoint
-from cbp.files.checkpoint import save_checkpoint
-if sys.argv[2] == "naive":
-    def naive(path, write, mode="wb"):
-        with open(path, mode) as f:
-            write(f)
-    cbp.files.checkpoint.atomic_write = naive
-save_checkpoint({"i": 1, "blob": torch.full((100_000,), 1.0)}, sys.argv[1])
-real_save = torch.save
-def save_half_then_die(obj, f, *args, **kwargs):
-    buffer = io.BytesIO()
-    real_save(obj, buffer, *args, **kwargs)
-    f.write(buffer.getvalue()[: buffer.tell() // 2])
-    f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-torch.save = save_half_then_die
-save_checkpoint({"i": 2, "blob": torch.full((100_000,), 2.0)}, sys.argv[1])
-"""
-
-
-@pytest.mark.parametrize("writer", ["atomic", "naive"])
-def test_sigkill_inside_a_checkpoint_write_leaves_the_last_whole_one(tmp_path, writer):
-    path = str(tmp_path / "c.pt")
-    proc = spawn(KILLED_WRITER, path, writer)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err
-    if writer == "naive":   # the control: a writer that is not atomic fails this test
-        with pytest.raises(CheckpointError):
-            load_checkpoint(path)
-        return
-    state = load_checkpoint(path)
-    assert state["i"] == 1 and torch.equal(state["blob"], torch.full((100_000,), 1.0))
-    remove_stale_temporaries(str(tmp_path))   # what the next run does first
-    assert os.listdir(tmp_path) == ["c.pt"]
-
-
-def test_a_failed_write_keeps_the_old_file(tmp_path):
-    path = str(tmp_path / "c.pt")
-    save_checkpoint({"i": 1}, path)
-
-    def half_then_fail(f):
-        f.write(b"half a checkpoint")
-        raise OSError("No space left on device")
-    with pytest.raises(OSError):
-        atomic_write(path, half_then_fail)
-    assert load_checkpoint(path)["i"] == 1 and os.listdir(tmp_path) == ["c.pt"]
-
-
-def test_written_files_get_the_usual_permissions(tmp_path):
-    """Like open(): 0666 less the umask, not the temporary file's private 0600."""
-    old = os.umask(0o022)
-    try:
-        atomic_write(str(tmp_path / "a"), lambda f: f.write(b"x"))
-        os.umask(0o077)
-        atomic_write(str(tmp_path / "b"), lambda f: f.write(b"x"))
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o644
-    assert stat.S_IMODE(os.stat(tmp_path / "b").st_mode) == 0o600
 
 
 # ---- NaN / inf ---------------------------------------------------------------------------------
@@ -349,17 +251,6 @@ def test_on_nan_lower_lr_gives_up_after_three_retries(quantize_argv, tmp_path, m
 
 # ---- bad input: one line, exit 2 ---------------------------------------------------------------
 
-def image_folder(root, classes: int, count: int = 2) -> str:
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for label in range(classes):
-            (root / split / f"c{label}").mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / f"c{label}" / f"{i}.png")
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def files(tiny_fashion, pretrained, reference_run, tmp_path_factory):
     """Bad files of every kind, next to the good ones."""
@@ -380,13 +271,13 @@ def files(tiny_fashion, pretrained, reference_run, tmp_path_factory):
     (bad_gzip / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"not gzip" * 10)
     (tmp / "a_file").write_text("")
     with one_thread():
-        three = image_folder(tmp / "three", 3)
+        three = image_folders(tmp / "three", ["c0", "c1", "c2"], ["c0", "c1", "c2"])
         assert cli.main(["pretrain", "--data", "imagefolder", "--data-dir", three,
                          "--image-size", "16", "--batch-size", "2", "--epochs", "1",
                          "--out", str(tmp / "three_run"), "--quiet"]) == 0
     return SimpleNamespace(tmp=tmp, data=tiny_fashion, fp=pretrained, ref=ref,
                            ref_dir=reference_run, three=str(tmp / "three_run" / CHECKPOINT_NAME),
-                           two=image_folder(tmp / "two", 2))
+                           two=image_folders(tmp / "two", ["c0", "c1"], ["c0", "c1"]))
 
 
 def quantize(f, *extra: str) -> list[str]:
@@ -496,16 +387,6 @@ def test_config_values_are_checked_like_flags(files, tmp_path, capsys):
 
 
 # ---- files that would run code -----------------------------------------------------------------
-
-class Payload:
-    """Unpickling this runs ``exec``: it creates the marker file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').close()",)
-
 
 @pytest.mark.parametrize("kind, needle", [("torch.save", "refusing to load"),
                                           ("raw pickle", "not a whole zip archive")])
