@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -73,7 +72,8 @@ from cbp.training.train import Run, evaluate, fit
 from cbp.zoo.data import load_fashion_mnist, make_loader
 from cbp.zoo.models import load_weights, mobilenetv2_tiny, resnet20
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared modules
+from common import add_pool_flags, publish  # noqa: E402
 from paired import holm, mean_se, paired  # noqa: E402
 
 MODELS = {"mobilenet": "tiny MobileNetV2", "resnet": "ResNet-20 width 8"}
@@ -722,24 +722,8 @@ def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> Non
     plt.close(fig)
 
 
-def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, 1 thread per worker")
-
-
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else "the CPU"
-
-
-def publish(text: str, workers: str, started: float, out: str | None) -> None:
-    """Print a results table with the machine, the workers, the wall time and the command under
-    it, and write it to ``out`` if given (shared with ``compare_gpt.py``)."""
-    text += (f"\nMachine: {machine()}; {workers}; total wall "
-             f"{time.perf_counter() - started:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,10 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level sets")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--seeds", type=int, help="override both seed counts")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes, each pinned to a core")
+    add_pool_flags(p)
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where the cells train (pretraining stays on the CPU)")
-    p.add_argument("--cache", default="runs/bench", help="checkpoints, runs and cell results")
     p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
     p.add_argument("--cached", action="store_true",
                    help="only tabulate the cells already computed; train nothing (with --results: "

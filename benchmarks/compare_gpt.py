@@ -63,7 +63,8 @@ _spec = importlib.util.spec_from_file_location(
     "bench_compare", os.path.join(os.path.dirname(__file__), "compare.py"))
 compare = sys.modules["bench_compare"] = importlib.util.module_from_spec(_spec)  # for dataclasses
 _spec.loader.exec_module(compare)
-from paired import holm, paired  # noqa: E402  (benchmarks/, put on the path by compare.py)
+from common import publish  # noqa: E402  (benchmarks/, put on the path by compare.py)
+from paired import holm, paired  # noqa: E402
 
 METHODS = ("fp", "rounding", "ste", "cbp")
 LABELS = {"fp": "full precision (pretrained)", "rounding": "post-training rounding",
@@ -327,11 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     checkpoint = pretrained(args.checkpoint, args.data_dir)
     if args.tune:
-        compare.publish(tune_table(tune(size, checkpoint, args.cache, args.data_dir, levels,
+        publish(tune_table(tune(size, checkpoint, args.cache, args.data_dir, levels,
                                         args.jobs), size), f"{args.jobs} job(s)", tic, args.out)
         return 0
     results = run_all(size, checkpoint, args.cache, args.data_dir, methods, levels, args.jobs)
-    compare.publish(table(results, size, levels), f"{args.jobs} job(s) of 1 thread", tic, args.out)
+    publish(table(results, size, levels), f"{args.jobs} job(s) of 1 thread", tic, args.out)
     if args.samples:
         with open(args.samples, "w") as f:
             f.write(samples(results))
