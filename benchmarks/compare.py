@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/compare.py --quick    # CI size, < 3 min
 
 Two networks, each pretrained once on Fashion-MNIST (cached under ``--cache``): a tiny
-MobileNetV2 (``cbp.models.mobilenetv2_tiny``, depthwise convs, the primary model) and ResNet-20
+MobileNetV2 (``cbp.zoo.models.mobilenetv2_tiny``, depthwise convs, the primary model) and ResNet-20
 width 8 (the control). Every method starts from that checkpoint, per level set and seed:
 
   fp          the checkpoint itself (reference)
@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,15 +64,16 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import cbp
-from cbp import peers
-from cbp.data import load_fashion_mnist, make_loader
-from cbp.distributed import setup
-from cbp.layers import select_layers
-from cbp.models import load_weights, mobilenetv2_tiny, resnet20
-from cbp.oscillation import OscillationTracker
-from cbp.train import Run, evaluate, fit
+from cbp.core.distributed import setup
+from cbp.core.layers import select_layers
+from cbp.core.oscillation import OscillationTracker
+from cbp.training import peers
+from cbp.training.train import Run, evaluate, fit
+from cbp.zoo.data import load_fashion_mnist, make_loader
+from cbp.zoo.models import load_weights, mobilenetv2_tiny, resnet20
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared modules
+from common import add_pool_flags, publish  # noqa: E402
 from paired import holm, mean_se, paired  # noqa: E402
 
 MODELS = {"mobilenet": "tiny MobileNetV2", "resnet": "ResNet-20 width 8"}
@@ -305,7 +305,7 @@ FREEZE_RUN = {"momentum": 0.01, "threshold": 0.02, "final_threshold": 0.002}
 
 
 PEER_OF = {"dampen": ("dampen", {}), "freeze": ("freeze", {}), "freeze_run": ("freeze", FREEZE_RUN),
-           "cbp_gated": ("gate", {})}   # method -> (cbp.peers.build's name, its options)
+           "cbp_gated": ("gate", {})}   # method -> (cbp.training.peers.build's name, its options)
 
 
 def lagrangian_for(method: str, model: nn.Module, config: cbp.CBPConfig, optimizer,
@@ -681,7 +681,7 @@ def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cbp.runs import LOG_NAME, read_jsonl
+    from cbp.training.runs import LOG_NAME, read_jsonl
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     shown = []
@@ -722,24 +722,8 @@ def plot(results: list[dict], cache: str, model: str, lv: str, path: str) -> Non
     plt.close(fig)
 
 
-def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, 1 thread per worker")
-
-
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else "the CPU"
-
-
-def publish(text: str, workers: str, started: float, out: str | None) -> None:
-    """Print a results table with the machine, the workers, the wall time and the command under
-    it, and write it to ``out`` if given (shared with ``compare_gpt.py``)."""
-    text += (f"\nMachine: {machine()}; {workers}; total wall "
-             f"{time.perf_counter() - started:.0f} s.\nCommand: `{' '.join(sys.argv)}`\n")
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,10 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated level sets")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--seeds", type=int, help="override both seed counts")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes, each pinned to a core")
+    add_pool_flags(p)
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where the cells train (pretraining stays on the CPU)")
-    p.add_argument("--cache", default="runs/bench", help="checkpoints, runs and cell results")
     p.add_argument("--reuse", action="store_true", help="read cells already computed (same size)")
     p.add_argument("--cached", action="store_true",
                    help="only tabulate the cells already computed; train nothing (with --results: "

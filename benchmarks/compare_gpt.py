@@ -14,7 +14,7 @@ then reused) and, per level set and seed:
   ste         STE-only fine-tuning: ``CBPConfig(use_constraint=False)``
   cbp         CBP with the window schedule g = 1, 2, ..., 10, 20, ..., 100, 200
 
-Quantized: every Linear inside the blocks (``cbp.gpt.CBP_SELECTION``); the embeddings and the tied
+Quantized: every Linear inside the blocks (``cbp.zoo.gpt.CBP_SELECTION``); the embeddings and the tied
 output head stay float. Equal budget: STE-only and CBP run the same epochs of ``epoch_iters`` steps
 on the same windows (seed), with the same Adam, lr and clipping, the lr x0.1 at the epoch where
 CBP's g reaches 20. The numbers come from one evaluation of ``test_windows`` validation windows
@@ -52,18 +52,19 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import cbp
-from cbp.distributed import setup
-from cbp.gpt import CBP_SELECTION, generate
-from cbp.runs import load_model
-from cbp.tasks import LanguageModel
-from cbp.text import CharVocab, load_text, shakespeare_dir
-from cbp.train import Run, fit
+from cbp.core.distributed import setup
+from cbp.training.runs import load_model
+from cbp.training.train import Run, fit
+from cbp.zoo.gpt import CBP_SELECTION, generate
+from cbp.zoo.tasks import LanguageModel
+from cbp.zoo.text import CharVocab, load_text, shakespeare_dir
 
 _spec = importlib.util.spec_from_file_location(
     "bench_compare", os.path.join(os.path.dirname(__file__), "compare.py"))
 compare = sys.modules["bench_compare"] = importlib.util.module_from_spec(_spec)  # for dataclasses
 _spec.loader.exec_module(compare)
-from paired import holm, paired  # noqa: E402  (benchmarks/, put on the path by compare.py)
+from common import publish  # noqa: E402  (benchmarks/, put on the path by compare.py)
+from paired import holm, paired  # noqa: E402
 
 METHODS = ("fp", "rounding", "ste", "cbp")
 LABELS = {"fp": "full precision (pretrained)", "rounding": "post-training rounding",
@@ -327,11 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     checkpoint = pretrained(args.checkpoint, args.data_dir)
     if args.tune:
-        compare.publish(tune_table(tune(size, checkpoint, args.cache, args.data_dir, levels,
+        publish(tune_table(tune(size, checkpoint, args.cache, args.data_dir, levels,
                                         args.jobs), size), f"{args.jobs} job(s)", tic, args.out)
         return 0
     results = run_all(size, checkpoint, args.cache, args.data_dir, methods, levels, args.jobs)
-    compare.publish(table(results, size, levels), f"{args.jobs} job(s) of 1 thread", tic, args.out)
+    publish(table(results, size, levels), f"{args.jobs} job(s) of 1 thread", tic, args.out)
     if args.samples:
         with open(args.samples, "w") as f:
             f.write(samples(results))

@@ -3,7 +3,7 @@ process with an empty compile cache.
 
 ``--policy on`` compiles one graph at the first step: what "auto" did for any run announcing at
 least 200 steps before it weighed the cost. ``--policy auto`` is today's cost-based choice
-(:mod:`cbp.penalty`). Random data, the real Lagrangian step; the compile's cost is the first
+(:mod:`cbp.core.penalty`). Random data, the real Lagrangian step; the compile's cost is the first
 compiled step's time beyond the median step. Run it on one quiet core:
 
     taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/compile_share.py --model gpt20m --steps 200
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import cbp
-from cbp.gpt import CBP_SELECTION, GPT, GPTConfig
-from cbp.models import build_model
+from cbp.zoo.gpt import CBP_SELECTION, GPT, GPTConfig
+from cbp.zoo.models import build_model
 
 # ~20M parameters, built from a config: 6 blocks of width 512 (18.9M of them quantized)
 GPT20M = GPTConfig(vocab_size=84, context=128, layers=6, heads=8, width=512)

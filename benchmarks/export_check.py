@@ -26,10 +26,10 @@ from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
 import cbp
-from cbp.data import load_dataset
-from cbp.models import rebuild_model
-from cbp.onnx_export import check_onnx, export_onnx
-from cbp.runs import load_model
+from cbp.files.onnx_export import check_onnx, export_onnx
+from cbp.training.runs import load_model
+from cbp.zoo.data import load_dataset
+from cbp.zoo.models import rebuild_model
 
 
 def main() -> int:

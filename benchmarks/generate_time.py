@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import cbp
-from cbp.gpt import CBP_SELECTION, generate, gpt
+from cbp.zoo.gpt import CBP_SELECTION, generate, gpt
 
 
 @torch.no_grad()

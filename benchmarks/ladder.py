@@ -28,6 +28,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
+from common import add_pool_flags, publish  # noqa: E402
 from paired import holm, paired  # noqa: E402
 
 PRIMARY = ("fp", "ste", "dampen", "freeze_run", "cbp_1e-4", "cbp_1e-3")
@@ -171,10 +172,9 @@ def plot(cells: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", default="1,4,16", help="comma-separated rungs (of 1, 4, 16)")
-    p.add_argument("--cache", default="runs/bench", help="checkpoints, runs and cell results")
+    add_pool_flags(p)
     p.add_argument("--results", default="benchmarks/results/ladder.jsonl",
                    help="the committed per-seed results (JSON lines)")
-    p.add_argument("--jobs", type=int, default=2, help="worker processes, each pinned to a core")
     p.add_argument("--cached", action="store_true", help="tables from computed cells only")
     p.add_argument("--quick", action="store_true", help="CI size: compare.py's --quick cells")
     p.add_argument("--out", help="also write the markdown tables to this file")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     base = compare.QUICK if args.quick else compare.FULL
     cells = run(budgets, args.cache, args.results, args.jobs, args.cached, base)
-    compare.publish(report(cells, base), f"{args.jobs} worker(s) on the CPU", tic, args.out)
+    publish(report(cells, base), f"{args.jobs} worker(s) on the CPU", tic, args.out)
     if args.plot:
         plot(cells, args.plot)
     return 0

@@ -1,4 +1,4 @@
-"""Is cbp's training loop as fast as the loop a user would write? ``cbp.train.fit`` vs plain PyTorch.
+"""Is cbp's training loop as fast as the loop a user would write? ``cbp.training.train.fit`` vs plain PyTorch.
 
     flock /tmp/cbp-core1.lock taskset -c 1 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
         .venv/bin/python benchmarks/loop_time.py                  # 4 cases x 6 runs, ~20 min on one core
@@ -8,11 +8,11 @@
 Each case is a CLI command (``cbp pretrain``/``cbp quantize`` with the packaged ``demo`` or ``gpt``
 config, quantize from a randomly initialised ``--model``), cut to ``--steps`` steps in
 ``--epochs`` epochs and 1,000 validation images (the GPT configs' own 200/16 windows). Both sides
-run inside ``cbp.cli.run_training`` with ``cbp.cli.fit`` swapped for a timed function, so they get
-the Run exactly as the CLI builds it (data from ``cbp.data``, model, optimizer, scheduler, the
+run inside ``cbp.cli.training.run_training`` with its ``fit`` swapped for a timed function, so they get
+the Run exactly as the CLI builds it (data from ``cbp.zoo.data``, model, optimizer, scheduler, the
 Lagrangian, seed) and only the loop differs:
 
-* cbp: ``cbp.train.fit`` as the CLI runs it: its ``make_loader``, progress bars (to stderr),
+* cbp: ``cbp.training.train.fit`` as the CLI runs it: its ``make_loader``, progress bars (to stderr),
   oscillation tracking of a quantized model, the CBP end of epoch, evaluation, JSONL log, weight
   histogram, ``metrics.report`` and a checkpoint per epoch (the plots after it are skipped);
 * plain: a hand-written loop over ``DataLoader(shuffle=True, drop_last=True)`` with the same batch:
@@ -54,8 +54,8 @@ to ~1% (ResNet-20) and ~4.5% (GPT, profiled; the unprofiled ratio is 1.006) of t
 it the oscillation tracker, which the plain loop does not have. Pretraining (not profiled) has
 no tracker and no ``metrics.report``: its extras are the checkpoints, bars and loader, each
 under 1% above. Nothing in the loop
-needs removing for cbp / plain <= 1.03; what a further cut would take (in ``cbp.train`` and
-``cbp.oscillation``, see the report of issue 27): the tracker's per-step pass made cheaper (one
+needs removing for cbp / plain <= 1.03; what a further cut would take (in ``cbp.training.train`` and
+``cbp.core.oscillation``, see the report of issue 27): the tracker's per-step pass made cheaper (one
 fused pass, or compiled with the penalty pass), and the per-epoch checkpoint written at most every
 few minutes of wall time for runs of short epochs (the GPT config's 20-step CBP epochs).
 """
@@ -76,10 +76,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from cbp import cli
-from cbp.options import parse_args
-from cbp.tasks import LanguageModel
-from cbp.train import Run, fit
+from cbp.cli import training as cli_training
+from cbp.cli.options import parse_args
+from cbp.training.train import Run, fit
+from cbp.zoo.tasks import LanguageModel
 
 CASES = {  # name: the CLI command it times (before the size flags)
     "resnet20-pretrain": ["pretrain", "--config", "demo"],
@@ -161,8 +161,9 @@ def time_side(case: str, side: str, steps: int, epochs: int, extra: list[str],
 
     with tempfile.TemporaryDirectory() as out:
         args = parse_args(case_argv(case, steps, epochs, f"{out}/run", extra))
-        with mock.patch.object(cli, "fit", timed), mock.patch.object(cli, "plot_run", lambda d: None):
-            cli.run_training(args)
+        with (mock.patch.object(cli_training, "fit", timed),
+              mock.patch.object(cli_training, "plot_run", lambda d: None)):
+            cli_training.run_training(args)
     return seconds[0]
 
 

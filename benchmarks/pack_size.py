@@ -31,8 +31,8 @@ import torchvision
 from safetensors.torch import load as st_load
 
 import cbp
-from cbp.models import resnet20
-from cbp.packing import field_grouping
+from cbp.files.packing import field_grouping
+from cbp.zoo.models import resnet20
 
 MODELS = {  # name: (builder, input shape without the batch)
     "resnet20": (lambda: resnet20(num_classes=10, in_channels=1), (1, 28, 28)),

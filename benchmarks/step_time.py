@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/step_time.py              # ~5 min on 2 CPU cores
     .venv/bin/python benchmarks/step_time.py --quick      # ~1 min, noisier
     .venv/bin/python benchmarks/step_time.py --repeat 3   # 3 full runs: median and spread
-    .venv/bin/python benchmarks/step_time.py --distill    # also CBP + distillation (cbp.distill)
+    .venv/bin/python benchmarks/step_time.py --distill    # also CBP + distillation (cbp.training.distill)
 
 Each model is built twice from the same weights: plain (FP), and prepared, which the
 quantized modes share - STE (a ``Lagrangian`` with ``use_constraint=False``: quantized forward,
@@ -53,8 +53,8 @@ import torchvision
 from tqdm import trange
 
 import cbp
-from cbp.models import DEFAULT_SELECTION, LANGUAGE_MODELS, gpt, resnet20
-from cbp.tasks import LanguageModel
+from cbp.zoo.models import DEFAULT_SELECTION, LANGUAGE_MODELS, gpt, resnet20
+from cbp.zoo.tasks import LanguageModel
 
 MODES = ("fp", "ste", "cbp", "cbp_eager")
 DISTILL_MODE = "cbp_distill"   # with --distill

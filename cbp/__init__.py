@@ -13,22 +13,23 @@
     cbp.export(model, "model.safetensors"); print(cbp.summary(model))  # bit-packed, truly small
 """
 
-from .baselines import post_training_rounding, recalibrate_bn
-from .config import CBPConfig
-from .constraint import constrained_mask, constraint, quantize, sawtooth
-from .distill import Distillation
-from .export import ExportError, export, load_packed, read_packed
-from .lagrangian import EpochEnd, Lagrangian
-from .layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
-from .levels import LEVEL_SETS, resolve_factors
-from .metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
-from .onnx_export import check_onnx, export_onnx
-from .optim import CBPOptimizer
-from .options import Recipe, load_config
-from .oscillation import OscillationTracker
-from .packing import bits_per_weight
-from .peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP
-from .summary import Summary, summary
+from .cli.options import Recipe, load_config
+from .core.baselines import post_training_rounding, recalibrate_bn
+from .core.config import CBPConfig
+from .core.constraint import constrained_mask, constraint, quantize, sawtooth
+from .core.lagrangian import EpochEnd, Lagrangian
+from .core.layers import QuantizedLayer, convert, param_groups, prepare, quantized_layers, select_layers
+from .core.levels import LEVEL_SETS, resolve_factors
+from .core.metrics import Agreement, agreement, cfs, fraction_on_levels, layer_stats
+from .core.optim import CBPOptimizer
+from .core.oscillation import OscillationTracker
+from .files.export import ExportError, export
+from .files.export_read import load_packed, read_packed
+from .files.onnx_export import check_onnx, export_onnx
+from .files.packing import bits_per_weight
+from .files.summary import Summary, summary
+from .training.distill import Distillation
+from .training.peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP
 
 __all__ = [
     "CBPConfig", "CBPOptimizer", "EpochEnd", "ExportError", "Summary", "check_onnx", "export", "export_onnx",

@@ -18,7 +18,7 @@ def main(root: str = "mutants") -> None:
     total_killed = total_counted = 0
     survivors = []
     print(f"{'module':<22}{'killed':>8}{'counted':>9}{'score':>9}")
-    for meta in sorted(glob.glob(os.path.join(root, "cbp", "*.py.meta"))):
+    for meta in sorted(glob.glob(os.path.join(root, "cbp", "**", "*.py.meta"), recursive=True)):
         codes = json.load(open(meta))["exit_code_by_key"]
         killed = sum(code in KILLED for code in codes.values())
         lived = [name for name, code in codes.items() if code in SURVIVED]
@@ -26,7 +26,7 @@ def main(root: str = "mutants") -> None:
             continue
         survivors += lived
         total_killed, total_counted = total_killed + killed, total_counted + killed + len(lived)
-        name = os.path.basename(meta).removesuffix(".py.meta")
+        name = os.path.relpath(meta, os.path.join(root, "cbp")).removesuffix(".py.meta")
         print(f"{name:<22}{killed:>8}{killed + len(lived):>9}{killed / (killed + len(lived)):>9.1%}")
     if total_counted:
         print(f"{'all':<22}{total_killed:>8}{total_counted:>9}{total_killed / total_counted:>9.1%}")

@@ -1,19 +1,25 @@
-"""Shared fixtures for the end-to-end tests: a tiny Fashion-MNIST and a model pretrained on it."""
+"""Shared fixtures and helpers of the tests: a tiny Fashion-MNIST, a model pretrained on it, a
+reference CBP run, and the helpers of the end-to-end tests (one copy each)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from cbp import cli
-from cbp.checkpoint import load_checkpoint
-from cbp.data import FASHION_MNIST_DIR, read_idx
-from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.cli import commands as cli
+from cbp.core.lagrangian import Lagrangian
+from cbp.files.checkpoint import load_checkpoint
+from cbp.training.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.zoo.data import FASHION_MNIST_DIR, read_idx
 
 TINY_TRAIN, TINY_VAL = 256, 128
 
@@ -34,8 +40,8 @@ def one_thread():
 @pytest.fixture
 def quiet_cli(monkeypatch):
     """CLI runs on one thread and without plots: neither changes what the CLI tests check."""
-    import cbp.cli
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    import cbp.cli.training
+    monkeypatch.setattr(cbp.cli.training, "plot_run", lambda run_dir: [])
     with one_thread():
         yield
 
@@ -155,3 +161,59 @@ def assert_same_run():
             del row["seconds"]
         assert rows_a == rows_b
     return check
+
+
+# ---- helpers of the end-to-end tests --------------------------------------------------------------
+
+STEPS = 3  # per epoch in the quantize_argv runs: 96 images in batches of 32
+
+
+def after_step(monkeypatch, call: int, action) -> None:
+    """Run ``action(lagrangian)`` right after the ``call``-th CBP step (counting from 1)."""
+    step, count = Lagrangian.step, [0]
+
+    def counted(self, *args):
+        step(self, *args)
+        count[0] += 1
+        if count[0] == call:
+            action(self)
+    monkeypatch.setattr(Lagrangian, "step", counted)
+
+
+def spawn(code: str, *args: str) -> subprocess.Popen:
+    """``python -c code args`` on one thread, its pipes open; killed if it hangs for 2 minutes."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    watchdog = threading.Timer(120, proc.kill)   # a hung child fails the test, not the session
+    watchdog.daemon = True
+    watchdog.start()
+    return proc
+
+
+class Payload:
+    """Unpickling this runs ``exec``: it creates the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def first_scale(state: dict) -> str:
+    """The key of the first layer scale in a checkpoint's model."""
+    return next(k for k in state["model"] if k.endswith(".cbp_scale"))
+
+
+def image_folders(root, train: list[str], val: list[str]) -> str:
+    """An image folder data set: ``train/`` and ``val/`` with the given classes, two random
+    16 px RGB PNGs each."""
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", train), ("val", val)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return str(root)

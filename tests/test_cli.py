@@ -1,4 +1,4 @@
-"""End to end through ``cbp.cli.main`` on a tiny Fashion-MNIST (issue 3): pretrain, quantize with a
+"""End to end through ``cbp.cli.commands.main`` on a tiny Fashion-MNIST (issue 3): pretrain, quantize with a
 TOML config, evaluate, export and plot; and an interrupted run resumed to the bit."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import torch
 from conftest import REFERENCE_EPOCHS, one_thread
 
 import cbp
-from cbp import cli
-from cbp.checkpoint import load_checkpoint
-from cbp.data import load_dataset, make_loader
-from cbp.distributed import Context
-from cbp.export import read_packed
-from cbp.layers import convert, quantized_layers
-from cbp.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, load_model, read_jsonl
-from cbp.train import evaluate
+from cbp.cli import commands as cli
+from cbp.core.distributed import Context
+from cbp.core.layers import convert, quantized_layers
+from cbp.files.checkpoint import load_checkpoint
+from cbp.files.export_read import read_packed
+from cbp.training.runs import CHECKPOINT_NAME, HIST_NAME, LOG_NAME, load_model, read_jsonl
+from cbp.training.train import evaluate
+from cbp.zoo.data import load_dataset, make_loader
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ETA_LAMBDA = 1e-2
@@ -129,7 +129,7 @@ def test_quantize_evaluate_export_plot(pretrained, tiny_fashion, tmp_path, capsy
 
     ckpt = os.path.join(out, CHECKPOINT_NAME)
     state = load_checkpoint(ckpt)
-    assert (state["epoch"], state["meta"]["constraint"], state["cbp"]["g"]) == (2, "binary", 3.0)
+    assert (state["epoch"], state["meta"]["levels"], state["cbp"]["g"]) == (2, "binary", 3.0)
     model, _ = load_model(ckpt)
     assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     # CFS and the on-level fraction of the last epoch, recomputed from the checkpoint's weights

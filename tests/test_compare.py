@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import cbp
-from cbp.baselines import post_training_rounding, recalibrate_bn, require_batch_norm
+from cbp.core.baselines import post_training_rounding, recalibrate_bn, require_batch_norm
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare.py")
 _spec = importlib.util.spec_from_file_location("bench_compare", _PATH)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from cbp.constraint import constrained_mask, constraint, quantize, sawtooth
-from cbp.levels import LEVEL_SETS
+from cbp.core.constraint import constrained_mask, constraint, quantize, sawtooth
+from cbp.core.levels import LEVEL_SETS
 
 
 def levels(name, scale=1.0):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from cbp.data import (
+from cbp.zoo.data import (
     FASHION_MNIST_DIR,
     DataError,
     image_folder,

@@ -14,11 +14,11 @@ import torch.nn as nn
 from conftest import one_thread
 
 import cbp
-from cbp import cli
-from cbp.checkpoint import load_checkpoint, save_checkpoint
-from cbp.distill import file_sha256
-from cbp.lagrangian import Lagrangian
-from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.cli import commands as cli
+from cbp.core.lagrangian import Lagrangian
+from cbp.files.checkpoint import load_checkpoint, save_checkpoint
+from cbp.training.distill import file_sha256
+from cbp.training.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
 
 
 def test_loss_on_a_hand_computed_example():

@@ -1,7 +1,7 @@
 """Two processes under torchrun (gloo, CPU) train exactly what one process trains.
 
 The library-level test launches this file itself with ``torchrun --nproc_per_node=2``: run as a
-script, it trains :func:`small_net` through ``cbp.train.fit``, straight and with a resume, and
+script, it trains :func:`small_net` through ``cbp.training.train.fit``, straight and with a resume, and
 saves what each rank holds. The net has no BatchNorm on purpose: under DDP each process normalises
 with the statistics of its own half of the batch (the usual DDP behaviour and the paper's reference
 code), so a BatchNorm net is not expected to match a one-process run; the CLI test covers one.
@@ -23,12 +23,12 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import cbp
-import cbp.train
-from cbp.checkpoint import load_checkpoint
-from cbp.distributed import Context, OutOfSyncError, _fingerprint, check_in_sync, setup, teardown
-from cbp.interrupts import Interrupted
-from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
-from cbp.train import Run, fit
+import cbp.training.train
+from cbp.core.distributed import Context, OutOfSyncError, _fingerprint, check_in_sync, setup, teardown
+from cbp.files.checkpoint import load_checkpoint
+from cbp.training.interrupts import Interrupted
+from cbp.training.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.training.train import Run, fit
 
 EPOCHS, BATCH, N_TRAIN, N_VAL = 3, 8, 48, 21   # 21: the two ranks evaluate 11 + 10 samples
 STEPS = N_TRAIN // BATCH                        # per epoch, on each rank
@@ -77,7 +77,7 @@ def interrupt_rank1_after(ctx: Context, steps: int) -> None:
         if ctx.rank == 1 and count[0] == steps:
             os.kill(os.getpid(), signal.SIGINT)
     cbp.Lagrangian.step = counting_step
-    cbp.train.NAN_CHECK_EVERY = 1   # poll the other rank's stop flag every step
+    cbp.training.train.NAN_CHECK_EVERY = 1   # poll the other rank's stop flag every step
 
 
 def worker(out: str) -> None:
@@ -86,14 +86,14 @@ def worker(out: str) -> None:
     train(ctx, os.path.join(out, "straight"), EPOCHS)
     train(ctx, os.path.join(out, "resumed"), EPOCHS - 1)
     run = train(ctx, os.path.join(out, "resumed"), EPOCHS, resume=True)
-    step, poll_every = cbp.Lagrangian.step, cbp.train.NAN_CHECK_EVERY
+    step, poll_every = cbp.Lagrangian.step, cbp.training.train.NAN_CHECK_EVERY
     interrupt_rank1_after(ctx, STEPS + 2)
     with pytest.raises(Interrupted):
         train(ctx, os.path.join(out, "mid_epoch"), EPOCHS)
     interrupt_rank1_after(ctx, STEPS + 2)   # a second counter (the first has passed its step)
     with pytest.raises(Interrupted):
         train(ctx, os.path.join(out, "distill_mid_epoch"), EPOCHS, distill=True)
-    cbp.Lagrangian.step, cbp.train.NAN_CHECK_EVERY = step, poll_every
+    cbp.Lagrangian.step, cbp.training.train.NAN_CHECK_EVERY = step, poll_every
     train(ctx, os.path.join(out, "mid_epoch"), EPOCHS, resume=True)
     train(ctx, os.path.join(out, "distill"), EPOCHS, distill=True)
     train(ctx, os.path.join(out, "distill_mid_epoch"), EPOCHS, resume=True, distill=True)
@@ -240,7 +240,7 @@ def test_cli_quantize_under_torchrun(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["steps"] == 2 for r in rows)
     for r in rows:   # accuracy counts over all 51 validation images
         assert r["top1"] * 51 / 100 == pytest.approx(round(r["top1"] * 51 / 100))
-    assert load_checkpoint(str(out / CHECKPOINT_NAME))["meta"]["constraint"] == "binary"
+    assert load_checkpoint(str(out / CHECKPOINT_NAME))["meta"]["levels"] == "binary"
     assert (out / "curves.png").is_file()
     evaluate = ["-m", "cbp", "evaluate", str(out / CHECKPOINT_NAME), "--val-limit", "51",
                 "--device", "cpu"]
@@ -252,7 +252,7 @@ def test_cli_quantize_under_torchrun(tmp_path):
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, capsys):
-    from cbp.cli import main  # here, not at the top: the torchrun workers need no CLI
+    from cbp.cli.commands import main  # here, not at the top: the torchrun workers need no CLI
 
     code = main(["quantize", "--model", "resnet20", "--limit", "8", "--val-limit", "8",
                  "--device", "cpu", "--sync-bn", "--out", str(tmp_path)])

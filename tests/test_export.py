@@ -18,9 +18,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import cbp
-from cbp.export import ExportError, checksum, export, load_packed
-from cbp.onnx_export import MissingDependencyError, check_onnx, export_onnx
-from cbp.packing import (
+from cbp.files.export import ExportError, checksum, export
+from cbp.files.export_read import load_packed
+from cbp.files.onnx_export import MissingDependencyError, check_onnx, export_onnx
+from cbp.files.packing import (
     MAX_GROUP_BITS,
     Grouping,
     field_grouping,
@@ -28,7 +29,7 @@ from cbp.packing import (
     pack_indices,
     unpack_indices,
 )
-from cbp.summary import summary
+from cbp.files.summary import summary
 
 CUSTOM = (-1.0, -0.3, 0.0, 0.6, 1.5)
 LEVELS = ["binary", "ternary", "shift1", "shift2", CUSTOM,
@@ -175,7 +176,7 @@ def test_load_packed_fills_a_given_model(tmp_path):
 
 
 def test_resnet20_round_trip_and_size(tmp_path):
-    models = pytest.importorskip("cbp.models")
+    models = pytest.importorskip("cbp.zoo.models")
     model = models.resnet20()
     model(torch.randn(8, 1, 28, 28))
     cbp.prepare(model, cbp.CBPConfig(levels="binary")).eval()

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 import cbp
-import cbp.train
-from cbp.constraint import constraint, constraint_and_grad
-from cbp.penalty import PenaltyKernel, penalty_grad_, penalty_grads_
+import cbp.training.train
+from cbp.core.constraint import constraint, constraint_and_grad
+from cbp.core.penalty import PenaltyKernel, penalty_grad_, penalty_grads_
 
 LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
 GS = [1.0, 3.0, 50.0, math.inf]
@@ -211,13 +211,13 @@ def test_a_set_policy_decides_at_the_first_step(monkeypatch):
 
 
 def test_fit_announces_the_run_length(monkeypatch, tmp_path):
-    """``cbp.train.fit`` tells the Lagrangian how many steps follow (6 epochs of 4 steps), which
+    """``cbp.training.train.fit`` tells the Lagrangian how many steps follow (6 epochs of 4 steps), which
     the automatic compile policy decides on."""
     import tiny_run
 
     planned = []
     monkeypatch.setattr(cbp.Lagrangian, "plan", lambda self, steps: planned.append(steps))
-    cbp.train.fit(tiny_run.build(str(tmp_path), "adam"))
+    cbp.training.train.fit(tiny_run.build(str(tmp_path), "adam"))
     assert planned == [tiny_run.EPOCHS * 64 // tiny_run.BATCH]
 
 
@@ -227,7 +227,7 @@ def test_fit_prints_the_penalty_pass_it_chose(tmp_path, capsys):
 
     run = tiny_run.build(str(tmp_path), "adam")
     run.show_progress = True
-    cbp.train.fit(run)
+    cbp.training.train.fit(run)
     said = [line for line in capsys.readouterr().out.splitlines() if "penalty pass" in line]
     assert len(said) == 1 and said[0].startswith("cbp: penalty pass: eager (eager pass ")
     assert "estimated over 19 steps: eager " in said[0]
@@ -236,7 +236,7 @@ def test_fit_prints_the_penalty_pass_it_chose(tmp_path, capsys):
 def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
     """Issue 14 item 11: torch's "No CUDA runtime is found, using CUDA_HOME" notice, logged when
     compiling first imports torch.utils.cpp_extension, says nothing about a CPU run."""
-    code = ("import torch, cbp.penalty as p; k = p.PenaltyKernel(True); "
+    code = ("import torch, cbp.core.penalty as p; k = p.PenaltyKernel(True); "
             "k.start_step(torch.device('cpu')); import torch.utils.cpp_extension")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from conftest import one_thread
 
 import cbp
-from cbp import cli, runs
-from cbp.checkpoint import load_checkpoint
-from cbp.gpt import CBP_SELECTION, GPT, GPTConfig, KVCache, generate
-from cbp.tasks import LanguageModel
-from cbp.text import CharVocab, CharWindows, load_text, read_corpus, split_text
-from cbp.train import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.cli import commands as cli
+from cbp.files.checkpoint import load_checkpoint
+from cbp.training import runs
+from cbp.training.train import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.zoo.gpt import CBP_SELECTION, GPT, GPTConfig, KVCache, generate
+from cbp.zoo.tasks import LanguageModel
+from cbp.zoo.text import CharVocab, CharWindows, load_text, read_corpus, split_text
 
 TINY = GPTConfig(vocab_size=11, context=16, layers=2, heads=2, width=16)
 BLOCK_LINEARS = [f"blocks.{i}.{m}" for i in range(2)
@@ -228,7 +229,7 @@ def test_language_model_evaluation_is_the_mean_token_loss_and_bits_per_char():
     model = tiny_gpt()
     tokens = torch.randint(0, 11, (16 * 5 + 1,))
     data = CharWindows(tokens, 16, CharVocab("abcdefghijk"))
-    result = LanguageModel.evaluate(model, data, cbp.distributed.setup("cpu"), batch_size=2)
+    result = LanguageModel.evaluate(model, data, cbp.core.distributed.setup("cpu"), batch_size=2)
     with torch.no_grad():
         x, y = tokens[:-1].view(5, 16), tokens[1:].view(5, 16)
         expected = F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1)).item()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import _assert_same
 
 import cbp
-from cbp.constraint import constraint, constraint_and_grad, sawtooth
+from cbp.core.constraint import constraint, constraint_and_grad, sawtooth
 
 
 def three_linear():
@@ -282,3 +282,30 @@ def test_resume_mid_cycle_and_mid_epoch_continues_the_schedule_exactly(before, a
     assert [e.updated for e in straight] == updates and straight[-1].g == final_g
     assert again == straight
     _assert_same(resumed_lagr.state_dict(), lagrangian.state_dict(), "cbp")
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_lagrangian_refuses_an_empty_state_and_the_old_api_and_warns_without_backward():
+    model = cbp.prepare(_mlp(), cbp.CBPConfig())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lagrangian = cbp.Lagrangian(model, cbp.CBPConfig(), optimizer)
+    with pytest.raises(ValueError, match="not a Lagrangian.state_dict.*multipliers, g, p"):
+        lagrangian.load_state_dict({})
+    before = model[2].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"penalty alone; call loss.backward\(\) before step"):
+        lagrangian.step()
+    model.zero_grad()
+    before = model[2].weight.detach().clone()
+    loss = model(torch.randn(3, 4)).sum()
+    loss.backward()
+    with pytest.raises(TypeError, match=r"pass the sum to end_epoch\(loss_sum\)"):
+        lagrangian.step(loss)
+    assert torch.equal(model[2].weight, before)
+    lagrangian.step()
+    assert not torch.equal(model[2].weight, before)
+    with pytest.raises(TypeError, match=r"end_epoch\(loss_sum\) needs the epoch's summed"):
+        lagrangian.end_epoch()

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import torchvision
 
 import cbp
-from cbp.constraint import quantize
+from cbp.core.constraint import quantize
+from cbp.files.export_read import read_packed
 
 
 def small_net():
@@ -149,3 +150,91 @@ def test_prepared_state_dict_has_no_shared_tensors(tmp_path):
     save_file(model.state_dict(), tmp_path / "model.safetensors")
     assert torch.equal(load_file(tmp_path / "model.safetensors")["3.cbp_factors"],
                        torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_levels_that_collapse_at_a_layers_scale_are_refused():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[1].weight.fill_(1e-30)      # scale 1e-30: levels of 1e-20 times it are 0 in float32
+    with pytest.raises(ValueError, match="layer '1'.s levels .* collapse"):
+        cbp.prepare(net, cbp.CBPConfig(levels=(-1e-20, 1e-20)))
+    assert not cbp.quantized_layers(net)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 3), nn.Conv2d(2, 3, 3)])
+def test_prepare_quantizes_a_bare_layer_in_place(layer, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6) if isinstance(layer, nn.Linear) else torch.randn(2, 2, 5, 5)
+    q = cbp.prepare(layer, cbp.CBPConfig(skip_first_last=False))
+    assert q is layer and isinstance(q, cbp.core.layers.QuantizedLayer)
+    assert [name for name, _ in q.named_modules()] == [""]            # contains no module
+    assert set(q.state_dict()) == {"weight", "bias", "cbp_factors", "cbp_scale"}
+    a = layer.weight.abs().mean()
+    w_q = torch.where(layer.weight > 0, a, -a)                       # binary by hand
+    expected = (F.linear(x, w_q, layer.bias) if isinstance(layer, nn.Linear)
+                else F.conv2d(x, w_q, layer.bias))
+    torch.testing.assert_close(q(x), expected)
+    cbp.export(q, tmp_path / "m.safetensors")
+    torch.testing.assert_close(read_packed(tmp_path / "m.safetensors")["weight"], w_q)
+    plain = cbp.convert(q)
+    assert type(plain) in (nn.Linear, nn.Conv2d) and set(plain.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(plain(x), expected)
+    assert isinstance(q, cbp.core.layers.QuantizedLayer)                   # convert copied
+
+
+class _BertStyle(nn.Module):
+    """The module names of a BERT-style encoder (``encoder.layer.N.attention.self.query``)."""
+
+    def __init__(self, d=8, layers=2):
+        super().__init__()
+        self.embeddings = nn.Embedding(11, d)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            block.attention = nn.Module()
+            block.attention.self = nn.Module()
+            for name in ("query", "key", "value"):
+                setattr(block.attention.self, name, nn.Linear(d, d))
+            block.attention.output = nn.Module()
+            block.attention.output.dense = nn.Linear(d, d)
+            block.intermediate, block.output = nn.Module(), nn.Module()
+            block.intermediate.dense, block.output.dense = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+            self.encoder.layer.append(block)
+        self.pooler = nn.Module()
+        self.pooler.dense = nn.Linear(d, d)
+
+
+ENCODER_LINEARS = [f"encoder.layer.{i}.{m}" for i in range(2) for m in (
+    "attention.self.query", "attention.self.key", "attention.self.value",
+    "attention.output.dense", "intermediate.dense", "output.dense")]
+
+
+README_RECIPE = {"skip_first_last": False, "include": [r"\.layers?\.\d+\."]}
+
+
+def _bert_from_config() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=16)
+    return transformers.BertModel(config)
+
+
+@pytest.mark.parametrize("build", [_BertStyle, _bert_from_config])
+def test_the_readme_transformer_recipe_selects_every_encoder_linear(build):
+    model = build()
+    assert cbp.select_layers(model, cbp.CBPConfig(**README_RECIPE)) == ENCODER_LINEARS
+    cbp.prepare(model, cbp.CBPConfig("ternary", **README_RECIPE))
+    assert sorted(cbp.quantized_layers(model)) == sorted(ENCODER_LINEARS)
+
+
+def test_no_layer_left_names_the_rules_that_are_on():
+    config = cbp.CBPConfig(skip_first_last=False, include=[r"\.layers\.\d+\."])
+    with pytest.raises(ValueError, match=r"none of the model's 13 Conv/Linear layers passes the "
+                                         r"selection: include \[") as refused:
+        cbp.prepare(_BertStyle(), config)
+    assert "skip_first_last" not in str(refused.value)   # off: not blamed
+    with pytest.raises(ValueError, match="skip_first_last .*--quantize-first-last"):
+        cbp.prepare(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), cbp.CBPConfig())
+    with pytest.raises(ValueError, match="no Conv1d/2d/3d or Linear layer"):
+        cbp.prepare(nn.Sequential(nn.ReLU()), cbp.CBPConfig())

@@ -31,7 +31,7 @@ def test_invalid_sets_raise_clear_errors(bad, message):
 
 @pytest.mark.parametrize("n, bits", [(2, 1), (3, 46 / 29), (4, 2), (5, 7 / 3), (7, 45 / 16), (8, 3)])
 def test_bits_per_weight_is_what_the_export_stores(n, bits):
-    """The density of the file's packing (cbp.packing docstring), between log2 k and ceil(log2 k)."""
+    """The density of the file's packing (cbp.files.packing docstring), between log2 k and ceil(log2 k)."""
     assert cbp.bits_per_weight(n) == pytest.approx(bits)
     assert math.log2(n) <= cbp.bits_per_weight(n) <= math.ceil(math.log2(n))
 

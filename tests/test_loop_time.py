@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 
-from cbp.lagrangian import Lagrangian
+from cbp.core.lagrangian import Lagrangian
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import loop_time  # noqa: E402

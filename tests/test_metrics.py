@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import cbp
-from cbp import metrics
+from cbp.core import metrics
 
 
 def _prepared_linear(weights):

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 import cbp
 from cbp import CBPConfig, prepare, select_layers
-from cbp.checkpoint import save_checkpoint
-from cbp.models import ModelError, build_model, model_options, resnet20, torchvision_weights
+from cbp.files.checkpoint import save_checkpoint
+from cbp.zoo.models import ModelError, build_model, model_options, resnet20, torchvision_weights
 
 # (name, input side): the smallest convenient size each architecture accepts
 SIZES = {"resnet20": 28, "resnet18": 32, "resnet50": 32, "googlenet": 64, "alexnet_bn": 64}
@@ -218,7 +218,7 @@ def test_other_torchvision_weights_only_when_asked(fake_download):
 
 def test_paper_configs_pin_the_original_weights(fake_download):
     """Every packaged paper config of a torchvision model starts from the V1 file."""
-    from cbp.cli import parse_args
+    from cbp.cli.commands import parse_args
 
     fetched, _ = fake_download
     for name in sorted(V1_FILES):
@@ -262,7 +262,7 @@ def _googlenet_checkpoint(path, model, mode="pretrain", **meta_extra):
 
 @pytest.mark.parametrize("transform_input", [True, False])
 def test_googlenet_rebuilt_exactly_from_a_checkpoint(transform_input, tmp_path):
-    from cbp.runs import load_model, load_pretrained
+    from cbp.training.runs import load_model, load_pretrained
 
     torch.manual_seed(0)
     source = _with_batch_statistics(build_model("googlenet", 10, 3,
@@ -313,7 +313,7 @@ def test_googlenet_from_torchvisions_weights_file(tmp_path):
 
 
 def test_every_model_name_has_one_builder():
-    from cbp import models
+    from cbp.zoo import models
 
     assert set(models.MODEL_NAMES) == set(models._TORCHVISION) | set(models._BUILDERS)
     assert not set(models._TORCHVISION) & set(models._BUILDERS)

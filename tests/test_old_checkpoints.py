@@ -16,9 +16,9 @@ import pytest
 import tiny_run
 import torch
 
-from cbp.checkpoint import FORMAT, FORMAT_V1, load_checkpoint
-from cbp.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
-from cbp.train import fit
+from cbp.files.checkpoint import FORMAT, FORMAT_V1, load_checkpoint
+from cbp.training.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
+from cbp.training.train import fit
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint-v1")
 

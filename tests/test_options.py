@@ -11,8 +11,8 @@ import pytest
 import torch.nn as nn
 
 import cbp
-from cbp import cli
-from cbp.options import cbp_config, cbp_fields, parse_args
+from cbp.cli import commands as cli
+from cbp.cli.options import cbp_config, cbp_fields, parse_args
 
 
 def config_of(*argv: str) -> cbp.CBPConfig:
@@ -56,10 +56,28 @@ def test_old_flag_spellings_still_work():
     assert (old.grad_clip_value, old.stop_once_g_exceeds) == (0.5, 200)
 
 
-def write(tmp_path, text: str) -> str:
-    path = tmp_path / "c.toml"
+def write(tmp_path, text: str, name: str = "c.toml") -> str:
+    path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def test_the_level_set_is_levels_and_its_old_name_constraint_still_works(tmp_path):
+    assert config_of().levels == "binary"
+    assert config_of("--levels", "ternary").levels == config_of("--constraint", "ternary").levels
+    assert config_of("--levels", "-1,0,1").factors == (-1.0, 0.0, 1.0)
+    assert config_of("--levels", "-1,0,1").factors == config_of(
+        "--constraint", "custom", "--levels", "-1,0,1").factors
+    new = write(tmp_path, '[quantize]\nlevels = "shift1"\n')
+    old = write(tmp_path, '[quantize]\nconstraint = "shift1"\n', "old.toml")
+    assert config_of("--config", new).levels == config_of("--config", old).levels == "shift1"
+    assert config_of("--config", old, "--levels", "ternary").levels == "ternary"   # a flag wins
+    custom = write(tmp_path, '[quantize]\nconstraint = "custom"\nlevels = "-1,1"\n', "custom.toml")
+    assert config_of("--config", custom).factors == (-1.0, 1.0)
+    assert config_of("--recipe", "best", "--config", old).levels == "shift1"
+    assert cbp.load_config(old).cbp.levels == "shift1"
+    args = parse_args(["quantize", "--out", "o", "--constraint", "ternary"])
+    assert not hasattr(args, "constraint") and args._given == {"out", "levels"}
 
 
 def test_config_keys_old_and_new_set_the_same_fields(tmp_path):
@@ -179,7 +197,7 @@ def test_a_new_multiplier_rule_is_one_entry(monkeypatch):
     """Issue 15 item 3: an entry in ASCENT_RULES reaches CBPConfig, the flag and the Lagrangian."""
     import torch
 
-    from cbp.ascent import ASCENT_RULES
+    from cbp.core.ascent import ASCENT_RULES
 
     monkeypatch.setitem(ASCENT_RULES, "adamw",
                         lambda params, lr: torch.optim.AdamW(params, lr=lr, maximize=True))

@@ -1,4 +1,4 @@
-"""Oscillation tracking, the oscillation fixes of cbp.peers, STE-only's clock and BN re-estimation.
+"""Oscillation tracking, the oscillation fixes of cbp.training.peers, STE-only's clock and BN re-estimation.
 
 Every figure is worked out by hand from a weight sequence written into the layer.
 """
@@ -13,10 +13,16 @@ import torch.nn.functional as F
 from conftest import _assert_same
 
 import cbp
-from cbp.constraint import constraint_and_grad, quantize
-from cbp.oscillation import OscillationTracker, level_index
-from cbp.peers import IterativeFreezing, OscillationDampening, OscillationGatedCBP, build, cosine_anneal
-from cbp.train import Run, fit
+from cbp.core.constraint import constraint_and_grad, quantize
+from cbp.core.oscillation import OscillationTracker, level_index
+from cbp.training.peers import (
+    IterativeFreezing,
+    OscillationDampening,
+    OscillationGatedCBP,
+    build,
+    cosine_anneal,
+)
+from cbp.training.train import Run, fit
 
 
 def toy(levels="ternary"):
@@ -335,7 +341,7 @@ def test_build_names_each_peer_and_the_gate_is_stepped_once_per_step(tmp_path):
     assert isinstance(gated, OscillationGatedCBP)
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
     run = Run(model=model, optimizer=optimizer, train_data=data, val_data=data,
-              out_dir=str(tmp_path), epochs=2, batch_size=8, ctx=cbp.distributed.setup("cpu"),
+              out_dir=str(tmp_path), epochs=2, batch_size=8, ctx=cbp.core.distributed.setup("cpu"),
               lagrangian=gated, show_progress=False)
     rows = fit(run)
     assert run.oscillation is gated.tracker and gated.tracker.steps == 2 * 4

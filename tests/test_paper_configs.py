@@ -12,9 +12,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import cbp
-import cbp.cli
-import cbp.train
-from cbp.models import build_model
+import cbp.cli.commands
+import cbp.cli.training
+import cbp.training.train
+from cbp.zoo.models import build_model
 
 MODELS = ("alexnet_bn", "resnet18", "resnet50", "googlenet")
 CONSTRAINTS = ("binary", "ternary", "shift1", "shift2")
@@ -39,7 +40,7 @@ FACTORS = {"binary": (-1.0, 1.0), "ternary": (-1.0, 0.0, 1.0),
 def expected(name: str) -> dict:
     model, constraint = name.split("-")
     lr, shift_lr, weight_decay, batch_size, p_max = PAPER[model]
-    return {"data": "imagefolder", "model": model, "constraint": constraint,
+    return {"data": "imagefolder", "model": model, "levels": constraint,
             "weights": None if model == "alexnet_bn" else "torchvision:IMAGENET1K_V1",
             "lr": shift_lr if constraint.startswith("shift") else lr,
             "weight_decay": weight_decay, "batch_size": batch_size, "p_max": p_max,
@@ -49,7 +50,7 @@ def expected(name: str) -> dict:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_holds_the_papers_settings(name):
-    args = cbp.cli.parse_args(["quantize", "--config", f"paper/{name}", "--out", "unused"])
+    args = cbp.cli.commands.parse_args(["quantize", "--config", f"paper/{name}", "--out", "unused"])
     assert {key: getattr(args, key) for key in expected(name)} == expected(name)
     assert (args.stop_once_g_exceeds, args.multiplier_rule, args.momentum) == (None, "adam", 0.9)
 
@@ -97,35 +98,35 @@ def test_config_runs_one_step(name, image_folder, weights_files, tmp_path, monke
     The checkpoint is captured rather than written (AlexNet-BN's would be over a gigabyte), plots
     are skipped."""
     saved, built = [], []
-    monkeypatch.setattr(cbp.train, "save_checkpoint", lambda state, path: saved.append(state))
+    monkeypatch.setattr(cbp.training.train, "save_checkpoint", lambda state, path: saved.append(state))
     init = cbp.Lagrangian.__init__
 
     def recording(self, *args, **kwargs):   # the CBPConfig that actually runs
         init(self, *args, **kwargs)
         built.append(self)
     monkeypatch.setattr(cbp.Lagrangian, "__init__", recording)
-    monkeypatch.setattr(cbp.cli, "plot_run", lambda run_dir: [])
+    monkeypatch.setattr(cbp.cli.training, "plot_run", lambda run_dir: [])
     want = expected(name)
     # AlexNet-BN's config names no weights: it starts from random ones unless --weights is given.
     weights = [] if want["weights"] is None else ["--weights", weights_files(want["model"])]
     size = "64" if want["model"] == "alexnet_bn" else "32"   # AlexNet needs >= 63 px
-    cbp.cli.main_or_raise([
+    cbp.cli.commands.main_or_raise([
         "quantize", "--config", f"paper/{name}", *weights, "--data-dir", str(image_folder),
         "--out", str(tmp_path), "--epochs", "1", "--epoch-iters", "1", "--batch-size", "2",
         "--image-size", size, "--include", QUANTIZED[want["model"]], "--device", "cpu",
         "--no-channels-last", "--quiet"])
-    row = json.loads((tmp_path / cbp.train.LOG_NAME).read_text())
+    row = json.loads((tmp_path / cbp.training.train.LOG_NAME).read_text())
     assert (row["epoch"], row["steps"], row["lr"]) == (1, 1, want["lr"])
     assert (row["g"], row["updated"]) == (1, False)   # first epoch: L_sum < L_sum_pre = inf
     (state,) = saved
-    assert (state["meta"]["model"], state["meta"]["constraint"]) == (want["model"],
-                                                                     want["constraint"])
+    assert (state["meta"]["model"], state["meta"]["levels"]) == (want["model"],
+                                                                     want["levels"])
     decay_group = state["optimizer"]["param_groups"][0]
     assert (decay_group["lr"], decay_group["weight_decay"]) == (want["lr"], want["weight_decay"])
     assert state["cbp"]["ascent"]["param_groups"][0]["lr"] == want["multiplier_lr"]
     (lagrangian,) = built
     config = lagrangian.config
-    assert config.factors == FACTORS[want["constraint"]]
+    assert config.factors == FACTORS[want["levels"]]
     assert (config.p_max, config.lr_drop_at_g, config.multiplier_lr) == (
         want["p_max"], want["lr_drop_at_g"], want["multiplier_lr"])
     assert (config.multiplier_rule, config.g_init, config.stop_once_g_exceeds, config.lr_drop_factor) == (

@@ -13,11 +13,11 @@ from conftest import one_thread
 from safetensors.torch import load as st_load
 
 import cbp
-from cbp import cli
-from cbp.checkpoint import load_checkpoint, save_checkpoint
-from cbp.constraint import constraint_and_grad, level_index, level_values
-from cbp.export import read_packed
-from cbp.runs import CHECKPOINT_NAME, load_model
+from cbp.cli import commands as cli
+from cbp.core.constraint import constraint_and_grad, level_index, level_values
+from cbp.files.checkpoint import load_checkpoint, save_checkpoint
+from cbp.files.export_read import read_packed
+from cbp.training.runs import CHECKPOINT_NAME, load_model
 
 # channel 0: a_0 = mean(0.005, 0.02, 0.035) = 0.02; channel 1: a_1 = 2.0, 100 times larger
 W = [[0.005, -0.02, 0.035], [0.5, -2.0, 3.5]]

@@ -7,8 +7,8 @@ import torch
 from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from cbp.constraint import constrained_mask, constraint, constraint_and_grad, quantize, sawtooth
-from cbp.packing import field_grouping, grouping, pack_indices, unpack_indices
+from cbp.core.constraint import constrained_mask, constraint, constraint_and_grad, quantize, sawtooth
+from cbp.files.packing import field_grouping, grouping, pack_indices, unpack_indices
 
 # The same examples on every run (no flaky test, no example database); under mutation testing
 # (scripts/mutation.sh) a failure is not shrunk: any failure kills the mutant.

@@ -9,10 +9,11 @@ from safetensors.torch import load as st_load
 from test_export import FIXTURES, assert_export_error, read_meta, resave
 
 import cbp
-from cbp.export import export, load_packed, read_packed
-from cbp.gpt import CBP_SELECTION, GPT, GPTConfig
-from cbp.summary import summary
-from cbp.ties import share_as_stored, tied_keys
+from cbp.files.export import export
+from cbp.files.export_read import load_packed, read_packed
+from cbp.files.summary import summary
+from cbp.files.ties import share_as_stored, tied_keys
+from cbp.zoo.gpt import CBP_SELECTION, GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=11, context=16, layers=2, heads=2, width=16)
 X = torch.arange(12).remainder(11)[None]   # the input the fixtures' logits were computed on
@@ -155,7 +156,7 @@ def test_share_as_stored_leaves_untied_parameters_alone():
 def test_onnx_of_a_quantized_head_tied_to_a_float_embedding_computes_the_trained_model(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from cbp.onnx_export import check_onnx, export_onnx
+    from cbp.files.onnx_export import check_onnx, export_onnx
     model = tiny_gpt(HEAD_QUANTIZED)
     path = export_onnx(model, tmp_path / "m.onnx", X)
     assert check_onnx(path, model, X.repeat(3, 1)) <= 1e-5

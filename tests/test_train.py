@@ -5,7 +5,7 @@ import itertools
 import torch
 from torch.utils.data import TensorDataset
 
-from cbp.data import epoch_batches, make_loader
+from cbp.zoo.data import epoch_batches, make_loader
 
 
 def _indices(loader, permutation: int) -> list[list[int]]:

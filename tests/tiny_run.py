@@ -12,8 +12,8 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import cbp
-from cbp.distributed import Context
-from cbp.train import Run
+from cbp.core.distributed import Context
+from cbp.training.train import Run
 
 EPOCHS, BATCH = 6, 16
 META = {"mode": "quantize", "model": "tiny-mlp", "dataset": "teacher", "num_classes": 3,

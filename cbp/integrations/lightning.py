@@ -26,10 +26,10 @@ from collections.abc import Mapping
 
 import lightning.pytorch as pl
 
-from ..config import CBPConfig
-from ..export import export as export_model
-from ..layers import convert, prepare, quantized_layers
-from ..optim import CBPOptimizer
+from ..core.config import CBPConfig
+from ..core.layers import convert, prepare, quantized_layers
+from ..core.optim import CBPOptimizer
+from ..files.export import export as export_model
 
 
 class CBPCallback(pl.Callback):

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from transformers import TrainerCallback
 
-from ..optim import CBPOptimizer
+from ..core.optim import CBPOptimizer
 
 
 class CBPCallback(TrainerCallback):
