@@ -5,6 +5,8 @@
     python benchmarks/compare_gpt.py --tune --levels ternary     # choose CBP's eta_lambda
     python benchmarks/compare_gpt.py --levels ternary --methods fp,ste,cbp --multiplier-lr ETA \
         --budget 4                                               # STE-only vs CBP at 4x the steps
+    python benchmarks/compare_gpt.py --recipes --multiplier-lr ETA \
+        --results benchmarks/results/gpt.jsonl                   # distillation, per-channel scales
 
 Every method starts from one pretrained GPT (``cbp pretrain --config gpt``, made if missing and
 then reused) and, per level set and seed:
@@ -13,6 +15,8 @@ then reused) and, per level set and seed:
   rounding    nearest level with a = mean|W| in every block Linear, no training
   ste         STE-only fine-tuning: ``CBPConfig(use_constraint=False)``
   cbp         CBP with the window schedule g = 1, 2, ..., 10, 20, ..., 100, 200
+  X+kd, X+pc  method X with distillation from the float checkpoint (``cbp.Distillation``'s
+              default alpha and temperature) / per-output-channel scales (``--recipes``)
 
 Quantized: every Linear inside the blocks (``cbp.zoo.gpt.CBP_SELECTION``); the embeddings and the tied
 output head stay float. Equal budget: STE-only and CBP run the same epochs of ``epoch_iters`` steps
@@ -20,10 +24,12 @@ on the same windows (seed), with the same Adam, lr and clipping, the lr x0.1 at 
 CBP's g reaches 20. The numbers come from one evaluation of ``test_windows`` validation windows
 at the end: loss in nats per character and bits per character (bpc), mean ± standard error over
 seeds, and the paired difference CBP - STE-only with a paired t-test, Holm-corrected over the
-table (``paired.py``). CBP's eta_lambda is chosen with ``--tune`` on a separate tuning split: the
-last ``tune_windows`` validation windows, disjoint from the reported first ``test_windows``, and
-with other seeds than the reported ones. ``--budget k`` makes every epoch k times longer (the
-ladder of ``ladder.py``: same g path, k times the steps).
+table (``paired.py``). With ``--results FILE`` every cell is merged into a JSON-lines file as it
+finishes, keyed by its settings and code version (cells already there are not recomputed;
+``--cached`` rebuilds the table from the file alone). CBP's eta_lambda is chosen with ``--tune``
+on a separate tuning split: the last ``tune_windows`` validation windows, disjoint from the
+reported first ``test_windows``, and with other seeds than the reported ones. ``--budget k``
+makes every epoch k times longer (the ladder of ``ladder.py``: same g path, k times the steps).
 
 No torchao row: torchao's QAT fake quantizer (``IntxFakeQuantizeConfig``) offers torch.int1
 and torch.int2, whose integer grids are {-1, 0} and {-2, -1, 0, 1} - neither is the symmetric
@@ -33,7 +39,10 @@ ternary {-a, 0, a} nor the binary {-a, a}, so there is no matching peer to run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
+import inspect
+import json
 import math
 import os
 import statistics
@@ -69,6 +78,9 @@ from paired import holm, paired  # noqa: E402
 METHODS = ("fp", "rounding", "ste", "cbp")
 LABELS = {"fp": "full precision (pretrained)", "rounding": "post-training rounding",
           "ste": "STE-only fine-tuning", "cbp": "CBP (window schedule)"}
+# Toward full precision (issue 23): {none, distillation, per-channel, both} x {STE-only, CBP}
+VARIANTS = ("ste+kd", "ste+pc", "ste+kd+pc", "cbp+kd", "cbp+pc", "cbp+kd+pc")
+RECIPES = ("fp", "ste", "cbp", *VARIANTS)
 LEVELS = ("ternary", "binary")
 PROMPT, SAMPLE_CHARS, SAMPLE_SEED = "ROMEO:", 300, 0  # the text samples of seed 0's models
 
@@ -154,8 +166,12 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
     model, meta = load_model(checkpoint)
     result = {"method": method, "levels": levels, "seed": seed, "sec_per_step": None,
               "budget": size.budget, "multiplier_lr": size.multiplier_lr, "split": split}
+    method, *modifiers = method.split("+")   # the base method; "kd" / "pc" variants (VARIANTS)
+    distillation = cbp.Distillation(load_model(checkpoint)[0]) if "kd" in modifiers else None
     if method != "fp":
         config = cbp_config(size, levels, method)
+        if "pc" in modifiers:
+            config = replace(config, scale="per-channel")
         cbp.prepare(model, config)
     if method in ("ste", "cbp"):
         epochs, drop = compare.schedule_epochs(cbp_config(size, levels, "cbp"))
@@ -163,12 +179,12 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
         scheduler = (torch.optim.lr_scheduler.MultiStepLR(optimizer, [drop] if drop else [], 0.1)
                      if method == "ste" else None)
         rows = fit(Run(model=model, optimizer=optimizer, train_data=train, val_data=val,
-                       out_dir=os.path.join(cache, "runs", f"{method}-{levels}-{seed}-"
+                       out_dir=os.path.join(cache, "runs", f"{result['method']}-{levels}-{seed}-"
                                             f"{size.budget}x-{size.multiplier_lr:g}"),
                        epochs=epochs, batch_size=size.batch, ctx=ctx,
                        lagrangian=cbp.Lagrangian(model, config, optimizer), scheduler=scheduler,
                        epoch_iters=size.epoch_iters * size.budget, seed=seed, show_progress=False,
-                       task=LanguageModel))
+                       task=LanguageModel, distillation=distillation))
         result["sec_per_step"] = statistics.median(r["seconds"] / r["steps"] for r in rows)
         result.update(g=rows[-1].get("g"), epochs=len(rows))
     if method != "fp":
@@ -186,33 +202,82 @@ def run_one(size: Size, checkpoint: str, cache: str, data_dir: str | None, metho
 def cells(size: Size, methods, levels) -> list[tuple[str, str, int]]:
     out = [("fp", "-", 0)] if "fp" in methods else []
     out += [("rounding", lv, 0) for lv in levels if "rounding" in methods]  # no randomness
-    return out + [(m, lv, s) for m in ("ste", "cbp") if m in methods for lv in levels
+    return out + [(m, lv, s) for m in methods if m not in ("fp", "rounding") for lv in levels
                   for s in range(size.seeds)]
 
 
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """``compare.code_version`` (every cbp source, the device, torch) plus the source of the
+    functions here that compute a cell: a cell of another version is recomputed, never mixed."""
+    source = "".join(inspect.getsource(f) for f in (run_one, cbp_config, datasets, file_sizes))
+    return {**compare.code_version(), "gpt": hashlib.sha256(source.encode()).hexdigest()[:12]}
+
+
+def settings_of(size: Size) -> dict:
+    """What a cell's numbers depend on in ``size`` (the seed count is not part of a cell)."""
+    return {k: v for k, v in asdict(size).items() if k != "seeds"}
+
+
+def cell_key(size: Size) -> str:
+    """The key of a cell's settings and code version."""
+    text = json.dumps({"size": settings_of(size), "version": code_version()}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def run_all(size: Size, checkpoint: str, cache: str, data_dir: str | None, methods, levels,
-            jobs: int) -> list[dict]:
+            jobs: int, results_file: str | None = None) -> list[dict]:
     todo = [(size, *t, "test") for t in cells(size, methods, levels)]
-    return _run(todo, checkpoint, cache, data_dir, jobs)
+    return _run(todo, checkpoint, cache, data_dir, jobs, results_file)
 
 
 def tune(size: Size, checkpoint: str, cache: str, data_dir: str | None, levels,
-         jobs: int) -> list[dict]:
+         jobs: int, results_file: str | None = None) -> list[dict]:
     """CBP at every eta of ``TUNE_ETAS``, seed ``TUNE_SEED``, scored on the tuning windows."""
     todo = [(replace(size, multiplier_lr=eta), "cbp", lv, TUNE_SEED, "tune")
             for lv in levels for eta in TUNE_ETAS]
-    return _run(todo, checkpoint, cache, data_dir, jobs)
+    return _run(todo, checkpoint, cache, data_dir, jobs, results_file)
 
 
 def _run(todo: list[tuple], checkpoint: str, cache: str, data_dir: str | None,
-         jobs: int) -> list[dict]:
-    with tqdm(total=len(todo), desc="cells (method, level set, seed)", unit="cell") as bar:
+         jobs: int, results_file: str | None = None) -> list[dict]:
+    """Every cell of ``todo``; those already in ``results_file`` under the same key are read,
+    the others computed and merged into it one by one as they finish."""
+    known = {(r["key"], *compare.task_of(r)): r for r in compare.read_results(results_file)}
+    results, missing, order = {}, [], []
+    for size, method, lv, seed, split in todo:
+        cell = (cell_key(size), method, lv, seed)
+        order.append(cell)
+        if (cell[0], "gpt", *cell[1:]) in known:
+            results[cell] = known[(cell[0], "gpt", *cell[1:])]
+        else:
+            missing.append((cell, size, split))
+    with tqdm(total=len(missing), desc="cells (method, level set, seed)", unit="cell") as bar:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, size, checkpoint, cache, data_dir, *t)
-                       for size, *t in todo]
-            for _ in as_completed(futures):
+            futures = {pool.submit(run_one, size, checkpoint, cache, data_dir, *cell[1:], split):
+                       (cell, size) for cell, size, split in missing}
+            for future in as_completed(futures):
+                cell, size = futures[future]
+                results[cell] = {**future.result(), "model": "gpt", "key": cell[0],
+                                 "version": code_version(), "settings": settings_of(size)}
+                if results_file:
+                    compare.save_results(results_file, [results[cell]])
                 bar.update()
-            return [f.result() for f in futures]
+    return [results[cell] for cell in order]
+
+
+def committed(results_file: str, size: Size, methods, levels) -> list[dict]:
+    """The cells of a results file for this size's settings, whatever code version computed
+    them; cells of two versions are refused (``compare.committed``'s rule)."""
+    wanted = set(cells(size, methods, levels))
+    rows = [r for r in compare.read_results(results_file)
+            if (r["method"], r["levels"], r["seed"]) in wanted and r.get("split") == "test"
+            and r.get("settings") == settings_of(size)]
+    keys = sorted({r["key"] for r in rows})
+    if len(keys) > 1:
+        raise ValueError(f"cells of {len(keys)} code versions ({', '.join(keys)}) in "
+                         f"{results_file}; recompute one of them")
+    return rows
 
 
 def tune_table(results: list[dict], size: Size) -> str:
@@ -279,6 +344,43 @@ def table(results: list[dict], size: Size, levels) -> str:
     return "\n".join(out) + "\n"
 
 
+def recipes_table(results: list[dict], size: Size, lv: str = "ternary") -> str:
+    """{none, distillation, per-channel, both} x {STE-only, CBP}: validation loss, its ratio to
+    full precision, and the paired difference against STE-only, Holm-corrected over the table."""
+    fp = [r["val_loss"] for r in results if r["method"] == "fp"]
+    base = [r for r in results if r["method"] == "ste" and r["levels"] == lv]
+    rows = {m: [r for r in results if r["method"] == m and r["levels"] == lv]
+            for m in RECIPES if m != "fp"}
+    contrasts = {m: paired(mine, base, "val_loss") for m, mine in rows.items() if m != "ste"}
+    holm([c for c in contrasts.values() if c])
+    out = [f"### {lv}: toward full precision", "",
+           "| method | val loss (nats/char) | × full precision | Δ val loss vs STE-only | CFS |",
+           "|---|---|---|---|---|"]
+    if fp:
+        out.append(f"| {LABELS['fp']} | {fp[0]:.4f} | 1.000 | | — |")
+    for m, mine in rows.items():
+        if not mine:
+            continue
+        losses = [r["val_loss"] for r in mine]
+        ratio = f"{statistics.mean(losses) / fp[0]:.3f}" if fp else "—"
+        delta = contrasts[m].text(4) if contrasts.get(m) else ""
+        out.append(f"| {label(m)} | {_mean_se(losses, '.4f')} | {ratio} | {delta} | "
+                   f"{_mean_se([r['cfs'] for r in mine], '.2e')} |")
+    seeds = max((len(v) for v in rows.values()), default=0)
+    out += ["", f"{seeds} paired seeds; Δ: paired differences (lower is better), mean ± SE, "
+            "two-sided paired t-test, pairs above / below zero; **real** only after a "
+            "Holm-Bonferroni correction (α 0.05) over the table. Distillation: α 0.5, T 1, the "
+            "pretrained float GPT as the teacher. Per-channel: one scale per output row of each "
+            f"quantized Linear. CBP η_λ = {size.multiplier_lr:g}. Code version: "
+            f"{compare.one_version(results)}.", f"Settings: `{asdict(size)}`"]
+    return "\n".join(out) + "\n"
+
+
+def label(method: str) -> str:
+    base, *modifiers = method.split("+")
+    return " + ".join([LABELS[base], *(compare.MODIFIERS[m] for m in modifiers)])
+
+
 def samples(results: list[dict]) -> str:
     """Markdown of seed 0's generated text per model: FP, CBP ternary and binary first."""
     order = [("fp", "-"), ("cbp", "ternary"), ("cbp", "binary"), ("ste", "ternary"),
@@ -313,7 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="runs/bench-gpt")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--samples", help="write the generated text of every seed-0 model here")
+    p.add_argument("--recipes", action="store_true",
+                   help="{none, distillation, per-channel, both} x {STE-only, CBP} on ternary")
+    p.add_argument("--results", help="per-seed results (JSON lines): cells already there are read, "
+                   "new ones merged in as they finish")
+    p.add_argument("--cached", action="store_true",
+                   help="train nothing: the table from the --results file alone")
     args = p.parse_args(argv)
+    if args.cached and not args.results:
+        p.error("--cached needs --results FILE")
     size = QUICK if args.quick else FULL
     if args.budget < 1:
         p.error(f"--budget must be >= 1, got {args.budget}")
@@ -322,17 +432,30 @@ def main(argv: list[str] | None = None) -> int:
     size = replace(size, **{k: v for k, v in overrides.items() if v is not None})
     levels = [lv for lv in args.levels.split(",") if lv]
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(levels) - set(LEVELS)) + sorted(set(methods) - set(METHODS))
+    if args.recipes:
+        levels, methods = ["ternary"], list(RECIPES)
+    unknown = sorted(set(levels) - set(LEVELS)) + sorted(set(methods) - set(METHODS + VARIANTS))
     if unknown:
         p.error(f"unknown level set or method: {', '.join(unknown)}")
     tic = time.perf_counter()
+    make_table = (lambda rs: recipes_table(rs, size)) if args.recipes else (
+        lambda rs: table(rs, size, levels))
+    if args.cached:
+        try:
+            results = committed(args.results, size, methods, levels)
+        except ValueError as err:
+            p.error(str(err))
+        publish(make_table(results), f"read from {args.results}", tic, args.out)
+        return 0
     checkpoint = pretrained(args.checkpoint, args.data_dir)
     if args.tune:
         publish(tune_table(tune(size, checkpoint, args.cache, args.data_dir, levels,
-                                        args.jobs), size), f"{args.jobs} job(s)", tic, args.out)
+                                args.jobs, args.results), size),
+                f"{args.jobs} job(s)", tic, args.out)
         return 0
-    results = run_all(size, checkpoint, args.cache, args.data_dir, methods, levels, args.jobs)
-    publish(table(results, size, levels), f"{args.jobs} job(s) of 1 thread", tic, args.out)
+    results = run_all(size, checkpoint, args.cache, args.data_dir, methods, levels, args.jobs,
+                      args.results)
+    publish(make_table(results), f"{args.jobs} job(s) of 1 thread", tic, args.out)
     if args.samples:
         with open(args.samples, "w") as f:
             f.write(samples(results))

@@ -423,3 +423,43 @@ def test_compare_gpt_cells_table_and_samples(lm_runs, tmp_path):
     assert f"Chosen for ternary: η_λ = {best:g}" in bench.tune_table(tuned, size)
     with pytest.raises(ValueError, match="without overlapping"):
         bench.datasets(bench.replace(size, test_windows=10**6), texts)
+
+
+def test_compare_gpt_recipes_cells_results_file_and_table(lm_runs, tmp_path):
+    """compare_gpt.py --recipes: a distilled per-channel STE cell trains with the float teacher and
+    one scale per output row; cells in a results file are read back instead of recomputed, the
+    table is rebuilt from the file, and cells of two code versions are refused."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_gpt.py")
+    spec = importlib.util.spec_from_file_location("bench_compare_gpt", path)
+    bench = sys.modules["bench_compare_gpt"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, texts = lm_runs
+    size = bench.Size(train_windows=64, val_windows=2, test_windows=4, batch=4, epoch_iters=1,
+                      lr=1e-3, multiplier_lr=1e-1, p_max=1, stop_once_g_exceeds=3, seeds=2,
+                      tune_windows=2)
+    ckpt = str(root / "fp" / CHECKPOINT_NAME)
+    with one_thread():
+        cell = bench.run_one(size, ckpt, str(tmp_path), texts, "ste+kd+pc", "ternary", 1)
+    assert cell["method"] == "ste+kd+pc" and cell["on_levels"] < 1   # STE: latent weights float
+    log = read_jsonl(str(tmp_path / "runs" / "ste+kd+pc-ternary-1-1x-0.1" / LOG_NAME))
+    assert {"task_loss", "distill_loss"} <= set(log[-1])
+    # a results file holding every cell: nothing is recomputed, the table comes from the file
+    results = str(tmp_path / "gpt.jsonl")
+    methods = ("fp", "ste", "ste+kd+pc")
+    fake = [{"method": m, "levels": lv, "seed": s, "split": "test", "val_loss": 2.0 - 0.1 * s
+             - (0.05 + 0.02 * s if m == "ste+kd+pc" else 0), "cfs": 0.01, "model": "gpt",
+             "key": bench.cell_key(size), "settings": bench.settings_of(size), "version": {"v": 1}}
+            for m, lv, s in bench.cells(size, methods, ("ternary",))]
+    bench.compare.save_results(results, fake)
+    read = bench.run_all(size, ckpt, str(tmp_path), texts, methods, ("ternary",), 1, results)
+    assert read == fake   # in the order of the cells, none recomputed
+    text = bench.recipes_table(bench.committed(results, size, methods, ("ternary",)), size)
+    row = next(line for line in text.splitlines() if "distillation + per-channel" in line)
+    assert "-0.0600 ± 0.0100" in row and "| 0.945 |" in row   # (1.95 + 1.83) / 2 / fp 2.0
+    other = [{**r, "key": "another"} for r in fake if r["method"] == "ste"]
+    bench.compare.save_results(results, other)
+    with pytest.raises(ValueError, match="2 code versions"):
+        bench.committed(results, size, methods, ("ternary",))
