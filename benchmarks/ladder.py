@@ -159,10 +159,11 @@ def plot(cells: dict, path: str) -> None:
                 ax.errorbar(xs, ys, es, marker="o", capsize=3, color=f"C{i}",
                             label=compare.LABELS[method])
         ax.axhline(0, color="k", lw=0.8)
-        ax.minorticks_off()
-        ax.set(xscale="log", xticks=budgets, xticklabels=[f"{k}×" for k in budgets],
+        ax.set(xscale="log", xlim=(min(budgets) / 1.5, max(budgets) * 1.5), xticks=budgets,
+               xticklabels=[f"{k}×" for k in budgets],
                xlabel="training budget (× 950 steps)", ylabel="Δ top-1 vs STE-only (points)",
                title=f"{compare.MODELS[model]}, {lv}: BN re-estimated, mean ± SE")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the rungs
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -386,8 +386,9 @@ def test_cli_language_model_mistakes_are_one_line(lm_runs, tiny_fashion, tmp_pat
     assert "does not fit dataset shakespeare" in capsys.readouterr().err
 
 
-def test_compare_gpt_cells_table_and_samples(lm_runs, tmp_path):
-    """benchmarks/compare_gpt.py's cells on the generated text: values in range, CBP on its levels."""
+@pytest.fixture(scope="module")
+def compare_gpt():
+    """benchmarks/compare_gpt.py as a module, and a size of a few steps for the generated text."""
     import importlib.util
     import sys
 
@@ -395,10 +396,14 @@ def test_compare_gpt_cells_table_and_samples(lm_runs, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_compare_gpt", path)
     bench = sys.modules["bench_compare_gpt"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    root, texts = lm_runs
-    size = bench.Size(train_windows=64, val_windows=2, test_windows=4, batch=4, epoch_iters=1,
-                      lr=1e-3, multiplier_lr=1e-1, p_max=1, stop_once_g_exceeds=3, seeds=1,
-                      tune_windows=2)
+    return bench, bench.Size(train_windows=64, val_windows=2, test_windows=4, batch=4,
+                             epoch_iters=1, lr=1e-3, multiplier_lr=1e-1, p_max=1,
+                             stop_once_g_exceeds=3, seeds=1, tune_windows=2)
+
+
+def test_compare_gpt_cells_table_and_samples(compare_gpt, lm_runs, tmp_path):
+    """benchmarks/compare_gpt.py's cells on the generated text: values in range, CBP on its levels."""
+    (bench, size), (root, texts) = compare_gpt, lm_runs
     ckpt = str(root / "fp" / CHECKPOINT_NAME)
     with one_thread():
         results = [bench.run_one(size, ckpt, str(tmp_path), texts, *cell)
@@ -425,21 +430,12 @@ def test_compare_gpt_cells_table_and_samples(lm_runs, tmp_path):
         bench.datasets(bench.replace(size, test_windows=10**6), texts)
 
 
-def test_compare_gpt_recipes_cells_results_file_and_table(lm_runs, tmp_path):
-    """compare_gpt.py --recipes: a distilled per-channel STE cell trains with the float teacher and
-    one scale per output row; cells in a results file are read back instead of recomputed, the
+def test_compare_gpt_recipes_cells_results_file_and_table(compare_gpt, lm_runs, tmp_path):
+    """compare_gpt.py --recipes: a distilled per-channel STE cell trains with the float teacher
+    (both loss terms logged); cells in a results file are read back instead of recomputed, the
     table is rebuilt from the file, and cells of two code versions are refused."""
-    import importlib.util
-    import sys
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_gpt.py")
-    spec = importlib.util.spec_from_file_location("bench_compare_gpt", path)
-    bench = sys.modules["bench_compare_gpt"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    root, texts = lm_runs
-    size = bench.Size(train_windows=64, val_windows=2, test_windows=4, batch=4, epoch_iters=1,
-                      lr=1e-3, multiplier_lr=1e-1, p_max=1, stop_once_g_exceeds=3, seeds=2,
-                      tune_windows=2)
+    (bench, tiny), (root, texts) = compare_gpt, lm_runs
+    size = bench.replace(tiny, seeds=2)
     ckpt = str(root / "fp" / CHECKPOINT_NAME)
     with one_thread():
         cell = bench.run_one(size, ckpt, str(tmp_path), texts, "ste+kd+pc", "ternary", 1)
