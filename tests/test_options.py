@@ -80,6 +80,13 @@ def test_the_level_set_is_levels_and_its_old_name_constraint_still_works(tmp_pat
     assert not hasattr(args, "constraint") and args._given == {"out", "levels"}
 
 
+def test_the_transformer_recipe_is_ste_with_distillation_and_per_channel_scales():
+    config = config_of("--recipe", "best-gpt")
+    assert (config.use_constraint, config.scale) == (False, "per-channel")
+    assert parse_args(["quantize", "--out", "o", "--recipe", "best-gpt"]).distill is True
+    assert config_of("--recipe", "best-gpt", "--scale", "per-layer").scale == "per-layer"
+
+
 def test_config_keys_old_and_new_set_the_same_fields(tmp_path):
     new = write(tmp_path, "[quantize]\nuse_constraint = false\nskip_first_last = false\n"
                           "grad_clip_value = 0.5\nstop_once_g_exceeds = 200\n"
