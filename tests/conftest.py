@@ -1,10 +1,12 @@
 """Shared fixtures and helpers of the tests: a tiny Fashion-MNIST, a model pretrained on it, a
-reference CBP run, and the helpers of the end-to-end tests (one copy each)."""
+reference CBP run, the helpers of the end-to-end tests, and the small models and files that more
+than one test file builds (one copy each)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,13 +15,16 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
+import cbp
 from cbp.cli import commands as cli
 from cbp.core.lagrangian import Lagrangian
 from cbp.files.checkpoint import load_checkpoint
 from cbp.training.runs import CHECKPOINT_NAME, LOG_NAME, read_jsonl
 from cbp.zoo.data import FASHION_MNIST_DIR, read_idx
+from cbp.zoo.gpt import GPT, GPTConfig
 
 TINY_TRAIN, TINY_VAL = 256, 128
 
@@ -217,3 +222,64 @@ def image_folders(root, train: list[str], val: list[str]) -> str:
                 pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
     return str(root)
+
+
+# -- the toy model of test_oscillation.py and test_peers.py ----------------------------------------
+
+def toy(levels="ternary"):
+    """Linear-Linear-Linear; the middle one (4 weights, scale a = 0.1) is quantized."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[0.1, -0.1], [0.1, 0.1]]))
+    return cbp.prepare(model, cbp.CBPConfig(levels))
+
+
+def put(model, factors):
+    """Set the quantized weights to ``factors * a`` (flattened order)."""
+    layer = model[1]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(factors).view(2, 2) * layer.cbp_scale)
+
+
+# -- the small convolutional net of test_export.py, test_summary.py and test_onnx_export.py --------
+
+def small_net() -> nn.Module:
+    """Four convs and a Linear; prepare quantizes the three in the middle (one with a bias)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def prepared_net(levels="binary") -> nn.Module:
+    model = small_net()
+    model(torch.randn(16, 3, 8, 8))  # non-trivial BatchNorm running stats
+    return cbp.prepare(model, cbp.CBPConfig(levels=levels)).eval()
+
+
+# -- the tiny GPT and generated plays of test_gpt, test_text, test_tasks, test_cli_robustness ------
+
+TINY = GPTConfig(vocab_size=11, context=16, layers=2, heads=2, width=16)
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(TINY)
+
+
+def write_texts(folder, seed: int = 0, chars: int = 6000) -> str:
+    """Two generated plays (``*_gut.txt``) and a file the reader must ignore."""
+    rng = random.Random(seed)
+    words = ["thou", "art", "the", "king", "ROMEO:", "JULIET:", "love", "night", "O", "sweet"]
+    os.makedirs(folder, exist_ok=True)
+    for name in ("b_play_gut.txt", "a_play_gut.txt"):
+        text = " ".join(rng.choice(words) + ("\n" if rng.random() < 0.1 else "")
+                        for _ in range(chars // 5))
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    with open(os.path.join(folder, "notes_gut_f.txt"), "w") as f:
+        f.write("~~ not part of the corpus ~~")
+    return str(folder)

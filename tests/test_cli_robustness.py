@@ -15,8 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import fails, first_scale, one_thread
-from test_gpt import write_texts
+from conftest import fails, first_scale, one_thread, write_texts
 
 from cbp.cli import commands as cli
 from cbp.cli.guards import lock_run_dir

@@ -1,4 +1,8 @@
-"""Packed export: bit packing, round trips to a plain model, sizes, summary, errors, ONNX."""
+"""Packed export: round trips to a plain model, sizes, errors.
+
+The pieces it is built from have their own files: test_packing.py, test_summary.py and
+test_onnx_export.py.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,19 @@ import json
 import math
 import os
 import re
-import sys
 import zlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import prepared_net, small_net
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import cbp
 from cbp.files.export import ExportError, checksum, export
 from cbp.files.export_read import load_packed
-from cbp.files.onnx_export import MissingDependencyError, check_onnx, export_onnx
-from cbp.files.packing import (
-    MAX_GROUP_BITS,
-    Grouping,
-    field_grouping,
-    grouping,
-    pack_indices,
-    unpack_indices,
-)
+from cbp.files.packing import grouping
 from cbp.files.summary import summary
 
 CUSTOM = (-1.0, -0.3, 0.0, 0.6, 1.5)
@@ -36,98 +31,7 @@ LEVELS = ["binary", "ternary", "shift1", "shift2", CUSTOM,
           *(tuple(torch.linspace(-1, 1, k).tolist()) for k in (6, 129, 256))]
 
 
-# -- packing ---------------------------------------------------------------------------------------
-
-def test_grouping_by_hand():
-    # 3**29 = 2**45.96: 29 trits in 46 bits; 5**3 = 125 < 2**7 (taken as 24 in 56, same density).
-    assert grouping(3) == Grouping(3, 29, 46)
-    assert grouping(5) == Grouping(5, 24, 56) and grouping(5).bits_per_index == 7 / 3
-    assert grouping(7) == Grouping(7, 16, 45)   # 7**16 = 2**44.9
-    assert grouping(2) == Grouping(2, 56, 56) and grouping(256) == Grouping(256, 7, 56)
-    # format version 2: one ceil(log2 k)-bit field per index, 1 bit for binary
-    assert [field_grouping(k) for k in (2, 3, 5, 256)] == [
-        Grouping(2, 1, 1), Grouping(3, 1, 2), Grouping(5, 1, 3), Grouping(256, 1, 8)]
-    for k in range(2, 257):
-        group = grouping(k)
-        assert k**group.size <= 2**group.bits <= 2**MAX_GROUP_BITS
-        assert group.bits_per_index <= field_grouping(k).bits  # never worse than ceil(log2 k)
-        assert group.bits_per_index <= 1.02 * math.log2(k)     # worst: k = 129, 7.14 bits of 7.01
-
-
-@pytest.mark.parametrize("k", range(2, 257))
-def test_pack_round_trip_every_k(k):
-    gen = torch.Generator().manual_seed(k)
-    for group in (grouping(k), field_grouping(k)):
-        for count in sorted({0, 1, group.size - 1, group.size, group.size + 1, 3 * group.size + 2,
-                             1001}):
-            indices = torch.randint(0, k, (count,), generator=gen)
-            indices[::7] = k - 1   # the largest group values too
-            packed = pack_indices(indices, group)
-            assert packed.dtype == torch.uint8 and packed.numel() == group.nbytes(count)
-            assert packed.numel() == math.ceil(group.stream_bits(count) / 8)
-            assert torch.equal(unpack_indices(packed, group, count), indices)
-
-
-def test_pack_bit_order_by_hand():
-    # five trits per byte: 1 + 2*3 + 0*9 + 1*27 + 2*81 = 196; a last group of two trits,
-    # 1 + 2*3 = 7, takes bit_length(3**2 - 1) = 4 bits.
-    trits = Grouping(3, 5, 8)
-    assert pack_indices(torch.tensor([1, 2, 0, 1, 2]), trits).tolist() == [196]
-    assert pack_indices(torch.tensor([2, 2, 2, 2, 2, 1, 2]), trits).tolist() == [242, 7]
-    assert trits.stream_bits(7) == 12
-    # 1,2,3,4,5 in 3 bits, LSB first: 100 010 110 001 10|1 -> bytes 0b11010001, 0b01011000,
-    # one field per index (format version 2) or 18 per 54-bit group alike.
-    for group in (field_grouping(8), grouping(8)):
-        assert pack_indices(torch.tensor([1, 2, 3, 4, 5]), group).tolist() == [209, 88]
-    bits = torch.randint(0, 2, (129,))
-    expected = np.packbits(bits.numpy().astype(np.uint8), bitorder="little")
-    assert pack_indices(bits, grouping(2)).tolist() == expected.tolist()
-    assert pack_indices(torch.tensor([[7, 200], [0, 255]], dtype=torch.uint8),
-                        field_grouping(256)).tolist() == [7, 200, 0, 255]
-
-
-def test_pack_rejects_bad_input():
-    with pytest.raises(ValueError, match="invalid grouping"):
-        Grouping(3, 6, 9)   # 3**6 = 729 > 2**9
-    with pytest.raises(ValueError, match="invalid grouping"):
-        Grouping(2, 57, 57)
-    with pytest.raises(ValueError, match="invalid grouping"):
-        Grouping(257, 1, 9)   # fits 9 bits, but a file holds at most 256 levels
-    with pytest.raises(ValueError, match="from 2 to 256"):
-        grouping(257)
-    with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        pack_indices(torch.tensor([0, 3]), grouping(3))
-    with pytest.raises(ValueError, match="integer"):
-        pack_indices(torch.tensor([0.5]), grouping(3))
-    with pytest.raises(ValueError, match="take 2 bytes, got 3"):
-        unpack_indices(torch.zeros(3, dtype=torch.uint8), Grouping(3, 5, 8), 7)
-    with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
-        pack_indices(torch.tensor([0, -1, 1]), grouping(3))
-    with pytest.raises(ValueError, match="integer tensor, got torch.bool"):
-        pack_indices(torch.tensor([True]), grouping(2))
-    for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.uint8)):
-        with pytest.raises(ValueError, match="1-D uint8"):
-            unpack_indices(bad, field_grouping(256), 2)
-
-
 # -- round trip ------------------------------------------------------------------------------------
-
-def small_net() -> nn.Module:
-    """Four convs and a Linear; prepare quantizes the three in the middle (one with a bias)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-
-
-def prepared_net(levels="binary") -> nn.Module:
-    model = small_net()
-    model(torch.randn(16, 3, 8, 8))  # non-trivial BatchNorm running stats
-    return cbp.prepare(model, cbp.CBPConfig(levels=levels)).eval()
-
 
 def split(data: bytes) -> int:
     """The header length of safetensors bytes: the payload starts at ``8 + split(data)``."""
@@ -188,7 +92,7 @@ def test_resnet20_round_trip_and_size(tmp_path):
     assert os.path.getsize(path) < float_file / 15  # measured: 16.8x smaller
 
 
-# -- sizes and summary -----------------------------------------------------------------------------
+# -- sizes -----------------------------------------------------------------------------------------
 
 def test_file_size_is_close_to_ideal(tmp_path):
     torch.manual_seed(0)
@@ -205,32 +109,6 @@ def test_file_size_is_close_to_ideal(tmp_path):
     assert bound > 3 * floats
     assert bound + floats < payload <= 1.001 * (bound + floats)  # 1.6 bits per trit: 1.009
     assert payload == summary(model).packed_bytes
-
-
-def test_summary_by_hand():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3), nn.Linear(3, 2))
-    cbp.prepare(model, cbp.CBPConfig(levels="shift1"))
-    result = summary(model)
-    rows = {r.name: r for r in result.rows}
-    assert list(rows) == ["0", "1", "2", "3"]
-    assert rows["2"].kind == "QuantLinear" and rows["2"].params == 15 and rows["2"].bits == 7 / 3
-    # float: 12 weights + 3 biases; packed: 12 indices into 5 levels, one short group of
-    # bit_length(5**12 - 1) = 28 bits -> 4 bytes; + 3 biases + 5 factors + 1 scale.
-    assert (rows["2"].float_bytes, rows["2"].packed_bytes) == (60, 4 + 12 + 20 + 4)
-    # BatchNorm: weight, bias, running mean and var (float32), num_batches_tracked (int64).
-    assert (rows["1"].params, rows["1"].bits, rows["1"].float_bytes) == (8, 32, 4 * 16 + 8)
-    assert rows["1"].packed_bytes == rows["1"].float_bytes
-    assert result.params == sum(p.numel() for p in model.parameters())
-    assert result.float_bytes == sum(t.nbytes for t in cbp.convert(model).state_dict().values())
-    text = str(result)
-    assert " 2.333 " in text and "QuantLinear" in text and "total" in text and f"{result.ratio:.1f}x" in text
-
-
-def test_summary_of_plain_model_is_all_float():
-    result = summary(small_net())
-    assert all(r.bits == 32 and r.packed_bytes == r.float_bytes for r in result.rows)
-    assert result.ratio == 1.0
 
 
 @pytest.mark.parametrize("levels", ["binary", CUSTOM], ids=str)
@@ -577,21 +455,3 @@ def test_header_json_is_compact(tmp_path, exported):
     text = zlib.decompress(base64.b64decode(meta["layout"])).decode()
     for compact, value in ((raw, meta), (text, layout)):
         assert compact == json.dumps(value, separators=(",", ":"))
-
-
-# -- ONNX ------------------------------------------------------------------------------------------
-
-def test_onnx_round_trip(tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    model = prepared_net("shift2")
-    path = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
-    assert check_onnx(path, model, torch.randn(5, 3, 8, 8)) <= 1e-5  # dynamic batch dimension
-    assert cbp.quantized_layers(model)  # the prepared model is left as it was
-
-
-def test_onnx_names_the_extra_when_missing(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(MissingDependencyError, match=r"pip install cbp\[onnx\]") as info:
-        export_onnx(prepared_net(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
-    assert isinstance(info.value, ImportError) and isinstance(info.value, ValueError)

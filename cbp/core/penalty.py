@@ -5,7 +5,7 @@
 over each weight tensor; ``torch.compile`` fuses them into one per layer that reads ``w``,
 ``lambda`` and the gradient once, all from one call per step, which is what keeps a CBP step
 within ~1-2% of an STE step (``benchmarks/step_time.py``). Both run the same function, so they
-give the same numbers (``tests/test_fast_path.py``).
+give the same numbers (``tests/test_penalty.py``).
 
 Compiling takes seconds, so it must pay for itself. Two compiled forms: the *one-graph* form
 compiles the whole step's loop (one call per step, the least host time, but a graph that grows
