@@ -182,7 +182,7 @@ def test_auto_mode_takes_the_form_with_the_least_estimated_time(monkeypatch, pla
     costs = (remaining * 0.008, 13 + remaining * (0.008 / 15 + 20e-4),
              60 + remaining * 0.008 / 15)
     assert kernel.decision == (
-        f"{form}{' compiled' if form != 'eager' else ''} (eager pass 8.0 ms/step measured; "
+        f"{form}{' compiled in 0.0 s' if form != 'eager' else ''} (eager pass 8.0 ms/step measured; "
         f"estimated over {remaining} steps: eager {costs[0]:.0f} s, per-layer {costs[1]:.0f} s, "
         f"one-graph {costs[2]:.0f} s)")
     assert calls == {"eager": [], "per-layer": [penalty_grad_], "one-graph": [penalty_grads_]}[form]
@@ -198,15 +198,16 @@ def test_auto_mode_in_a_loop_of_unknown_length_looks_again_as_it_grows(monkeypat
     assert kernel.decision.startswith("eager (eager pass 100.0 ms/step measured; estimated over "
                                       "47 steps: eager 5 s, per-layer 13 s, one-graph 6 s)")
     assert run_kernel(kernel, 10, 2) == [1]
-    assert kernel.decision.startswith("one-graph compiled (eager pass 100.0 ms/step measured; "
+    assert kernel.decision.startswith("one-graph compiled in 0.1 s (eager pass 100.0 ms/step measured; "
                                       "estimated over 95 steps:")
 
 
 def test_a_set_policy_decides_at_the_first_step(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    on, off = PenaltyKernel(True), PenaltyKernel(False)
+    on, off = PenaltyKernel(True, clock=FakeClock(2.5)), PenaltyKernel(False)
     assert run_kernel(on, 3, 2) == [1] and run_kernel(off, 3, 2) == []
-    assert on.decision == "one-graph compiled (compile_penalty=True)"
+    assert on.decision == "one-graph compiled in 2.5 s (compile_penalty=True)"
+    assert on.compile_seconds == 2.5   # the first call's time, kept: later calls are not timed
     assert off.decision == "eager (compile_penalty=False)"
 
 
@@ -345,3 +346,40 @@ def test_kernel_clips_like_the_eager_form(levels):
             assert float(total) == pytest.approx(float((lam * cs).sum()), rel=1e-6)
             if clip is not None:
                 assert float(grad.abs().max()) == clip
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_one_compiled_graph_for_square_and_other_weights(monkeypatch, per_channel):
+    """Compiled per layer, weights of one rank are one graph whether square or not: without duck
+    sizing, ``(8, 8)`` does not make the two sizes one symbol, so ``(6, 10)`` after it compiles
+    nothing new. The numbers are the eager pass's."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend=counting, dynamic=True))
+    torch._dynamo.reset()
+    shapes = [(8, 8), (6, 10), (12, 4), (5, 5)]
+    torch.manual_seed(0)
+    ws = [torch.randn(s) for s in shapes]
+    lams = [torch.rand(s) for s in shapes]
+    factors = [torch.tensor([-1.0, 0.0, 1.0])] * len(ws)
+    scales = [torch.rand(s[0], 1) + 0.5 if per_channel else torch.tensor(0.7) for s in shapes]
+    kernel = PenaltyKernel(True)
+    kernel._compile("per-layer", torch.device("cpu"))
+    eager_grads = [torch.zeros(s) for s in shapes]
+    expected = penalty_grads_(ws, lams, eager_grads, factors, scales, 3.0)
+    grads = [torch.zeros(s) for s in shapes]
+    total = kernel(ws, lams, grads, factors, scales, 3.0)
+    assert len(graphs) == 1
+    import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as fx_config
+    # the settings held for our call only: a user's own torch.compile keeps its own
+    assert fx_config.use_duck_shape is True and inductor_config.cpp.vec_isa_ok is None
+    assert torch.allclose(total, expected)
+    for got, want in zip(grads, eager_grads):
+        assert torch.equal(got, want)

@@ -24,12 +24,14 @@ the eager form is used from then on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Callable
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from .constraint import constraint_and_grad, scaled_levels
 
@@ -93,6 +95,25 @@ def _import_inductor_quietly() -> None:
         log.removeFilter(notice)
 
 
+def _compile_settings() -> contextlib.ExitStack:
+    """The settings our graphs are compiled (and their guards checked) under, for this call only:
+    the user's own ``torch.compile`` calls keep theirs.
+
+    * No duck sizing: an ``(out, k)`` weight with ``out == k`` would otherwise get a graph of its
+      own, compiled again at the first ``out != k`` (a square layer first, as in attention).
+    * The CPU's vector instructions taken from what it reports, without Inductor's test build of
+      a probe program for each (``cpp.vec_isa_ok``): half the first compile on a 2-core CPU
+      (about 20 s to 10 s, one core of a busy machine), the same kernel. Should the compiler
+      then fail, compiling fails and the eager pass is used (:meth:`PenaltyKernel.__call__`).
+    """
+    import torch._inductor.config as inductor_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    stack.enter_context(inductor_config.patch({"cpp.vec_isa_ok": True}))
+    return stack
+
+
 class PenaltyKernel:
     """:func:`penalty_grads_` (every layer of a step), compiled when the policy says so."""
 
@@ -104,6 +125,7 @@ class PenaltyKernel:
         self.steps = 0
         self.failed = False
         self.compiled: Callable | None = None
+        self.compile_seconds: float | None = None   # the first compiled call's time
         self.decision: str | None = None
         self._g: tuple[float, torch.Tensor] | None = None
         self._layers = 0
@@ -168,12 +190,20 @@ class PenaltyKernel:
                  grads: list[torch.Tensor], factors: list[torch.Tensor],
                  scales: list[torch.Tensor], g: float, clip: float | None = None) -> torch.Tensor:
         if self.compiled is not None:
+            tic = self.clock()
             try:
-                return self.compiled(ws, lams, grads, factors, scales,
-                                     self._g_tensor(g, ws[0].device), clip)
+                with _compile_settings():
+                    total = self.compiled(ws, lams, grads, factors, scales,
+                                          self._g_tensor(g, ws[0].device), clip)
             except Exception:  # compiling failed (it happens at the first call): eager, for good
                 self.compiled, self._decide_at = None, -1
                 self.failed, self.decision = True, "eager (compiling failed)"
+            else:
+                if self.compile_seconds is None:   # the first call compiles
+                    self.compile_seconds = self.clock() - tic
+                    self.decision = (self.decision or "").replace(
+                        " compiled", f" compiled in {self.compile_seconds:.1f} s", 1) or None
+                return total
         tic = self.clock()
         total = penalty_grads_(ws, lams, grads, factors, scales, g, clip)
         if self.steps >= 2:   # the first pass also warms up: not timed
