@@ -270,6 +270,19 @@ def tiny_gpt(seed: int = 0) -> GPT:
     return GPT(TINY)
 
 
+def pretrain_tiny_gpt(root, chars: int, epochs: int, val_limit: int) -> tuple[str, list[str]]:
+    """A GPT pretrained through the CLI into ``root/fp`` for ``epochs`` epochs of 2 steps on
+    ``chars`` generated characters; returns the texts' folder and the flags the runs share."""
+    texts = write_texts(os.path.join(root, "texts"), chars=chars)
+    common = ["--data", "shakespeare", "--data-dir", texts, "--batch-size", "4", "--epochs",
+              str(epochs), "--epoch-iters", "2", "--val-limit", str(val_limit), "--optimizer",
+              "adamw", "--quiet"]
+    with one_thread():
+        assert cli.main(["pretrain", "--model", "gpt", "--out", os.path.join(root, "fp"),
+                         *common]) == 0
+    return texts, common
+
+
 def write_texts(folder, seed: int = 0, chars: int = 6000) -> str:
     """Two generated plays (``*_gut.txt``) and a file the reader must ignore."""
     rng = random.Random(seed)

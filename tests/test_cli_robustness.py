@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import fails, first_scale, one_thread, write_texts
+from conftest import fails, first_scale, one_thread, pretrain_tiny_gpt
 
 from cbp.cli import commands as cli
 from cbp.cli.guards import lock_run_dir
@@ -53,11 +53,7 @@ def tampered(src_dir: str, dst, change) -> str:
 def gpt_run(tmp_path_factory):
     """A GPT pretrained for two steps on generated text (a model without BatchNorm)."""
     root = tmp_path_factory.mktemp("gpt")
-    texts = write_texts(root / "texts", chars=20000)
-    common = ["--data", "shakespeare", "--data-dir", texts, "--batch-size", "4", "--epochs", "1",
-              "--epoch-iters", "2", "--val-limit", "2", "--optimizer", "adamw", "--quiet"]
-    with one_thread():
-        assert cli.main(["pretrain", "--model", "gpt", "--out", str(root / "fp"), *common]) == 0
+    _, common = pretrain_tiny_gpt(root, chars=20000, epochs=1, val_limit=2)
     return root, common
 
 

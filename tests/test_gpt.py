@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TINY, one_thread, tiny_gpt, write_texts
+from conftest import TINY, one_thread, pretrain_tiny_gpt, tiny_gpt
 
 import cbp
 from cbp.cli import commands as cli
@@ -192,11 +192,8 @@ def test_export_and_load_packed_of_a_ternary_gpt_give_identical_logits(tmp_path)
 def lm_runs(tmp_path_factory):
     """A GPT pretrained and quantized (ternary) for a few steps on generated text, via the CLI."""
     root = tmp_path_factory.mktemp("lm")
-    texts = write_texts(root / "texts", chars=40000)
-    common = ["--data", "shakespeare", "--data-dir", texts, "--batch-size", "4", "--epochs", "2",
-              "--epoch-iters", "2", "--val-limit", "4", "--optimizer", "adamw", "--quiet"]
+    texts, common = pretrain_tiny_gpt(root, chars=40000, epochs=2, val_limit=4)
     with one_thread():
-        assert cli.main(["pretrain", "--model", "gpt", "--out", str(root / "fp"), *common]) == 0
         assert cli.main(["quantize", "--from", str(root / "fp" / CHECKPOINT_NAME), "--constraint",
                          "ternary", "--out", str(root / "ter"), *common]) == 0
     return root, texts
