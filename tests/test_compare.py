@@ -106,6 +106,13 @@ def test_results_file_merges_replaces_and_never_mixes_versions(tmp_path):
     assert '"a"' in compare.one_version([r for r in rows if r["key"] == "k1"])
 
 
+def test_the_default_plan_is_the_primary_cell_without_the_two_quiet_methods():
+    """The default run (issue 22's 25-minute cap): the binary MobileNetV2 with every headline
+    method but Nagel's published freezing thresholds and the eta 1e-4 no-window ablation."""
+    assert compare.DEFAULT_PLAN == (("mobilenet", "binary", compare.DEFAULT_METHODS),)
+    assert set(compare.HEADLINE) - set(compare.DEFAULT_METHODS) == {"freeze", "no_window_1e-4"}
+
+
 def test_budget_stretches_every_epoch_and_the_ladder_plan():
     assert replace(compare.FULL, budget=4).steps_per_epoch == 4 * compare.FULL.epoch_iters
     import ladder
@@ -118,7 +125,8 @@ def test_budget_stretches_every_epoch_and_the_ladder_plan():
 
 def test_quick_comparison_produces_every_row_in_range(tmp_path):
     methods = [m for m in compare.HEADLINE if m not in ("cbp_1e-4", "cbp_1e-3")]
-    results = compare.run_all(compare.QUICK, str(tmp_path), compare.DEFAULT_PLAN, methods,
+    headline = (("mobilenet", "binary", compare.HEADLINE),)   # every method of the primary cell
+    results = compare.run_all(compare.QUICK, str(tmp_path), headline, methods,
                               ["binary"], ["mobilenet"], jobs=1)
     expected = set(methods) - ({"brevitas", "brevitas_noclamp"} if compare.brevitas_missing() else set())
     assert {r["method"] for r in results} == expected
@@ -141,7 +149,7 @@ def test_quick_comparison_produces_every_row_in_range(tmp_path):
         assert compare.LABELS[method] in text
     assert "Δ vs STE-only (paired)" in text and "flips / step" in text
     # a second run with reuse reads every cell from its result file
-    again = compare.run_all(compare.QUICK, str(tmp_path), compare.DEFAULT_PLAN, methods,
+    again = compare.run_all(compare.QUICK, str(tmp_path), headline, methods,
                             ["binary"], ["mobilenet"], jobs=1, reuse=True)
     key = lambda r: (r["method"], r["seed"])  # noqa: E731
     assert sorted(again, key=key) == sorted(results, key=key)
