@@ -10,7 +10,8 @@ give the same numbers (``tests/test_penalty.py``).
 Compiling takes seconds, so it must pay for itself. Two compiled forms: the *one-graph* form
 compiles the whole step's loop (one call per step, the least host time, but a graph that grows
 with the layers: 36 s for 16 layers, 73 s for 24 on a 2-core CPU), the *per-layer* form compiles
-:func:`penalty_grad_` once for every weight rank (7-8 s on a quiet core) and calls it layer by layer (about
+:func:`penalty_grad_` once for every weight rank (13-15 s measured on a busy CPU core, the
+import included) and calls it layer by layer (about
 0.1 ms of host time per layer and step). ``CBPConfig.compile_penalty`` decides: True compiles the
 one-graph form at the first step, False never; None ("auto") times ``PROBE_STEPS`` eager steps,
 then takes the form with the least estimated time over the steps still to come
@@ -39,7 +40,8 @@ from .constraint import constraint_and_grad, scaled_levels
 # 20M-parameter GPT; README, "Benchmarks"). A faster machine compiles faster too.
 PROBE_STEPS = 4                    # eager steps timed (after the first) before deciding
 SPEEDUP = 15                       # eager pass / compiled pass: 15x, 19x and 18x measured
-PER_LAYER_COMPILE_SECONDS = 8.0    # compiling penalty_grad_ (one graph per weight rank)
+PER_LAYER_COMPILE_SECONDS = 8.0    # compiling penalty_grad_ (one graph per weight rank): an
+                                   # estimate for a quiet core from 13-15 s on a busy one
 ONE_GRAPH_SECONDS_PER_LAYER = 3.0  # compiling penalty_grads_ unrolled over the layers
 LAYER_CALL_SECONDS = 1e-4          # host time of one per-layer call of the compiled pass
 
