@@ -161,9 +161,11 @@ def test_levels_that_collapse_at_a_layers_scale_are_refused():
     assert not cbp.quantized_layers(net)
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(6, 3), nn.Conv2d(2, 3, 3)])
-def test_prepare_quantizes_a_bare_layer_in_place(layer, tmp_path):
+@pytest.mark.parametrize("make_layer", [lambda: nn.Linear(6, 3), lambda: nn.Conv2d(2, 3, 3)],
+                         ids=["linear", "conv"])
+def test_prepare_quantizes_a_bare_layer_in_place(make_layer, tmp_path):
     torch.manual_seed(0)
+    layer = make_layer()   # built per run: a layer made at collection would be prepared already
     x = torch.randn(4, 6) if isinstance(layer, nn.Linear) else torch.randn(2, 2, 5, 5)
     q = cbp.prepare(layer, cbp.CBPConfig(skip_first_last=False))
     assert q is layer and isinstance(q, cbp.core.layers.QuantizedLayer)
