@@ -7,7 +7,6 @@
 # Results stay in mutants/; `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MUTMUT=${MUTMUT:-.venv/bin/mutmut}
 PYTHON=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1 CBP_COMPILE=0 HYPOTHESIS_PROFILE=mutation
 # a fresh mutants/ each time: mutmut reuses its record of which tests cover which function even
@@ -15,5 +14,5 @@ export OMP_NUM_THREADS=1 CBP_COMPILE=0 HYPOTHESIS_PROFILE=mutation
 rm -rf mutants
 names=()
 for module in "$@"; do names+=("cbp.$module.*"); done
-"$MUTMUT" run --max-children "${JOBS:-2}" "${names[@]}" | tail -n 3
+"$PYTHON" scripts/mutmut_run.py run --max-children "${JOBS:-2}" "${names[@]}" | tail -n 3
 "$PYTHON" scripts/mutation_score.py

@@ -1,7 +1,10 @@
 """The mutation score per module from mutmut's results in mutants/ (see scripts/mutation.sh).
 
 score = killed / (killed + survived + no tests); a timeout counts as killed, a mutant never run
-is left out. Survivors are listed by name (``mutmut show NAME`` prints the change).
+is left out. ``non-eq`` is the same score over the mutants not judged equivalent in
+``scripts/mutation-equivalents.txt`` (one ``mutant_name: reason`` per line: no supported input
+tells the mutant apart, or it runs where mutmut cannot switch it on). Survivors not judged
+equivalent are listed by name (``mutmut show NAME`` prints the change).
 """
 
 from __future__ import annotations
@@ -12,25 +15,41 @@ import os
 import sys
 
 KILLED, SURVIVED = {1, 3, 24, -24, 36, 152, 255}, {0, 5, 33}
+EQUIVALENTS = os.path.join(os.path.dirname(__file__), "mutation-equivalents.txt")
+
+
+def judged_equivalent(path: str = EQUIVALENTS) -> set[str]:
+    if not os.path.exists(path):
+        return set()
+    lines = (line.split(":", 1)[0].strip() for line in open(path, encoding="utf-8"))
+    return {name for name in lines if name and not name.startswith("#")}
 
 
 def main(root: str = "mutants") -> None:
-    total_killed = total_counted = 0
+    equivalent = judged_equivalent()
+    totals = [0, 0, 0]   # killed, counted, equivalent
     survivors = []
-    print(f"{'module':<22}{'killed':>8}{'counted':>9}{'score':>9}")
+    print(f"{'module':<24}{'killed':>8}{'counted':>9}{'score':>8}{'equiv':>7}{'non-eq':>8}")
     for meta in sorted(glob.glob(os.path.join(root, "cbp", "**", "*.py.meta"), recursive=True)):
         codes = json.load(open(meta))["exit_code_by_key"]
         killed = sum(code in KILLED for code in codes.values())
         lived = [name for name, code in codes.items() if code in SURVIVED]
         if killed + len(lived) == 0:
             continue
-        survivors += lived
-        total_killed, total_counted = total_killed + killed, total_counted + killed + len(lived)
+        same = sum(name in equivalent for name in lived)
+        survivors += [name for name in lived if name not in equivalent]
+        row = (killed, killed + len(lived), same)
+        totals = [a + b for a, b in zip(totals, row)]
         name = os.path.relpath(meta, os.path.join(root, "cbp")).removesuffix(".py.meta")
-        print(f"{name:<22}{killed:>8}{killed + len(lived):>9}{killed / (killed + len(lived)):>9.1%}")
-    if total_counted:
-        print(f"{'all':<22}{total_killed:>8}{total_counted:>9}{total_killed / total_counted:>9.1%}")
-    print(f"\n{len(survivors)} survivors:", *sorted(survivors), sep="\n  ")
+        print(_line(name, *row))
+    if totals[1]:
+        print(_line("all", *totals))
+    print(f"\n{len(survivors)} survivors not judged equivalent:", *sorted(survivors), sep="\n  ")
+
+
+def _line(name: str, killed: int, counted: int, same: int) -> str:
+    return (f"{name:<24}{killed:>8}{counted:>9}{killed / counted:>8.1%}{same:>7}"
+            f"{killed / max(counted - same, 1):>8.1%}")
 
 
 if __name__ == "__main__":

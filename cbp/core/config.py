@@ -74,7 +74,7 @@ def check_number(name: str, value, *, above: float | None = None, at_least: floa
         raise SettingError(name, f"must be {wanted}, got {value!r}")
 
 
-def _doc(default, help: str, **cli):
+def _doc(default, help: str, **cli):  # pragma: no mutate block (runs at import, before a mutant is on)
     """A field with its documentation. ``cli``: ``flag=False`` (no command-line flag: the CLI
     spells it otherwise), ``aliases`` (older flag spellings that still work; for a switch, flags
     that set the opposite of the default), ``choices``."""
