@@ -1,5 +1,7 @@
 """cbp.integrations.lightning end to end with the real lightning package, on CPU."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -63,6 +65,8 @@ def test_callback_trains_to_levels_and_converts(tmp_path):
     lagrangian = callback.optimizer.lagrangian
     assert score.end < score.start / 10, (score.start, score.end)   # pulled onto the levels
     assert lagrangian.g == 40 and set(lagrangian.multipliers) == {"net.2", "net.4"}
+    # planned for the fit's 12 * 8 steps: the penalty pass is chosen at step 6, 91 steps to go
+    assert "estimated over 91 steps" in lagrangian.penalty_pass, lagrangian.penalty_pass
     assert all(float(lam.max()) > 0 for lam in lagrangian.multipliers.values())
     # converted in place: plain layers, weights on {-a, 0, a} of each layer's scale
     assert not cbp.quantized_layers(module) and type(module.net[2]) is nn.Linear
@@ -105,3 +109,39 @@ def test_two_optimizers_are_refused():
 
     with pytest.raises(ValueError, match="one optimizer, got 2"):
         trainer(1, callbacks=[CBPCallback(CONFIG)], enable_checkpointing=False).fit(Two(), loader())
+
+
+def test_setup_prepares_for_fit_only_and_only_a_float_module():
+    TrainerFn = pl.trainer.states.TrainerFn   # what Lightning passes as stage
+    module, callback = Classifier(), CBPCallback(CONFIG)
+    assert callback.optimizer is None                         # until fit starts
+    callback.setup(None, module, TrainerFn.VALIDATING)
+    assert not cbp.quantized_layers(module)                   # validate/test/predict: as it is
+    callback.setup(None, module, TrainerFn.FITTING)
+    prepared = cbp.quantized_layers(module)
+    assert set(prepared) == {"net.2", "net.4"}
+    callback.setup(None, module, TrainerFn.FITTING)           # a second fit: not prepared again
+    assert cbp.quantized_layers(module) == prepared
+
+
+def test_batch_losses_skipped_batches_and_the_stop(monkeypatch):
+    """Each batch's loss reaches the epoch's sum as training_step computed it (Lightning hands
+    it divided by accumulate_grad_batches); a batch training_step skips (None) and a None batch
+    from the loader (the hook gets no outputs) add nothing; the fit stops at the first epoch end
+    where g exceeds stop_once_g_exceeds."""
+    class Skipping(Classifier):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    added = []
+    add_loss = cbp.CBPOptimizer.add_loss
+    monkeypatch.setattr(cbp.CBPOptimizer, "add_loss",
+                        lambda self, loss: added.append(float(loss)) or add_loss(self, loss))
+    batches = list(loader())
+    batches[6] = None                                   # Lightning warns and runs no step
+    module = Skipping()
+    config = dataclasses.replace(CONFIG, stop_once_g_exceeds=2)   # g = 1, 2, 3: stop after two
+    trainer(5, callbacks=[CBPCallback(config)], enable_checkpointing=False,
+            accumulate_grad_batches=2).fit(module, DataLoader(batches, batch_size=None))
+    assert len(module.losses) == 2 * 6                  # batches 0, 2, 3, 4, 5, 7 of two epochs
+    assert added == pytest.approx(module.losses, rel=1e-6)

@@ -74,8 +74,12 @@ def test_pack_rejects_bad_input():
         Grouping(2, 57, 57)
     with pytest.raises(ValueError, match="invalid grouping"):
         Grouping(257, 1, 9)   # fits 9 bits, but a file holds at most 256 levels
-    with pytest.raises(ValueError, match="from 2 to 256"):
-        grouping(257)
+    for bad in ((3.0, 1, 2), (3, 1.0, 2), (3, 1, 2.0), (2, True, 1), (3, 0, 1), (1, 1, 1)):
+        with pytest.raises(ValueError, match="invalid grouping"):
+            Grouping(*bad)   # only integers (no bools) in range
+    for bad in (257, 1, 3.0, "3"):
+        with pytest.raises(ValueError, match="from 2 to 256"):
+            grouping(bad)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         pack_indices(torch.tensor([0, 3]), grouping(3))
     with pytest.raises(ValueError, match="integer"):

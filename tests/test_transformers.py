@@ -1,8 +1,10 @@
 """cbp.integrations.transformers end to end with the real transformers package: a 2-layer Llama
 built from a config (no download) on Shakespeare's characters, ternary decoder Linears."""
 
+import dataclasses
 import glob
 import os
+import types
 
 import pytest
 import torch
@@ -28,15 +30,15 @@ def windows():
     return data.vocab, [{"input_ids": x, "labels": x} for x, _ in data]
 
 
-def llama(vocab):
+def llama(vocab, config=CONFIG):
     """A prepared 2-layer Llama and its CBPOptimizer (AdamW)."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+    llama_config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=2, max_position_embeddings=64)
-    model = cbp.prepare(transformers.LlamaForCausalLM(config), CONFIG)
+    model = cbp.prepare(transformers.LlamaForCausalLM(llama_config), config)
     adamw = torch.optim.AdamW(cbp.param_groups(model, weight_decay=0.0), lr=3e-3)
-    return model, cbp.CBPOptimizer(model, adamw, CONFIG)
+    return model, cbp.CBPOptimizer(model, adamw, config)
 
 
 def trainer(model, optimizer, data, out, **settings):
@@ -78,6 +80,8 @@ def test_resume_from_checkpoint_is_exact(windows, tmp_path):
     trainer(model, optimizer, data, tmp_path / "a", max_steps=24, save_strategy="steps",
             save_steps=12).train()
     assert optimizer.lagrangian.g == 4                      # epoch ends at steps 8, 16, 24
+    # planned for 24 steps: the penalty pass is chosen at step 6, with 19 to go
+    assert "estimated over 19 steps" in optimizer.lagrangian.penalty_pass
 
     resumed, resumed_opt = llama(vocab)
     forwards = []
@@ -85,6 +89,7 @@ def test_resume_from_checkpoint_is_exact(windows, tmp_path):
     trainer(resumed, resumed_opt, data, tmp_path / "b", max_steps=24).train(
         resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-12"))
     assert len(forwards) == 12                              # it did start at step 12
+    assert "estimated over 7 steps" in resumed_opt.lagrangian.penalty_pass   # 12 planned
     _assert_same(resumed.state_dict(), model.state_dict(), "weights")
     _assert_same(resumed_opt.state_dict(), optimizer.state_dict(), "optimizer")
 
@@ -117,3 +122,51 @@ def test_data_without_a_length_needs_epoch_steps(windows, tmp_path):
     run.add_callback(CBPCallback(optimizer, epoch_steps=3))
     run.train()
     assert optimizer.lagrangian.g == 3                      # CBP epochs end at steps 3 and 6
+
+
+def test_accumulated_epochs_the_stop_and_the_hook_removed(windows, tmp_path):
+    """8 batches of 8 forwards each accumulated: one optimizer step per epoch, so CBP's epoch
+    ends at every step; g = 2, 3 exceeds stop_once_g_exceeds = 2 at step 2: training stops.
+    After training the model's forwards add no loss."""
+    vocab, data = windows
+    model, optimizer = llama(vocab, dataclasses.replace(CONFIG, stop_once_g_exceeds=2))
+    run = trainer(model, optimizer, data, tmp_path, num_train_epochs=5,
+                  gradient_accumulation_steps=8)
+    run.train()
+    assert run.state.global_step == 2 and optimizer.lagrangian.g == 3
+    model.train()
+    batch = torch.stack([w["input_ids"] for w in data[:2]])
+    model(input_ids=batch, labels=batch)
+    assert float(optimizer.state_dict()["cbp"]["loss_sum"]) == 0.0
+
+
+def test_only_training_forwards_add_their_loss(windows):
+    vocab, _ = windows
+    model, optimizer = llama(vocab)
+    callback = CBPCallback(optimizer)
+
+    def added(module, output):
+        before = float(optimizer.state_dict()["cbp"]["loss_sum"])
+        callback._add_loss(module, (), output)
+        return float(optimizer.state_dict()["cbp"]["loss_sum"]) - before
+
+    loss = torch.tensor(1.5)
+    training, evaluating = types.SimpleNamespace(training=True), types.SimpleNamespace(training=False)
+    assert added(training, {"loss": loss}) == 1.5
+    assert added(training, types.SimpleNamespace(loss=loss)) == 1.5   # a plain object's .loss
+    assert added(evaluating, {"loss": loss}) == 0.0                    # model.eval()
+    with torch.no_grad():
+        assert added(training, {"loss": loss}) == 0.0                  # no gradient: not training
+    with pytest.raises(ValueError, match="give the batches labels"):
+        added(training, types.SimpleNamespace(logits=loss))
+
+
+def test_callback_arguments_are_checked(windows):
+    vocab, _ = windows
+    _, optimizer = llama(vocab)
+    with pytest.raises(TypeError, match="got AdamW"):
+        CBPCallback(optimizer.base_optimizer)
+    for bad in (0, -1, 2.0, "3"):
+        with pytest.raises(ValueError, match="epoch_steps must be a positive integer"):
+            CBPCallback(optimizer, epoch_steps=bad)
+    assert CBPCallback(optimizer, epoch_steps=1).epoch_steps == 1
