@@ -1,21 +1,49 @@
-"""``mutmut run`` with one fix: its ``max_stack_depth`` option (pyproject.toml) resolves every
-frame's file strictly, so a mutated function called at import time, under a frame with no file
-(``<frozen importlib._bootstrap>``), stops the whole run (mutmut 3.8.1). Such a call belongs to
-no test, so it is left unrecorded, as a call deeper than the limit is.
+"""``mutmut run`` with one fix to its ``max_stack_depth`` option (pyproject.toml).
+
+mutmut 3.8.1 counts the frames of cbp code between a mutated function and the test by resolving
+every frame's file strictly, so a frame with no file stops the run (``<frozen importlib._bootstrap>``
+at import) or drops the call (``<string>``: a dataclass's generated ``__init__`` calling
+``__post_init__``). Here such frames are skipped, as frames outside cbp are, and the count is the
+same as mutmut's otherwise.
 """
+
+import inspect
+from pathlib import Path
 
 import mutmut.mutation.trampoline as trampoline
 import mutmut.stats as stats
 from mutmut.__main__ import cli
+from mutmut.configuration import config
 
 _record = stats.record_trampoline_hit
 
 
+def _deeper_than_limit() -> bool:
+    sources = config().resolved_mutated_source_paths
+    left, frame = config().max_stack_depth, inspect.currentframe()
+    while left and frame:
+        filename, frame = frame.f_code.co_filename, frame.f_back
+        if any(runner in filename for runner in ("pytest", "hammett", "unittest")):
+            break
+        if filename.startswith("<"):
+            continue
+        path = Path(filename).resolve()
+        if any(source in path.parents for source in sources):
+            left -= 1
+    return not left
+
+
 def record_trampoline_hit(name: str, caller: str | None = None) -> None:
+    cfg = config()
+    if cfg.max_stack_depth == -1:
+        return _record(name, caller)
+    if _deeper_than_limit():
+        return None
+    limit, cfg.max_stack_depth = cfg.max_stack_depth, -1   # the depth is checked: record it
     try:
-        _record(name, caller)
-    except FileNotFoundError:
-        pass
+        return _record(name, caller)
+    finally:
+        cfg.max_stack_depth = limit
 
 
 stats.record_trampoline_hit = trampoline.record_trampoline_hit = record_trampoline_hit
