@@ -307,6 +307,9 @@ def test_penalty_grads_of_one_layer():
     # as in the by-hand test above: cs 1.0, 0.5 and 0 (in the window), slopes 2, 2 and 0
     assert total.dtype == torch.float64 and float(total) == 1.0 * 1.0 + 2.0 * 0.5
     assert grad.tolist() == [2.0, 4.0, 0.0]
+    penalty_grads_([w], [lam], [grad], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)],
+                   3.0, clip=3.0)   # the clip reaches the layer: 4 + 4 is cut to 3
+    assert grad.tolist() == [3.0, 3.0, 0.0]
 
 
 def train_steps(compile_penalty: bool | None, form: str | None = None,
