@@ -138,7 +138,7 @@ def test_step_zero_grad_and_the_loss_sum_as_torch_optimizers_do():
         loss = F.cross_entropy(net(X[8:16]), Y[8:16])
         loss.backward()
         return loss
-    assert float(optimizer.step(closure)) > 0
+    assert float(optimizer.step(closure).detach()) > 0
     for p in net.parameters():
         p.grad = torch.ones_like(p)
     optimizer.zero_grad()

@@ -312,6 +312,33 @@ def test_penalty_grads_of_one_layer():
     assert grad.tolist() == [3.0, 3.0, 0.0]
 
 
+def test_the_compiled_form_gets_the_clip_and_g(monkeypatch):
+    """What the compiled pass is called with (torch.compile stubbed to the function itself):
+    one layer, g as a tensor, the clip."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    kernel = PenaltyKernel(True)
+    kernel.start_step(torch.device("cpu"))
+    w, lam, grad = torch.tensor([1.5, 0.25, 0.45]), torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)
+    total = kernel([w], [lam], [grad], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)],
+                   3.0, clip=3.0)
+    assert float(total) == 2.0 and grad.tolist() == [2.0, 3.0, 0.0]   # 4 cut to 3
+    assert kernel._g_tensor(3.0, w.device) is kernel._g_tensor(3.0, w.device)   # kept
+    assert kernel.failed is False
+    args = ([w], [lam], [torch.zeros(3)], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)])
+    eager = PenaltyKernel(False)
+    eager(*args, 3.0, clip=1.0)
+    assert args[2][0].tolist() == [1.0, 1.0, 0.0]   # the eager form clips too
+    unannounced = PenaltyKernel(None)   # compiled by hand, no policy decision to amend
+    unannounced._compile("one-graph", torch.device("cpu"))
+    unannounced(*args, 3.0)
+    assert unannounced.decision is None
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: 1 / 0)
+    broken = PenaltyKernel(True)
+    broken.start_step(torch.device("cpu"))
+    broken(*args, 3.0)
+    assert broken.failed is True and broken.decision == "eager (compiling failed)"
+
+
 def train_steps(compile_penalty: bool | None, form: str | None = None,
                 scale: str = "per-layer") -> tuple[cbp.Lagrangian, dict, list[float]]:
     """Four CBP steps and two epoch ends on a small net, the penalty kernel compiled or eager
