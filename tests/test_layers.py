@@ -240,3 +240,21 @@ def test_no_layer_left_names_the_rules_that_are_on():
         cbp.prepare(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), cbp.CBPConfig())
     with pytest.raises(ValueError, match="no Conv1d/2d/3d or Linear layer"):
         cbp.prepare(nn.Sequential(nn.ReLU()), cbp.CBPConfig())
+
+
+def test_an_empty_selection_names_the_rules_that_are_on():
+    with pytest.raises(ValueError) as info:
+        cbp.prepare(nn.Sequential(nn.ReLU()))
+    assert str(info.value) == ("no layer left to quantize: the model has no Conv1d/2d/3d or "
+                               "Linear layer")
+    three = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    config = cbp.CBPConfig(filter_fn=lambda module, name: name != "1", include=["0", "1"],
+                           exclude=["^1$"])
+    with pytest.raises(ValueError) as info:
+        cbp.prepare(three, config)
+    assert str(info.value) == (
+        "no layer left to quantize: none of the model's 3 Conv/Linear layers passes the "
+        "selection: skip_first_last (the first and last are kept float; --quantize-first-last "
+        "turns it off), filter_fn, include ['0', '1'], exclude ['^1$']")
+    with pytest.raises(ValueError, match=r"passes the selection: include \['9'\]$"):
+        cbp.prepare(three, cbp.CBPConfig(skip_first_last=False, include=["9"]))

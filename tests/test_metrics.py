@@ -62,6 +62,10 @@ def test_agreement_by_hand():
     assert (unlabelled.same_top1, unlabelled.correct) == (3, None)
     with pytest.raises(ValueError, match="no inputs"):
         cbp.agreement(a, b, [])
+    # one-element tuples hold no labels; a model without parameters runs on the CPU
+    single = cbp.agreement(nn.Identity(), b, [(x[:3],), (x[3:],)])
+    assert (single.samples, single.same_top1, single.correct) == (4, 3, None)
+    assert single.max_logit_gap == pytest.approx(1.5)
 
 
 def test_agreement_of_a_prepared_model_and_its_converted_copy():

@@ -113,9 +113,49 @@ def test_an_lr_scheduler_on_the_wrapper_moves_the_base_lr():
     assert optimizer.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     assert optimizer.state is optimizer.base_optimizer.state and len(optimizer.state) == 6
     assert optimizer.defaults["momentum"] == 0.9
+    optimizer.base_optimizer.warmup_steps = 3   # any other attribute: the base optimizer's
+    assert optimizer.warmup_steps == 3
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        _ = optimizer.no_such_thing
 
 
 def test_importing_cbp_imports_no_framework():
     code = ("import sys, cbp; bad = {'lightning', 'transformers', 'accelerate'} & set(sys.modules);"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_step_zero_grad_and_the_loss_sum_as_torch_optimizers_do():
+    """No closure: step returns None; zero_grad sets gradients to None unless told to zero
+    them; the losses added sum in float64, exactly."""
+    net = model()
+    optimizer = wrapped(net)
+    F.cross_entropy(net(X[:8]), Y[:8]).backward()
+    assert optimizer.step() is None
+
+    def closure():   # as Lightning passes one: forward and backward, returns the loss
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(X[8:16]), Y[8:16])
+        loss.backward()
+        return loss
+    assert float(optimizer.step(closure).detach()) > 0
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.zero_grad(set_to_none=False)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in net.parameters())
+    optimizer.add_loss(0.5)
+    optimizer.add_loss(torch.tensor(0.25))
+    optimizer.add_loss(1e-12)   # lost in float32's sum of 0.75
+    loss_sum = optimizer.state_dict()["cbp"]["loss_sum"]
+    assert loss_sum.dtype == torch.float64 and float(loss_sum) == 0.75 + 1e-12
+    end = optimizer.end_epoch()   # p_max 1: g rises, on L_sum = the losses plus the penalty
+    assert end.updated and end.g == optimizer.lagrangian.g > CONFIG.g_init
+    assert end.lagrangian_sum >= 0.75 and float(optimizer.state_dict()["cbp"]["loss_sum"]) == 0
+    planned = []
+    optimizer.lagrangian.plan = planned.append
+    optimizer.plan(7)
+    assert planned == [7]

@@ -1,5 +1,8 @@
 """The fast penalty gradient equals autograd of the reference penalty, kinks and edges included."""
 
+import importlib.abc
+import importlib.util
+import logging
 import math
 import os
 import subprocess
@@ -12,7 +15,13 @@ import torch.nn as nn
 import cbp
 import cbp.training.train
 from cbp.core.constraint import constraint, constraint_and_grad
-from cbp.core.penalty import PenaltyKernel, penalty_grad_, penalty_grads_
+from cbp.core.penalty import (
+    PenaltyKernel,
+    _compile_settings,
+    _import_inductor_quietly,
+    penalty_grad_,
+    penalty_grads_,
+)
 
 LEVEL_SETS = [*cbp.LEVEL_SETS, (-2.0, -0.5, 0.0, 1.0, 3.0)]  # the published sets + an uneven one
 GS = [1.0, 3.0, 50.0, math.inf]
@@ -243,6 +252,91 @@ def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr
     assert "CUDA" not in result.stderr
+
+
+class _NoisyCppExtension(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """A stand-in ``torch.utils.cpp_extension`` that, imported, logs the CUDA notice and one
+    other message, as the real one does on a machine without a GPU."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.utils.cpp_extension":
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        log = logging.getLogger("torch.utils.cpp_extension")
+        log.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'")
+        log.warning("something else worth saying")
+
+
+def test_inductor_import_drops_only_the_cuda_notice(monkeypatch, caplog):
+    """In-process twin of the test above: the filter holds while the module is first imported,
+    passes its other messages, and is gone afterwards."""
+    import torch.utils
+
+    monkeypatch.delitem(sys.modules, "torch.utils.cpp_extension", raising=False)
+    monkeypatch.setattr(torch.utils, "cpp_extension", None, raising=False)   # restored after
+    monkeypatch.setattr(sys, "meta_path", [_NoisyCppExtension(), *sys.meta_path])
+    log = logging.getLogger("torch.utils.cpp_extension")
+    filters = list(log.filters)
+    with caplog.at_level(logging.WARNING):
+        _import_inductor_quietly()
+    assert [r.getMessage() for r in caplog.records] == ["something else worth saying"]
+    assert log.filters == filters
+
+
+def test_compile_settings_hold_inside_the_block_only():
+    import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as fx_config
+
+    before = (fx_config.use_duck_shape, inductor_config.cpp.vec_isa_ok)
+    with _compile_settings():
+        assert fx_config.use_duck_shape is False and inductor_config.cpp.vec_isa_ok is True
+    assert (fx_config.use_duck_shape, inductor_config.cpp.vec_isa_ok) == before
+
+
+def test_penalty_grads_of_one_layer():
+    """One layer (``ws[0]`` is all there is): the float64 sum of its penalty, its gradient."""
+    w, lam = torch.tensor([1.5, 0.25, 0.45]), torch.tensor([1.0, 2.0, 3.0])
+    grad = torch.zeros(3)
+    total = penalty_grads_([w], [lam], [grad], [torch.tensor([-1.0, 0.0, 1.0])],
+                           [torch.tensor(1.0)], 3.0)
+    # as in the by-hand test above: cs 1.0, 0.5 and 0 (in the window), slopes 2, 2 and 0
+    assert total.dtype == torch.float64 and float(total) == 1.0 * 1.0 + 2.0 * 0.5
+    assert grad.tolist() == [2.0, 4.0, 0.0]
+    penalty_grads_([w], [lam], [grad], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)],
+                   3.0, clip=3.0)   # the clip reaches the layer: 4 + 4 is cut to 3
+    assert grad.tolist() == [3.0, 3.0, 0.0]
+
+
+def test_the_compiled_form_gets_the_clip_and_g(monkeypatch):
+    """What the compiled pass is called with (torch.compile stubbed to the function itself):
+    one layer, g as a tensor, the clip."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    kernel = PenaltyKernel(True)
+    kernel.start_step(torch.device("cpu"))
+    w, lam, grad = torch.tensor([1.5, 0.25, 0.45]), torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)
+    total = kernel([w], [lam], [grad], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)],
+                   3.0, clip=3.0)
+    assert float(total) == 2.0 and grad.tolist() == [2.0, 3.0, 0.0]   # 4 cut to 3
+    assert kernel._g_tensor(3.0, w.device) is kernel._g_tensor(3.0, w.device)   # kept
+    assert kernel.failed is False
+    args = ([w], [lam], [torch.zeros(3)], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)])
+    eager = PenaltyKernel(False)
+    eager(*args, 3.0, clip=1.0)
+    assert args[2][0].tolist() == [1.0, 1.0, 0.0]   # the eager form clips too
+    unannounced = PenaltyKernel(None)   # compiled by hand, no policy decision to amend
+    unannounced._compile("one-graph", torch.device("cpu"))
+    unannounced(*args, 3.0)
+    assert unannounced.decision is None
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: 1 / 0)
+    broken = PenaltyKernel(True)
+    broken.start_step(torch.device("cpu"))
+    broken(*args, 3.0)
+    assert broken.failed is True and broken.decision == "eager (compiling failed)"
 
 
 def train_steps(compile_penalty: bool | None, form: str | None = None,
