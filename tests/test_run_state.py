@@ -188,6 +188,10 @@ REFUSED = [   # (changes, the message after "checkpoint x.pt: ")
     ({"model.conv.cbp_factors": torch.tensor([-1.0, 0.5, 1.0])}, "model.conv.cbp_factors must be "
      "the run's levels (meta.factors: [-1.0, 0.0, 1.0]), got a torch.float32 tensor of shape (3,) "
      "([-1.0, 0.5, 1.0])"),
+    # a scale without its weight is one scale
+    ({"model.conv.weight": KeyError, "model.conv.cbp_scale": torch.full((2,), 0.5)},
+     "model.conv.cbp_scale must be positive and finite: one scale, or one per output channel, "
+     "got a torch.float32 tensor of shape (2,) ([0.5, 0.5])"),
     ({"model.cbp_scale": torch.full((2,), 0.5), "model.weight": torch.zeros(3, 2)},
      "model.cbp_scale must be positive and finite: one scale, or one per output channel, got a "
      "torch.float32 tensor of shape (2,) ([0.5, 0.5])"),
@@ -221,6 +225,8 @@ PASSED = [   # sound variants of the fields, edges of the ranges included
      "model.conv.cbp_factors": torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64),
      "model.conv.bias": torch.full((2,), -1.0)},
     {"model.conv.cbp_scale": torch.full((1,), 0.5)},
+    {"model.conv.weight": KeyError},   # a scale without its weight, or with a 0-d one: one scale
+    {"model.conv.weight": torch.tensor(0.0)},
     {"model.cbp_scale": torch.full((3,), 0.5), "model.weight": torch.zeros(3, 2),
      "model.cbp_factors": torch.tensor([-1.0, 0.0, 1.0])},
 ]
@@ -272,6 +278,8 @@ def test_load_run_checkpoint_reads_old_names_and_checks_what_it_is_asked(tmp_pat
     with pytest.raises(CheckpointError, match=f"^checkpoint {re.escape(path)}: step must be"):
         load_run_checkpoint(path)
     save_checkpoint(_changed({"meta.model": "vgg"}), path)
+    with pytest.raises(CheckpointError, match="meta.model must be one of"):
+        load_run_checkpoint(path, training=False)
     assert load_run_checkpoint(path, model=False)["meta"]["model"] == "vgg"
     save_checkpoint(_changed({"meta": "x"}), path)
     with pytest.raises(CheckpointError, match="meta must be a table, got 'x'"):
