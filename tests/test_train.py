@@ -1,6 +1,7 @@
 """The training loop: epochs shorter or longer than one pass through the data; ``fit``'s log rows
 and files, a NaN (stop, or back with a lower learning rate), a signal and the resume after it."""
 
+import copy
 import itertools
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cbp.files.checkpoint import load_checkpoint
+from cbp.training.distill import Distillation
 from cbp.training.interrupts import Interrupted
 from cbp.training.runs import (
     CHECKPOINT_NAME,
@@ -209,3 +211,37 @@ def test_a_signal_in_an_epochs_last_step_stops_after_that_epoch(tmp_path, signal
     assert load_checkpoint(path)["epoch"] == 1 and len(losses) == STEPS
     run, losses = _tiny(tmp_path / "b", epochs=1, kill_at=STEPS)   # the last epoch: nothing to stop
     assert len(fit(run)) == 1
+
+
+def test_a_distilled_run_logs_both_terms_and_resumes_them_mid_epoch(tmp_path, signals_raise,
+                                                                    assert_same_run):
+    def distilled(out, **changes):
+        run, losses = _tiny(out, **changes)
+        parts = []
+        teacher = Distillation(copy.deepcopy(run.model), alpha=0.25)
+
+        class Kept(Distillation):   # the teacher's terms of each step, kept
+            def __call__(self, x, output, task_loss):
+                loss, terms = super().__call__(x, output, task_loss)
+                parts.append(terms.tolist())
+                return loss, terms
+        teacher.__class__ = Kept
+        run.distillation = teacher
+        return run, losses, parts
+
+    whole, losses, parts = distilled(tmp_path / "whole")
+    rows = fit(whole)
+    for row, first in zip(rows, (0, STEPS)):
+        task, divergence = (sum(p[i] for p in parts[first:first + STEPS]) / STEPS for i in (0, 1))
+        assert row["task_loss"] == pytest.approx(task) and row["distill_loss"] == pytest.approx(
+            divergence) and divergence > 0
+        assert task == pytest.approx(sum(losses[first:first + STEPS]) / STEPS)
+        assert row["loss"] == pytest.approx(0.75 * task + 0.25 * divergence)
+    out = tmp_path / "stopped"
+    run, _, parts = distilled(out, kill_at=STEPS + 2)
+    with pytest.raises(Interrupted):
+        fit(run)
+    terms = load_checkpoint(str(out / CHECKPOINT_NAME))["loss_terms"]
+    assert terms.tolist() == pytest.approx([sum(p[i] for p in parts[STEPS:]) for i in (0, 1)])
+    fit(distilled(out)[0], resume=True)
+    assert_same_run(str(out), str(tmp_path / "whole"))
