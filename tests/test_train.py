@@ -192,7 +192,7 @@ def test_a_signal_mid_epoch_checkpoints_that_step_and_the_resume_ends_where_a_wh
                               "that state: continue with --resume")
     assert err.value.exit_code == 130 and len(losses) == STEPS + 2
     state = load_checkpoint(path)
-    assert (state["epoch"], state["step"]) == (1, 2)
+    assert (state["epoch"], state["step"], state["loss_terms"]) == (1, 2, None)   # not distilled
     assert float(state["loss_sum"]) == pytest.approx(sum(losses[STEPS:]))
     assert len(read_jsonl(str(out / LOG_NAME))) == 1
     resumed, rest = _tiny(out)
@@ -242,6 +242,7 @@ def test_a_distilled_run_logs_both_terms_and_resumes_them_mid_epoch(tmp_path, si
     with pytest.raises(Interrupted):
         fit(run)
     terms = load_checkpoint(str(out / CHECKPOINT_NAME))["loss_terms"]
+    assert terms.dtype == torch.float64
     assert terms.tolist() == pytest.approx([sum(p[i] for p in parts[STEPS:]) for i in (0, 1)])
     fit(distilled(out)[0], resume=True)
     assert_same_run(str(out), str(tmp_path / "whole"))
