@@ -3,10 +3,12 @@ frozen, and ``cbp quantize --distill`` end to end (log terms, resume, the teache
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
 import signal
+import warnings
 
 import pytest
 import torch
@@ -72,13 +74,36 @@ def test_teacher_runs_frozen_in_eval_mode_on_the_batch():
     assert float(terms[1]) == pytest.approx(float(expected))
 
 
-@pytest.mark.parametrize("kwargs", [{"alpha": 0}, {"alpha": 1.5}, {"temperature": 0},
-                                    {"temperature": math.inf}])
-def test_bad_settings_are_refused(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": 0}, "alpha must be a number > 0 and <= 1, got 0"),
+    ({"alpha": 1.5}, "alpha must be a number > 0 and <= 1, got 1.5"),
+    ({"temperature": 0}, "temperature must be a finite number > 0, got 0"),
+    ({"temperature": math.inf}, "temperature must be a finite number > 0, got inf")])
+def test_bad_settings_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError) as err:
         cbp.Distillation(nn.Identity(), **kwargs)
+    assert str(err.value) == message
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_are_compared_in_float32_without_a_warning(dtype):
+    gen = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(2, 3, 5, generator=gen).to(dtype) for _ in range(2))
+    d = cbp.Distillation(nn.Identity(), temperature=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # an implicit softmax dimension warns at every step
+        got = d.divergence(s, t)
+    p, q = torch.softmax(t.float() / 2, -1), torch.softmax(s.float() / 2, -1)
+    expected = 4 * (p * (p.log() - q.log())).sum(-1).mean()   # T^2 KL(p || q), 6 predictions
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_file_sha256_is_the_files_hash_over_several_blocks(tmp_path):
+    data = bytes(range(256)) * (5 << 11)   # 2.5 MiB: read in blocks of 1 MiB, the last partial
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(data)
+    assert file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
 
 
 def test_quantize_with_distill_logs_both_terms_and_resumes_mid_epoch_with_the_same_teacher(

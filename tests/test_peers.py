@@ -193,7 +193,15 @@ def test_build_names_each_peer_and_the_gate_is_stepped_once_per_step(tmp_path):
     config = cbp.CBPConfig("ternary")
     assert type(build(None, toy(), config)) is cbp.Lagrangian
     assert build("dampen", toy(), config, total_steps=7).total_steps == 7
+    assert build("dampen", toy(), config).total_steps == 1
     assert build("freeze", toy(), config, total_steps=3, momentum=0.5).tracker.momentum == 0.5
+    assert build("gate", toy(), config, threshold=0.2).threshold == 0.2
+    with pytest.raises(TypeError):   # CBP itself takes no option: none is dropped unread
+        build(None, toy(), config, threshold=0.2)
+    for name in (None, "dampen", "freeze", "gate"):
+        model = toy()
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        assert build(name, model, config, sgd, total_steps=2).optimizer is sgd
     torch.manual_seed(0)
     model = cbp.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
                                       nn.Linear(8, 3)), config)

@@ -6,9 +6,26 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from cbp.files.checkpoint import CheckpointError
-from cbp.training.runs import RUN_FILES, check_same_plan
+from cbp.core.config import CBPConfig
+from cbp.files.checkpoint import FORMAT_V1, CheckpointError, WriteError
+from cbp.training.runs import (
+    CHECKPOINT_NAME,
+    HIST_NAME,
+    LOG_NAME,
+    RUN_FILES,
+    Position,
+    _upgrade,
+    append_row,
+    check_same_plan,
+    checkpoint_state,
+    clear_run_dir,
+    describe,
+    keep_rows_up_to,
+    read_jsonl,
+    restore_state,
+)
 from cbp.training.train import _plan
 
 
@@ -26,3 +43,83 @@ def test_the_training_loop_itself_refuses_a_mid_epoch_resume_with_another_plan()
     with pytest.raises(CheckpointError, match="stopped in epoch 2 after step 1.*batch_size 32 "
                                               "-> 64"):
         check_same_plan({"epoch": 1, "step": 1, "plan": plan}, _plan(run), "c")
+
+
+# ---- the logs, a fresh start, old checkpoints, a run's identity ----------------------------------
+
+def test_read_jsonl_leaves_out_a_torn_last_line_and_names_a_damaged_one(tmp_path):
+    path = tmp_path / LOG_NAME
+    path.write_text('{"epoch": 1, "loss": 0.5}\n\n{"epoch": 2}\n{"epoch": 3, "lo')
+    assert read_jsonl(str(path)) == [{"epoch": 1, "loss": 0.5}, {"epoch": 2}]
+    path.write_text('{"epoch": 1}\n{"epoch": 2}')   # a whole last row without its newline
+    assert read_jsonl(str(path)) == [{"epoch": 1}, {"epoch": 2}]
+    for line in ('{"epoch": true}', '{"epoch": 1.0}', '[1]', '{"loss": 1}', '{"epoch": 1'):
+        path.write_text(f'{{"epoch": 1}}\n{line}\n{{"epoch": 3}}\n')
+        with pytest.raises(ValueError) as err:
+            read_jsonl(str(path))
+        assert str(err.value) == (f"{path}, line 2: not a JSON object with an integer 'epoch'; "
+                                  "the log is damaged")
+
+
+def test_a_resume_keeps_the_rows_up_to_its_checkpoint_and_a_fresh_start_clears_the_runs_files(
+        tmp_path):
+    log = tmp_path / LOG_NAME
+    for epoch in (1, 2, 3):
+        append_row(str(log), {"epoch": epoch})
+    keep_rows_up_to(str(log), 2)
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    keep_rows_up_to(str(tmp_path / HIST_NAME), 2)   # no file: nothing to keep
+    assert not (tmp_path / HIST_NAME).exists()
+    for name in (*RUN_FILES, "notes.txt", f".{CHECKPOINT_NAME}.x.cbp-tmp",
+                 ".notes.txt.x.cbp-tmp"):
+        (tmp_path / name).write_text("x")
+    clear_run_dir(str(tmp_path), fresh=False)      # a resume: only the torn temporary goes
+    assert set(os.listdir(tmp_path)) == {*RUN_FILES, "notes.txt", ".notes.txt.x.cbp-tmp"}
+    clear_run_dir(str(tmp_path), fresh=True)
+    assert set(os.listdir(tmp_path)) == {"notes.txt", ".notes.txt.x.cbp-tmp"}
+    with pytest.raises(WriteError, match=f"^cannot append to {tmp_path}: "):
+        append_row(str(tmp_path), {"epoch": 1})
+
+
+def test_a_v1_checkpoint_keeps_the_penalty_alone_in_the_cbp_state():
+    """v1 kept loss + penalty, averaged over processes, as ``epoch_sum``; the loss sum is over
+    processes: penalty = epoch_sum - loss_sum / world_size."""
+    state = {"format": FORMAT_V1, "loss_sum": torch.tensor(6.0),
+             "cbp": {"epoch": 3, "epoch_sum": torch.tensor(5.0), "g": 2.0}}
+    upgraded = _upgrade(state, world_size=2)
+    assert upgraded["cbp"].keys() == {"g", "penalty_sum"} and upgraded["cbp"]["g"] == 2.0
+    assert upgraded["cbp"]["penalty_sum"].dtype == torch.float64
+    assert float(upgraded["cbp"]["penalty_sum"]) == 2.0
+    assert "epoch_sum" in state["cbp"] and upgraded["loss_sum"] is state["loss_sum"]
+    state = {**state, "loss_sum": None}   # at an epoch's end: all of it is penalty
+    assert float(_upgrade(state, 2)["cbp"]["penalty_sum"]) == 5.0
+    for kept in ({**state, "format": "cbp-checkpoint-v2"}, {**state, "cbp": None}):
+        assert _upgrade(kept, 2) is kept
+
+
+def test_describe_records_a_runs_identity():
+    model = torch.nn.Linear(2, 2)
+    assert describe("pretrain", model, "resnet20", "fashion-mnist", 10, 1, [1, 28, 28]) == {
+        "mode": "pretrain", "dataset": "fashion-mnist", "num_classes": 10, "in_channels": 1,
+        "input_size": [1, 28, 28], "model": "resnet20", "model_options": {}}
+    config = CBPConfig(levels=[-1.0, 0.5, 1.0], include=["a"], exclude=["b"],
+                       skip_first_last=False, scale="per-channel")
+    meta = describe("quantize", model, "gpt", "shakespeare", 3, 1, [8], config,
+                    task="language-model", vocab="abc")
+    assert {k: meta[k] for k in ("task", "vocab", "levels", "factors", "include", "exclude",
+                                 "skip_first_last", "scale")} == {
+        "task": "language-model", "vocab": "abc", "levels": "custom", "factors": [-1.0, 0.5, 1.0],
+        "include": ["a"], "exclude": ["b"], "skip_first_last": False, "scale": "per-channel"}
+    meta = describe("quantize", model, "resnet20", "fashion-mnist", 10, 1, [1], CBPConfig("binary"))
+    assert meta["levels"] == "binary" and "scale" not in meta and "task" not in meta
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_the_key():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = checkpoint_state(Position(1), {"model": "a", "constraint": "binary"}, model, optimizer)
+    with pytest.raises(CheckpointError, match=r"^c\.pt is from another run \(levels: 'binary', "
+                                              r"this run: 'ternary'\)$"):
+        restore_state(state, "c.pt", {"model": "a", "levels": "ternary"}, model, optimizer)
+    assert restore_state(state, "c.pt", {"model": "a", "levels": "binary"}, model,
+                         optimizer) == Position(1, 0, None, None)

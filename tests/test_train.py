@@ -1,11 +1,31 @@
-"""The training loop's epochs: shorter or longer than one pass through the data."""
+"""The training loop: epochs shorter or longer than one pass through the data; ``fit``'s log rows
+and files, a NaN (stop, or back with a lower learning rate), a signal and the resume after it."""
 
+import copy
 import itertools
+import math
+import os
+import signal
 
+import pytest
+import tiny_run
 import torch
 from torch.utils.data import TensorDataset
 
+from cbp.files.checkpoint import load_checkpoint
+from cbp.training.distill import Distillation
+from cbp.training.interrupts import Interrupted
+from cbp.training.runs import (
+    CHECKPOINT_NAME,
+    HIST_NAME,
+    LOG_NAME,
+    histogram_layer,
+    read_jsonl,
+    weight_histogram,
+)
+from cbp.training.train import NonFiniteError, fit
 from cbp.zoo.data import epoch_batches, make_loader
+from cbp.zoo.tasks import Classification
 
 
 def _indices(loader, permutation: int) -> list[list[int]]:
@@ -37,3 +57,192 @@ def test_an_epoch_of_at_most_one_pass_keeps_its_permutation():
     assert got == _indices(loader, 2)[:3]
     got = [x.tolist() for x, _ in itertools.islice(epoch_batches(loader, 2, 5, 1), 4)]
     assert got == _indices(loader, 2)[1:]
+
+
+# ---- fit: the log rows, the files, a NaN, a signal (the tiny CBP run of tiny_run.py) -------------
+
+STEPS = 4   # tiny_run: 64 samples in batches of 16
+
+
+def _tiny(out, epochs=2, bad_steps=(), kill_at=None, **changes):
+    """``tiny_run.build`` for ``epochs`` epochs whose task keeps every step's loss; the steps
+    (counted from 1) in ``bad_steps`` give a NaN loss, at ``kill_at`` the process gets SIGINT."""
+    run = tiny_run.build(str(out), "plain")
+    losses = []
+
+    class Recorded(Classification):
+        @staticmethod
+        def loss(output, target):
+            loss = Classification.loss(output, target)
+            losses.append(float(loss.detach()))
+            if len(losses) == kill_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return loss * math.nan if len(losses) in bad_steps else loss
+    run.epochs, run.task = epochs, Recorded
+    for key, value in changes.items():
+        setattr(run, key, value)
+    return run, losses
+
+
+def test_fit_logs_each_epoch_and_leaves_a_checkpoint_of_the_runs_end(tmp_path):
+    run, losses = _tiny(tmp_path)
+    ends = []
+    end_epoch = run.lagrangian.end_epoch
+
+    def spy(loss_sum):
+        ends.append((float(loss_sum), end_epoch(loss_sum)))
+        return ends[-1][1]
+    run.lagrangian.end_epoch = spy
+    rows = fit(run)
+    assert len(losses) == 2 * STEPS and [row["epoch"] for row in rows] == [1, 2]
+    for row, (loss_sum, end), first in zip(rows, ends, (0, STEPS)):
+        epoch_losses = losses[first:first + STEPS]
+        assert row["steps"] == STEPS and row["lr"] == 0.05
+        assert row["loss"] == pytest.approx(sum(epoch_losses) / STEPS)
+        assert loss_sum == pytest.approx(sum(epoch_losses))   # this process's sum goes to CBP
+        assert (row["lagrangian_sum"], row["g"], row["updated"], row["lr_dropped"]) == (
+            end.lagrangian_sum, end.g, end.updated, end.lr_dropped)
+        assert {"top1", "val_loss", "cfs", "oscillations_per_step"} <= row.keys()
+        assert row["seconds"] > 0
+    lams = torch.cat([lam.flatten() for lam in run.lagrangian.multipliers.values()])
+    assert rows[-1]["lambda_mean"] == pytest.approx(float(lams.mean()))
+    assert rows[-1]["lambda_max"] == pytest.approx(float(lams.max()))
+    assert read_jsonl(str(tmp_path / LOG_NAME)) == rows
+    layer = histogram_layer(run.model)
+    hist = read_jsonl(str(tmp_path / HIST_NAME))
+    assert [(h["epoch"], h["layer"]) for h in hist] == [(0, layer), (1, layer), (2, layer)]
+    assert hist[-1] == weight_histogram(run.model, layer, 2)
+    state = load_checkpoint(str(tmp_path / CHECKPOINT_NAME))
+    assert (state["epoch"], state["step"], state["loss_sum"]) == (2, 0, None)
+    assert state["plan"] == {"seed": 0, "batch_size": 16, "epoch_iters": None, "train_samples": 64}
+    assert state["meta"] == tiny_run.META and torch.equal(state["model"][f"{layer}.weight"],
+                                                          run.model.get_submodule(layer).weight)
+
+
+def test_fit_refuses_data_that_make_no_full_batch(tmp_path):
+    run, _ = _tiny(tmp_path, train_data=tiny_run.data(15, 1))
+    with pytest.raises(ValueError, match="^no training step: 15 training samples make no full "
+                                         "batch of 16$"):
+        fit(run)
+    assert not os.path.exists(tmp_path / CHECKPOINT_NAME)
+
+
+def test_epoch_iters_sets_the_steps_of_an_epoch(tmp_path):
+    run, losses = _tiny(tmp_path, epochs=1, epoch_iters=6)
+    assert fit(run)[0]["steps"] == 6 and len(losses) == 6
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_checkpoint_kept(tmp_path):
+    run, _ = _tiny(tmp_path, bad_steps=(STEPS + 2,))
+    path = str(tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(NonFiniteError) as err:
+        fit(run)
+    assert str(err.value) == (f"the loss became nan in epoch 2 at step 2; the last good "
+                              f"checkpoint, {path}, is untouched")
+    assert load_checkpoint(path)["epoch"] == 1
+    run, _ = _tiny(tmp_path / "b", bad_steps=(1,))
+    with pytest.raises(NonFiniteError, match="^the loss became nan in epoch 1 at step 1; no "
+                                             "checkpoint was written$"):
+        fit(run)
+
+
+def test_lower_lr_goes_back_to_the_last_checkpoint_with_a_lower_learning_rate(tmp_path, capsys):
+    run, losses = _tiny(tmp_path, bad_steps=(STEPS + 2,), on_nan="lower-lr")
+    rows = fit(run)
+    assert [row["lr"] for row in rows] == pytest.approx([0.05, 0.005])
+    assert len(losses) == 2 * STEPS + 2    # epoch 2 twice, the first time 2 steps
+    assert capsys.readouterr().err == ("cbp: the loss became nan in epoch 2 at step 2; going back "
+                                       "to epoch 1, step 0 with the learning rate times 0.1\n")
+    # always NaN: three retries from the start (kept in memory; tiny_run's meta says "constraint",
+    # as a library user's may), its lr times 0.1, 0.01, 0.001
+    run, losses = _tiny(tmp_path / "b", bad_steps=range(100), on_nan="lower-lr")
+    with pytest.raises(NonFiniteError, match="epoch 1 at step 1; no checkpoint was written"):
+        fit(run)
+    assert len(losses) == 4 and run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05e-3)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in err] == ["0.1", "0.01", "0.001"]
+    assert all("going back to epoch 0, step 0" in line for line in err)
+
+
+def test_nan_weights_stop_the_run_at_the_epochs_end(tmp_path):
+    run, losses = _tiny(tmp_path)
+    step = run.lagrangian.step
+
+    def poisoned():   # after the epoch's last step: every loss was finite
+        step()
+        if len(losses) == STEPS:
+            with torch.no_grad():
+                run.model[0].weight[0, 0] = math.inf
+    run.lagrangian.step = poisoned
+    with pytest.raises(NonFiniteError, match="^the weights became NaN or infinite in epoch 1; no "
+                                             "checkpoint was written$"):
+        fit(run)
+
+
+def test_a_signal_mid_epoch_checkpoints_that_step_and_the_resume_ends_where_a_whole_run_does(
+        tmp_path, signals_raise, assert_same_run):
+    whole, _ = _tiny(tmp_path / "whole")
+    fit(whole)
+    out = tmp_path / "stopped"
+    run, losses = _tiny(out, kill_at=STEPS + 2)
+    with pytest.raises(Interrupted) as err:
+        fit(run)
+    path = str(out / CHECKPOINT_NAME)
+    assert str(err.value) == (f"stopped by SIGINT in epoch 2 after step 2 of {STEPS}; {path} holds "
+                              "that state: continue with --resume")
+    assert err.value.exit_code == 130 and len(losses) == STEPS + 2
+    state = load_checkpoint(path)
+    assert (state["epoch"], state["step"], state["loss_terms"]) == (1, 2, None)   # not distilled
+    assert float(state["loss_sum"]) == pytest.approx(sum(losses[STEPS:]))
+    assert len(read_jsonl(str(out / LOG_NAME))) == 1
+    resumed, rest = _tiny(out)
+    fit(resumed, resume=True)
+    assert len(rest) == STEPS - 2
+    assert_same_run(str(out), str(tmp_path / "whole"))
+
+
+def test_a_signal_in_an_epochs_last_step_stops_after_that_epoch(tmp_path, signals_raise):
+    run, losses = _tiny(tmp_path, kill_at=STEPS)
+    with pytest.raises(Interrupted) as err:
+        fit(run)
+    path = str(tmp_path / CHECKPOINT_NAME)
+    assert str(err.value) == (f"stopped by SIGINT after epoch 1; {path} holds that state: "
+                              "continue with --resume")
+    assert load_checkpoint(path)["epoch"] == 1 and len(losses) == STEPS
+    run, losses = _tiny(tmp_path / "b", epochs=1, kill_at=STEPS)   # the last epoch: nothing to stop
+    assert len(fit(run)) == 1
+
+
+def test_a_distilled_run_logs_both_terms_and_resumes_them_mid_epoch(tmp_path, signals_raise,
+                                                                    assert_same_run):
+    def distilled(out, **changes):
+        run, losses = _tiny(out, **changes)
+        parts = []
+        teacher = Distillation(copy.deepcopy(run.model), alpha=0.25)
+
+        class Kept(Distillation):   # the teacher's terms of each step, kept
+            def __call__(self, x, output, task_loss):
+                loss, terms = super().__call__(x, output, task_loss)
+                parts.append(terms.tolist())
+                return loss, terms
+        teacher.__class__ = Kept
+        run.distillation = teacher
+        return run, losses, parts
+
+    whole, losses, parts = distilled(tmp_path / "whole")
+    rows = fit(whole)
+    for row, first in zip(rows, (0, STEPS)):
+        task, divergence = (sum(p[i] for p in parts[first:first + STEPS]) / STEPS for i in (0, 1))
+        assert row["task_loss"] == pytest.approx(task) and row["distill_loss"] == pytest.approx(
+            divergence) and divergence > 0
+        assert task == pytest.approx(sum(losses[first:first + STEPS]) / STEPS)
+        assert row["loss"] == pytest.approx(0.75 * task + 0.25 * divergence)
+    out = tmp_path / "stopped"
+    run, _, parts = distilled(out, kill_at=STEPS + 2)
+    with pytest.raises(Interrupted):
+        fit(run)
+    terms = load_checkpoint(str(out / CHECKPOINT_NAME))["loss_terms"]
+    assert terms.dtype == torch.float64
+    assert terms.tolist() == pytest.approx([sum(p[i] for p in parts[STEPS:]) for i in (0, 1)])
+    fit(distilled(out)[0], resume=True)
+    assert_same_run(str(out), str(tmp_path / "whole"))

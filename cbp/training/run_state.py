@@ -85,7 +85,7 @@ def _cbp_checks(cbp: dict) -> list[tuple[str, bool, str]]:
     running = "epoch_sum" if "epoch_sum" in cbp else "penalty_sum"   # format v1 / v2
     return [
         ("cbp.multipliers", _tensor_dict(cbp.get("multipliers")), "a table of tensors"),
-        ("cbp.core.ascent", cbp.get("ascent") is None or isinstance(cbp["ascent"], dict),
+        ("cbp.ascent", cbp.get("ascent") is None or isinstance(cbp["ascent"], dict),
          "an optimizer state or None"),
         ("cbp.g", _is_number(cbp.get("g")) and cbp["g"] >= 1, "a number >= 1"),
         ("cbp.p", _is_int(cbp.get("p")) and cbp["p"] >= 0, "an integer >= 0"),

@@ -203,11 +203,13 @@ def restore_state(state: dict, source: str, meta: dict, model: nn.Module,
     if plan is not None:
         check_same_plan(state, plan, source)
     state = _upgrade(state, world_size)
-    meta = today_names(meta)   # a library user's run may still say "constraint"
+    # a library user's run may still say "constraint", and so may the state of its start that
+    # fit keeps in memory for on_nan="lower-lr" (a file's is read in today's names)
+    meta, saved = today_names(meta), today_names(state["meta"])
     for key in IDENTITY_KEYS:
-        if state["meta"].get(key) != meta.get(key):
+        if saved.get(key) != meta.get(key):
             raise CheckpointError(f"{source} is from another run ({key}: "
-                                  f"{state['meta'].get(key)!r}, this run: {meta.get(key)!r})")
+                                  f"{saved.get(key)!r}, this run: {meta.get(key)!r})")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
