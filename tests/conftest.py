@@ -5,6 +5,7 @@ than one test file builds (one copy each)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import signal
@@ -303,3 +304,23 @@ def write_texts(folder, seed: int = 0, chars: int = 6000) -> str:
     with open(os.path.join(folder, "notes_gut_f.txt"), "w") as f:
         f.write("~~ not part of the corpus ~~")
     return str(folder)
+
+
+class FullDisk:
+    """A file on a full disk: the first write fails with ENOSPC, later ones with ``later``."""
+
+    def __init__(self, file, later: int = errno.ENOSPC) -> None:
+        self._file, self._code, self._later = file, errno.ENOSPC, later
+
+    def write(self, data):
+        code, self._code = self._code, self._later
+        raise OSError(code, os.strerror(code))
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)

@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import spawn
+from conftest import FullDisk, spawn
 
 from cbp.files.checkpoint import (
     FORMAT,
@@ -94,38 +94,21 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "b").st_mode) == 0o600
 
 
-class FullDisk:
-    """A file on a full disk: the first write fails with ENOSPC, later ones with EIO."""
-
-    def __init__(self, file) -> None:
-        self._file, self._code = file, errno.ENOSPC
-
-    def write(self, data):
-        code, self._code = self._code, errno.EIO
-        raise OSError(code, os.strerror(code))
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._file.__exit__(*exc)
-
-
 def test_a_full_disk_is_a_write_error_naming_the_file(tmp_path, monkeypatch):
     """torch.save reports a failed write as a RuntimeError about a zip position; the error
     raised names the disk's own error and the file, and whether an earlier one is kept."""
     path = str(tmp_path / "c.pt")
     fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kw: FullDisk(fdopen(fd, *args, **kw)))
+
+    def on_a_full_disk(fd, *args, **kw):   # ENOSPC first, then EIO
+        return FullDisk(fdopen(fd, *args, **kw), errno.EIO)
+    monkeypatch.setattr(os, "fdopen", on_a_full_disk)
     with pytest.raises(WriteError) as new:
         save_checkpoint({"i": 1}, path)
     assert str(new.value) == f"cannot write {path}: No space left on device"
     monkeypatch.undo()
     save_checkpoint({"i": 1}, path)
-    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kw: FullDisk(fdopen(fd, *args, **kw)))
+    monkeypatch.setattr(os, "fdopen", on_a_full_disk)
     with pytest.raises(WriteError, match="No space left on device; the previous file is untouched"):
         save_checkpoint({"i": 2}, path)
     assert os.listdir(tmp_path) == ["c.pt"] and load_checkpoint(path)["i"] == 1

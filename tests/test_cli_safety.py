@@ -4,7 +4,6 @@ each through ``cbp.cli.commands.main`` where a user would meet it, on the tiny F
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import signal
@@ -12,7 +11,7 @@ import signal
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REFERENCE_EPOCHS, STEPS, Payload, after_step, fails, image_folders
+from conftest import REFERENCE_EPOCHS, STEPS, FullDisk, Payload, after_step, fails, image_folders
 
 import cbp
 import cbp.cli.commands
@@ -287,25 +286,6 @@ def test_a_torn_last_log_line_blocks_neither_resume_nor_plot(
 
 
 # ---- 12: a full disk when the checkpoint is written ----------------------------------------------
-
-class FullDisk:
-    """A file on a full disk: every write fails with ENOSPC."""
-
-    def __init__(self, file) -> None:
-        self._file = file
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._file.__exit__(*exc)
-
 
 def test_a_full_disk_at_checkpoint_time_is_one_line_naming_the_file(
         quantize_argv, reference_run, assert_same_run, tmp_path, monkeypatch, capsys):
