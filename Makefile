@@ -19,7 +19,7 @@ test: setup
 	.venv/bin/ruff check cbp tests benchmarks
 	.venv/bin/python -m pytest -q
 
-# Mutation testing of every module but the CLI glue (mutmut; about an hour on 2 cores). Not part of `make test`.
+# Mutation testing of every module but the CLI glue (mutmut; 2-4 hours on 2 cores). Not part of `make test`.
 mutation: setup
 	.venv/bin/python -c "import mutmut" 2>/dev/null || .venv/bin/pip install -q -c constraints.txt -e ".[mutation]"
 	bash scripts/mutation.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make mutation`: mutmut on every module of cbp/ that pyproject.toml's [tool.mutmut] does not
 # exclude (the CLI glue and a few others, each with its reason there), with the tests that cover
-# each mutated function, then the score per module. A tool, not a CI step: about an hour on 2 cores
+# each mutated function, then the score per module. A tool, not a CI step: 2-4 hours on 2 cores
 # for everything; name modules to run fewer:
 #   scripts/mutation.sh [MODULE ...]     e.g. core.levels files.packing training.train
 # Results stay in mutants/; `mutmut results` lists the survivors, `mutmut show NAME` shows one.

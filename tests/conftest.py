@@ -324,3 +324,15 @@ class FullDisk:
 
     def __exit__(self, *exc):
         return self._file.__exit__(*exc)
+
+
+def set_field(state: dict, field: str, value, maxsplit: int = -1) -> None:
+    """Set the dotted ``field`` of nested dicts to ``value``; the value ``KeyError`` removes it.
+    ``maxsplit`` as in ``str.split``: 1 keeps a tensor's whole name after ``model.``."""
+    *parents, last = field.split(".", maxsplit)
+    for part in parents:
+        state = state[part]
+    if value is KeyError:
+        del state[last]
+    else:
+        state[last] = value

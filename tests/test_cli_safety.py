@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REFERENCE_EPOCHS, STEPS, FullDisk, Payload, after_step, fails, image_folders
+from conftest import REFERENCE_EPOCHS, STEPS, FullDisk, Payload, after_step, fails, image_folders, set_field
 
 import cbp
 import cbp.cli.commands
@@ -167,21 +167,11 @@ def test_evaluate_checks_the_checkpoints_classes(tmp_path, capsys):
 
 # ---- 9: a checkpoint whose format is valid but whose contents are not ----------------------------
 
-def _set(state: dict, field: str, value) -> None:
-    *parents, last = field.split(".")
-    for part in parents:
-        state = state[part]
-    if value is KeyError:
-        del state[last]
-    else:
-        state[last] = value
-
-
 def bad_copy(reference_run, folder, field: str, value) -> str:
     """The reference run's checkpoint with one field changed (``KeyError``: removed)."""
     state = load_checkpoint(os.path.join(reference_run, CHECKPOINT_NAME))
     del state["format"]
-    _set(state, field, value)
+    set_field(state, field, value)
     path = str(folder / CHECKPOINT_NAME)
     save_checkpoint(state, path)
     return path

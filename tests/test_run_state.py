@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from conftest import first_scale
+from conftest import first_scale, set_field
 
 from cbp.files.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cbp.training.run_state import check_run_state, load_run_checkpoint, today_names
@@ -54,14 +54,7 @@ def _changed(changes: dict) -> dict:
     ``model.`` comes a tensor's whole name)."""
     state = _state()
     for field, value in changes.items():
-        *parents, last = field.split(".", 1 if field.startswith("model.") else -1)
-        target = state
-        for part in parents:
-            target = target[part]
-        if value is KeyError:
-            del target[last]
-        else:
-            target[last] = value
+        set_field(state, field, value, 1 if field.startswith("model.") else -1)
     return state
 
 
