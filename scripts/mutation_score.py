@@ -4,7 +4,8 @@ score = killed / (killed + survived + no tests); a timeout counts as killed, a m
 is left out. ``non-eq`` is the same score over the mutants not judged equivalent in
 ``scripts/mutation-equivalents.txt`` (one ``mutant_name: reason`` per line: no supported input
 tells the mutant apart, or it runs where mutmut cannot switch it on). Survivors not judged
-equivalent are listed by name (``mutmut show NAME`` prints the change).
+equivalent are listed by name (``mutmut show NAME`` prints the change); ``--survivors`` prints
+only their names, one a line (``scripts/mutation.sh --survivors`` runs them again).
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ def judged_equivalent(path: str = EQUIVALENTS) -> set[str]:
         return set()
     lines = (line.split(":", 1)[0].strip() for line in open(path, encoding="utf-8"))
     return {name for name in lines if name and not name.startswith("#")}
+
+
+def survivors(root: str = "mutants") -> list[str]:
+    """The mutants that survived (or had no test) and are not judged equivalent, by name."""
+    equivalent = judged_equivalent()
+    return sorted(name for meta in glob.glob(os.path.join(root, "cbp", "**", "*.py.meta"),
+                                             recursive=True)
+                  for name, code in json.load(open(meta))["exit_code_by_key"].items()
+                  if code in SURVIVED and name not in equivalent)
 
 
 def main(root: str = "mutants") -> None:
@@ -53,4 +63,7 @@ def _line(name: str, killed: int, counted: int, same: int) -> str:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--survivors"]:
+        print(*survivors(*sys.argv[2:]), sep="\n")
+    else:
+        main(*sys.argv[1:])
