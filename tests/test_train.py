@@ -246,3 +246,43 @@ def test_a_distilled_run_logs_both_terms_and_resumes_them_mid_epoch(tmp_path, si
     assert terms.tolist() == pytest.approx([sum(p[i] for p in parts[STEPS:]) for i in (0, 1)])
     fit(distilled(out)[0], resume=True)
     assert_same_run(str(out), str(tmp_path / "whole"))
+
+
+def test_progress_shows_steps_epochs_loss_and_headline_and_a_quiet_run_shows_nothing(
+        tmp_path, capsys, signals_raise):
+    """What a user watches: a bar per epoch ("epoch N", its steps, the loss every 20th step from
+    the first) that leaves no line behind, one bar over the epochs with the headline metric and g,
+    the penalty pass's form once it is decided; a resume's bars start where the run stopped."""
+    run, losses = _tiny(tmp_path, show_progress=True)
+    rows = fit(run)
+    out, err = capsys.readouterr()
+    for epoch in (1, 2):
+        assert f"\repoch {epoch}:   0%|          | 0/{STEPS} [00:00<?, ?step/s]" in err
+        assert f"epoch {epoch}: 100%" not in err             # the epoch's bar is not left behind
+        first = losses[(epoch - 1) * STEPS]
+        assert f"?step/s, loss={first:.3f}]" in err
+    assert "\repochs:   0%|          | 0/2 [00:00<?, ?epoch/s]\n" in err
+    last = f"g={rows[-1]['g']:g}, top1={rows[-1]['top1']:.3f}]\n"
+    assert err.endswith(last) and "| 2/2 [" in err.rsplit("\r", 1)[1]
+    assert out.count("cbp: penalty pass: eager (eager pass ") == 1   # decided at step 6
+
+    run, losses = _tiny(tmp_path / "a", epoch_iters=21, show_progress=True)
+    fit(run)
+    out, err = capsys.readouterr()
+    shown = [float(part.split("]")[0]) for part in err.split("loss=")[1:]]
+    assert shown == [round(losses[i], 3) for i in (0, 20, 21, 41)]   # steps 1 and 21 of each
+    assert out.count("cbp: penalty pass: ") == 1   # decided in epoch 1, not said again in 2
+
+    run, losses = _tiny(tmp_path / "b", kill_at=STEPS + 2)         # stopped at epoch 2, step 2
+    with pytest.raises(Interrupted):
+        fit(run)
+    capsys.readouterr()
+    run, _ = _tiny(tmp_path / "b", show_progress=True)
+    fit(run, resume=True)
+    err = capsys.readouterr().err
+    assert "\repoch 2:  50%|" in err and f"| 2/{STEPS} [00:00<?, ?step/s]" in err
+    assert "\repochs:  50%|" in err and "| 1/2 [00:00<?, ?epoch/s]\n" in err
+
+    run, _ = _tiny(tmp_path / "c")                                   # show_progress False
+    fit(run)
+    assert capsys.readouterr() == ("", "")
