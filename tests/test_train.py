@@ -269,8 +269,9 @@ def test_progress_shows_steps_epochs_loss_and_headline_and_a_quiet_run_shows_not
     run, losses = _tiny(tmp_path / "a", epoch_iters=21, show_progress=True)
     fit(run)
     out, err = capsys.readouterr()
-    shown = [float(part.split("]")[0]) for part in err.split("loss=")[1:]]
-    assert shown == [round(losses[i], 3) for i in (0, 20, 21, 41)]   # steps 1 and 21 of each
+    shown = [float(part.split("]")[0]) for part in err.split("loss=")[1:]]   # redrawn at times
+    assert [value for value, _ in itertools.groupby(shown)] == [
+        round(losses[i], 3) for i in (0, 20, 21, 41)]                   # steps 1 and 21 of each
     assert out.count("cbp: penalty pass: ") == 1   # decided in epoch 1, not said again in 2
 
     run, losses = _tiny(tmp_path / "b", kill_at=STEPS + 2)         # stopped at epoch 2, step 2
