@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from cbp.zoo.convnets import (
     AlexNetBN,
+    BasicBlock,
     InvertedResidual,
     ResNet20,
     TinyMobileNetV2,
@@ -57,10 +58,12 @@ def _assert_activations_in_place(model, x):
     hooks = [m.register_forward_hook(
         lambda m, i, o: same.append(o.data_ptr() == i[0].data_ptr()))
         for m in model.modules() if isinstance(m, _ACTIVATIONS)]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
     assert same and all(same), same
 
 
@@ -190,34 +193,50 @@ def test_inverted_residual_shortcut_only_where_the_shape_is_kept():
 
 # -- ResNet-20 ------------------------------------------------------------------------------
 
+def _basic_block_output(block, x):
+    """relu(F(x) + shortcut(x)), F = conv-BN-relu-conv-BN, from the block's own layers."""
+    f = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+    return torch.relu(f + (x if block.downsample is None else block.downsample(x)))
+
+
 def test_resnet20_blocks_and_shortcuts():
-    """He et al. (2016) Sec. 4.2: 3×3 stem, three stages of 3 blocks at widths 16/32/64 that
-    halve the side at each new stage (28 -> 28, 14, 7), output relu(F(x) + shortcut(x)) with an
-    identity shortcut unless the shape changes (then a strided 1×1 conv + BN)."""
+    """He et al. (2016) Sec. 4.2: 3×3 stem, three stages of 3 blocks at widths w, 2w, 4w, the
+    first block of a new stage halving the side (28 -> 28, 14, 7), each block giving
+    relu(F(x) + shortcut(x)); the shortcut is the identity unless the shape changes, then a
+    strided 1×1 conv + BN (option B). The builder forwards classes, channels and width."""
     torch.manual_seed(0)
     model = resnet20(num_classes=7, in_channels=3, width=8)
     x = torch.randn(2, 3, 28, 28)
     calls = _trace(model, x)
-    assert _kinds_and_shapes(calls)[:3] == [("Conv2d", (8, 28, 28)), ("BatchNorm2d", (8, 28, 28)),
-                                            ("ReLU", (8, 28, 28))]
-    assert _kinds_and_shapes(calls)[-2:] == [("AdaptiveAvgPool2d", (32, 1, 1)), ("Linear", (7,))]
+    layer = lambda kind, c, s: (kind, (c, s, s))  # noqa: E731
+    expected = [layer("Conv2d", 8, 28), layer("BatchNorm2d", 8, 28), layer("ReLU", 8, 28)]
+    for width, side in ((8, 28), (16, 14), (32, 7)):
+        for i in range(3):
+            if i == 0 and width != 8:
+                expected += [layer("Conv2d", width, side), layer("BatchNorm2d", width, side)]
+            expected += [layer("Conv2d", width, side), layer("BatchNorm2d", width, side),
+                         layer("ReLU", width, side), layer("Conv2d", width, side),
+                         layer("BatchNorm2d", width, side), layer("ReLU", width, side)]
+    expected += [layer("AdaptiveAvgPool2d", 32, 1), ("Linear", (7,))]
+    assert _kinds_and_shapes(calls) == expected
+    convs = [m for m, _ in calls if isinstance(m, nn.Conv2d)]
+    shortcuts = [c for c in convs if c.kernel_size == (1, 1)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in shortcuts] == [
+        (8, 16, (2, 2)), (16, 32, (2, 2))]
+    assert all((c.kernel_size, c.padding) == ((3, 3), (1, 1)) for c in convs if c not in shortcuts)
     _assert_bias_free_before_batchnorm(calls)
     _assert_activations_in_place(model, x)
-    stem = model.conv1
-    assert (stem.kernel_size, stem.stride, stem.padding) == ((3, 3), (1, 1), (1, 1))
-    h = torch.relu(model.bn1(stem(x)))
-    for stage, (width, side) in zip((model.layer1, model.layer2, model.layer3),
-                                    ((8, 28), (16, 14), (32, 7))):
-        for i, block in enumerate(stage):
-            first_of_new_stage = i == 0 and width != 8
-            assert (block.downsample is not None) == first_of_new_stage
-            with torch.no_grad():
-                f = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(h)))))
-                shortcut = block.downsample(h) if first_of_new_stage else h
-                out = block(h)
-            assert out.shape == (2, width, side, side)
-            assert torch.equal(out, torch.relu(f + shortcut))
+    h = torch.relu(model.bn1(model.conv1(x)))
+    with torch.no_grad():
+        for block in [*model.layer1, *model.layer2, *model.layer3]:
+            out = block(h)
+            assert torch.equal(out, _basic_block_output(block, h))
             h = out
+        # the shape changes by stride alone, or by channels alone: a projection either way
+        for block in (BasicBlock(8, 8, stride=2), BasicBlock(8, 16)):
+            x = torch.randn(2, 8, 6, 6)
+            assert block.downsample is not None
+            assert torch.equal(block.eval()(x), _basic_block_output(block, x))
 
 
 @pytest.mark.parametrize("build", [ResNet20, resnet20])
