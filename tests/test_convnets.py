@@ -53,7 +53,8 @@ def _assert_bias_free_before_batchnorm(calls):
 def _assert_activations_in_place(model, x):
     """Every ReLU/ReLU6 overwrites its input instead of allocating a second activation of the
     same size, as in torchvision's AlexNet, ResNets and MobileNetV2 that these networks follow:
-    the forward's peak activation memory is theirs (the README's memory figures rely on it)."""
+    one activation buffer a layer, not two, in the forward's peak memory (the only difference
+    an out-of-place activation would make: the values and gradients are the same)."""
     same = []
     hooks = [m.register_forward_hook(
         lambda m, i, o: same.append(o.data_ptr() == i[0].data_ptr()))
