@@ -254,6 +254,17 @@ def test_fit_prints_the_penalty_pass_it_chose(tmp_path, capsys):
     assert "estimated over 19 steps: eager " in said[0]
 
 
+def test_compiling_imports_inductor_quietly_for_all_but_a_gpu(monkeypatch):
+    """The in-process side of the test below: the quiet import runs when compiling for the CPU
+    (or any device but a GPU, whose machine has a CUDA runtime), not for a GPU."""
+    imported = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(cbp.core.penalty, "_import_inductor_quietly", lambda: imported.append(1))
+    for device, count in (("cpu", 1), ("cuda", 1), ("meta", 2)):
+        PenaltyKernel(True)._compile("one-graph", torch.device(device))
+        assert len(imported) == count, device
+
+
 def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
     """Issue 14 item 11: torch's "No CUDA runtime is found, using CUDA_HOME" notice, logged when
     compiling first imports torch.utils.cpp_extension, says nothing about a CPU run."""
@@ -334,6 +345,9 @@ def test_the_compiled_form_gets_the_clip_and_g(monkeypatch):
                    3.0, clip=3.0)
     assert float(total) == 2.0 and grad.tolist() == [2.0, 3.0, 0.0]   # 4 cut to 3
     assert kernel._g_tensor(3.0, w.device) is kernel._g_tensor(3.0, w.device)   # kept
+    # a new g on the same device is a new tensor: at g = 1 the window frees 0.25 as well
+    assert float(kernel([w], [lam], [torch.zeros(3)], [torch.tensor([-1.0, 0.0, 1.0])],
+                        [torch.tensor(1.0)], 1.0)) == 1.0
     assert kernel.failed is False
     args = ([w], [lam], [torch.zeros(3)], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)])
     eager = PenaltyKernel(False)
