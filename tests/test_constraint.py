@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cbp.core.constraint import constrained_mask, constraint, quantize, sawtooth
+from cbp.core.constraint import constrained_mask, constraint, level_values, quantize, sawtooth, scaled_levels
 from cbp.core.levels import LEVEL_SETS
 
 
@@ -114,6 +114,17 @@ def test_no_gradient_flows_into_the_scale():
     # levels -0.5, 0.5: 0.1 lies in the g = 2 window (cs flat, Y falls towards 0.5); 0.9 and 1.4
     # on the upper outer arm
     assert w.grad.tolist() == [0.0 - 2.0, 2.0 + 2.0, 2.0 + 2.0]
+
+
+def test_level_values_of_one_scale_however_it_is_shaped():
+    """A per-layer scale is 0-d in a layer, but an export's reader takes any one-element scale
+    (``(1,)``, ``(1, 1)``): each gives every index its level, shaped like the index."""
+    factors = torch.tensor(LEVEL_SETS["shift1"])
+    index = torch.tensor([[0, 4, 2, 1], [3, 3, 0, 4], [1, 2, 4, 0]])
+    expected = torch.tensor([[-2.0, 2.0, 0.0, -1.0], [1.0, 1.0, -2.0, 2.0], [-1.0, 0.0, 2.0, -2.0]])
+    for shape in [(), (1,), (1, 1)]:
+        values = level_values(index, scaled_levels(factors, torch.full(shape, 2.0)))
+        assert values.shape == index.shape and torch.equal(values, expected), shape
 
 
 def test_quantize_sends_an_exact_midpoint_to_the_lower_level():

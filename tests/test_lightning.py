@@ -88,6 +88,7 @@ def test_resume_from_lightnings_checkpoint_equals_an_uninterrupted_run(tmp_path)
     straight, callback = Classifier(), CBPCallback(CONFIG)
     trainer(4, callbacks=[callback, checkpoints]).fit(straight, loader())
     assert callback.optimizer.lagrangian.g == 5
+    assert set(cbp.quantized_layers(straight)) == {"net.2", "net.4"}   # convert is off by default
 
     resumed, callback2 = Classifier(), CBPCallback(CONFIG)
     trainer(4, callbacks=[callback2], enable_checkpointing=False).fit(
@@ -120,6 +121,8 @@ def test_setup_prepares_for_fit_only_and_only_a_float_module():
     callback.setup(None, module, TrainerFn.FITTING)
     prepared = cbp.quantized_layers(module)
     assert set(prepared) == {"net.2", "net.4"}
+    for layer in prepared.values():                           # with the callback's config
+        assert layer.cbp_factors.tolist() == [-1.0, 0.0, 1.0]
     callback.setup(None, module, TrainerFn.FITTING)           # a second fit: not prepared again
     assert cbp.quantized_layers(module) == prepared
 

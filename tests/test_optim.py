@@ -117,6 +117,12 @@ def test_an_lr_scheduler_on_the_wrapper_moves_the_base_lr():
     assert optimizer.warmup_steps == 3
     with pytest.raises(AttributeError, match="no_such_thing"):
         _ = optimizer.no_such_thing
+    # built without __init__ (as pickle and copy build it, before its state): a plain
+    # AttributeError for the missing base optimizer, not a recursion through __getattr__
+    bare = cbp.CBPOptimizer.__new__(cbp.CBPOptimizer)
+    with pytest.raises(AttributeError, match="^base_optimizer$"):
+        _ = bare.lr
+    assert not hasattr(bare, "lr")
 
 
 def test_importing_cbp_imports_no_framework():

@@ -122,3 +122,20 @@ def test_ste_only_runs_cbps_clock_lr_drop_and_stop():
     rises = [i for i in range(1, len(slow)) if slow[i][0] > slow[i - 1][0]]
     assert slow[-1][2] and max(b - a for a, b in zip([-1] + rises, rises)) <= 3
     assert slow[-1][1] == pytest.approx(0.01)
+
+
+def test_a_float64_models_tracker_finds_the_levels_quantize_does():
+    """prepare keeps float32 factors for a float64 model; the tracker takes them in the weight's
+    dtype, so a weight on the exact float64 midpoint of 0.3 (as float32) and 1 goes down, as
+    quantize sends it (that midpoint rounded to float32 lies below it)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))   # scale a = 1
+    cbp.prepare(model, cbp.CBPConfig([-1.0, 0.3, 1.0]))
+    layer = model[1]
+    midpoint = (float(layer.cbp_factors[1]) + 1.0) / 2
+    with torch.no_grad():
+        layer.weight[1, 0] = midpoint
+    index = OscillationTracker(model).index["1"]
+    assert index.tolist() == [[2, 0], [1, 2]]
+    assert torch.equal(layer.levels[index.long()], quantize(layer.weight.detach(), layer.levels))

@@ -211,6 +211,17 @@ def test_auto_mode_in_a_loop_of_unknown_length_looks_again_as_it_grows(monkeypat
                                       "estimated over 95 steps:")
 
 
+def test_a_plan_announced_mid_run_counts_from_the_step_it_was_made_at():
+    """plan(300) after 3 steps: at the decision (step 6) steps 4 and 5 of those 300 are done,
+    298 to come."""
+    kernel = PenaltyKernel(None, clock=FakeClock(0.008))
+    run_kernel(kernel, 3, 2)
+    kernel.plan(300)
+    run_kernel(kernel, 3, 2)
+    assert kernel.decision.startswith("eager (eager pass 8.0 ms/step measured; estimated over "
+                                      "298 steps: eager 2 s, ")
+
+
 def test_a_set_policy_decides_at_the_first_step(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     on, off = PenaltyKernel(True, clock=FakeClock(2.5)), PenaltyKernel(False)
@@ -241,6 +252,17 @@ def test_fit_prints_the_penalty_pass_it_chose(tmp_path, capsys):
     said = [line for line in capsys.readouterr().out.splitlines() if "penalty pass" in line]
     assert len(said) == 1 and said[0].startswith("cbp: penalty pass: eager (eager pass ")
     assert "estimated over 19 steps: eager " in said[0]
+
+
+def test_compiling_imports_inductor_quietly_for_all_but_a_gpu(monkeypatch):
+    """The in-process side of the test below: the quiet import runs when compiling for the CPU
+    (or any device but a GPU, whose machine has a CUDA runtime), not for a GPU."""
+    imported = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(cbp.core.penalty, "_import_inductor_quietly", lambda: imported.append(1))
+    for device, count in (("cpu", 1), ("cuda", 1), ("meta", 2)):
+        PenaltyKernel(True)._compile("one-graph", torch.device(device))
+        assert len(imported) == count, device
 
 
 def test_compiling_on_a_cpu_machine_prints_no_cuda_notice():
@@ -323,6 +345,9 @@ def test_the_compiled_form_gets_the_clip_and_g(monkeypatch):
                    3.0, clip=3.0)
     assert float(total) == 2.0 and grad.tolist() == [2.0, 3.0, 0.0]   # 4 cut to 3
     assert kernel._g_tensor(3.0, w.device) is kernel._g_tensor(3.0, w.device)   # kept
+    # a new g on the same device is a new tensor: at g = 1 the window frees 0.25 as well
+    assert float(kernel([w], [lam], [torch.zeros(3)], [torch.tensor([-1.0, 0.0, 1.0])],
+                        [torch.tensor(1.0)], 1.0)) == 1.0
     assert kernel.failed is False
     args = ([w], [lam], [torch.zeros(3)], [torch.tensor([-1.0, 0.0, 1.0])], [torch.tensor(1.0)])
     eager = PenaltyKernel(False)
@@ -442,38 +467,40 @@ def test_kernel_clips_like_the_eager_form(levels):
                 assert float(grad.abs().max()) == clip
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_one_compiled_graph_for_square_and_other_weights(monkeypatch, per_channel):
-    """Compiled per layer, weights of one rank are one graph whether square or not: without duck
+@pytest.mark.parametrize("per_channel, form", [(False, "per-layer"), (True, "per-layer"),
+                                               (False, "one-graph")])
+def test_one_compiled_graph_for_square_and_other_weights(monkeypatch, per_channel, form):
+    """Compiled dynamic, weights of one rank are one graph whether square or not: without duck
     sizing, ``(8, 8)`` does not make the two sizes one symbol, so ``(6, 10)`` after it compiles
-    nothing new. The numbers are the eager pass's."""
+    nothing new, nor does a second step of other sizes (the one-graph form: same layer count).
+    The numbers are the eager pass's."""
     graphs = []
 
     def counting(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    real_compile = torch.compile
+    real_compile = torch.compile   # the kernel's own settings (dynamic=...), our backend
     monkeypatch.setattr(torch, "compile",
-                        lambda fn, **kw: real_compile(fn, backend=counting, dynamic=True))
+                        lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting}))
     torch._dynamo.reset()
-    shapes = [(8, 8), (6, 10), (12, 4), (5, 5)]
-    torch.manual_seed(0)
-    ws = [torch.randn(s) for s in shapes]
-    lams = [torch.rand(s) for s in shapes]
-    factors = [torch.tensor([-1.0, 0.0, 1.0])] * len(ws)
-    scales = [torch.rand(s[0], 1) + 0.5 if per_channel else torch.tensor(0.7) for s in shapes]
     kernel = PenaltyKernel(True)
-    kernel._compile("per-layer", torch.device("cpu"))
-    eager_grads = [torch.zeros(s) for s in shapes]
-    expected = penalty_grads_(ws, lams, eager_grads, factors, scales, 3.0)
-    grads = [torch.zeros(s) for s in shapes]
-    total = kernel(ws, lams, grads, factors, scales, 3.0)
+    kernel._compile(form, torch.device("cpu"))
+    torch.manual_seed(0)
+    for shapes in ([(8, 8), (6, 10), (12, 4), (5, 5)], [(3, 9), (7, 7), (4, 11), (10, 2)]):
+        ws = [torch.randn(s) for s in shapes]
+        lams = [torch.rand(s) for s in shapes]
+        factors = [torch.tensor([-1.0, 0.0, 1.0])] * len(ws)
+        scales = [torch.rand(s[0], 1) + 0.5 if per_channel else torch.tensor(0.7) for s in shapes]
+        eager_grads = [torch.zeros(s) for s in shapes]
+        expected = penalty_grads_(ws, lams, eager_grads, factors, scales, 3.0)
+        grads = [torch.zeros(s) for s in shapes]
+        total = kernel(ws, lams, grads, factors, scales, 3.0)
+        assert torch.allclose(total, expected)
+        for got, want in zip(grads, eager_grads):
+            assert torch.equal(got, want)
     assert len(graphs) == 1
     import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as fx_config
     # the settings held for our call only: a user's own torch.compile keeps its own
     assert fx_config.use_duck_shape is True and inductor_config.cpp.vec_isa_ok is None
-    assert torch.allclose(total, expected)
-    for got, want in zip(grads, eager_grads):
-        assert torch.equal(got, want)

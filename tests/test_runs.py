@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from types import SimpleNamespace
 
@@ -123,3 +124,22 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_key():
         restore_state(state, "c.pt", {"model": "a", "levels": "ternary"}, model, optimizer)
     assert restore_state(state, "c.pt", {"model": "a", "levels": "binary"}, model,
                          optimizer) == Position(1, 0, None, None)
+
+
+def test_a_pretraining_runs_lr_schedule_resumes_where_it_stood():
+    """The scheduler's state travels in the checkpoint: a fresh scheduler restored from it
+    continues the cosine schedule from epoch 3 of 10."""
+    def parts():
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        return model, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    model, optimizer, scheduler = parts()
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state = checkpoint_state(Position(3), {"model": "a"}, model, optimizer, scheduler=scheduler)
+    model, optimizer, fresh = parts()
+    restore_state(state, "c.pt", {"model": "a"}, model, optimizer, scheduler=fresh)
+    assert fresh.last_epoch == 3 and fresh.get_last_lr() == scheduler.get_last_lr()
+    fresh.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx((1 + math.cos(math.pi * 4 / 10)) / 2)

@@ -153,6 +153,27 @@ def test_share_as_stored_leaves_untied_parameters_alone():
     assert all(a is b for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_share_as_stored_ties_and_unties_nested_parameters_as_the_file_does():
+    """Keys below the top level (``1.0.weight``) are set on their own submodule; the Parameter a
+    tied key gets when the file holds other values for it keeps the tie's requires_grad."""
+    def nested():
+        return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False)),
+                                   torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False)))
+    one = torch.ones(2, 2)
+    untied = nested()
+    share_as_stored(untied, {"0.0.weight": one, "1.0.weight": one})   # stored once: tied
+    assert untied[1][0].weight is untied[0][0].weight
+    tied = nested()
+    tied[1][0].weight = tied[0][0].weight.requires_grad_(False)        # a frozen tie
+    share_as_stored(tied, {"0.0.weight": one, "1.0.weight": one.clone()})   # equal: kept
+    assert tied[1][0].weight is tied[0][0].weight
+    share_as_stored(tied, {"0.0.weight": one, "1.0.weight": 2 * one})   # different: one each
+    first, second = tied[0][0].weight, tied[1][0].weight
+    assert second is not first and type(second) is torch.nn.Parameter
+    assert not first.requires_grad and not second.requires_grad
+    assert [k for k, _ in tied.named_parameters()] == ["0.0.weight", "1.0.weight"]
+
+
 def test_onnx_of_a_quantized_head_tied_to_a_float_embedding_computes_the_trained_model(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -124,20 +124,28 @@ def test_data_without_a_length_needs_epoch_steps(windows, tmp_path):
     assert optimizer.lagrangian.g == 3                      # CBP epochs end at steps 3 and 6
 
 
-def test_accumulated_epochs_the_stop_and_the_hook_removed(windows, tmp_path):
+def test_accumulated_epochs_the_stop_and_the_hook_removed(windows, tmp_path, monkeypatch):
     """8 batches of 8 forwards each accumulated: one optimizer step per epoch, so CBP's epoch
     ends at every step; g = 2, 3 exceeds stop_once_g_exceeds = 2 at step 2: training stops.
-    After training the model's forwards add no loss."""
+    Each of the 16 training forwards added its loss; after training the model's forwards add
+    none, and ending training again removes nothing more."""
     vocab, data = windows
     model, optimizer = llama(vocab, dataclasses.replace(CONFIG, stop_once_g_exceeds=2))
+    added = []
+    add_loss = optimizer.add_loss
+    monkeypatch.setattr(optimizer, "add_loss",
+                        lambda loss: added.append(float(loss.detach())) or add_loss(loss))
     run = trainer(model, optimizer, data, tmp_path, num_train_epochs=5,
                   gradient_accumulation_steps=8)
     run.train()
     assert run.state.global_step == 2 and optimizer.lagrangian.g == 3
+    assert len(added) == 2 * 8 and min(added) > 0
+    next(c for c in run.callback_handler.callbacks if isinstance(c, CBPCallback)).on_train_end(
+        run.args, run.state, run.control)
     model.train()
     batch = torch.stack([w["input_ids"] for w in data[:2]])
     model(input_ids=batch, labels=batch)
-    assert float(optimizer.state_dict()["cbp"]["loss_sum"]) == 0.0
+    assert len(added) == 2 * 8 and float(optimizer.state_dict()["cbp"]["loss_sum"]) == 0.0
 
 
 def test_only_training_forwards_add_their_loss(windows):
@@ -170,3 +178,4 @@ def test_callback_arguments_are_checked(windows):
         with pytest.raises(ValueError, match="epoch_steps must be a positive integer"):
             CBPCallback(optimizer, epoch_steps=bad)
     assert CBPCallback(optimizer, epoch_steps=1).epoch_steps == 1
+    CBPCallback(optimizer).on_train_end(None, None, None)   # no training began: nothing to remove
