@@ -284,7 +284,7 @@ def test_version_2_file_still_loads(levels):
     assert len(model[1].weight.unique()) <= len(cbp.resolve_factors(levels))
 
 
-def test_version_3_file_still_loads():
+def test_version_3_file_still_loads(tmp_path):
     """``fixtures/export_v3_ternary*`` were written by main at db374db (format version 3, one
     scale per layer, before per-channel scales) from ``fixture_net`` (seed 0, BatchNorm run on
     one batch) prepared ternary, next to its ``cbp.convert``-ed float state_dict."""
@@ -297,6 +297,24 @@ def test_version_3_file_still_loads():
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
     assert len(model[1].weight.unique()) == 3
+    # from version 3 on, the CRC covers the header too, and a failure says so
+    data = open(path, "rb").read()
+    bad = tmp_path / "v3.safetensors"
+    bad.write_bytes(data[:-1] + bytes([data[-1] ^ 0x10]))
+    assert_export_error(bad, r"\(header or tensor data fails its CRC-32 check\)$", fixture_net)
+
+
+def test_a_safetensors_error_is_named_by_its_first_line_or_its_type(exported, monkeypatch):
+    """safetensors raises its own error types, some without a message; the CRC passed."""
+    import cbp.files.export_read as export_read
+
+    path, _ = exported
+    for err, reason in ((RuntimeError("bad offsets\ndetails"), "bad offsets"),
+                        (RuntimeError(), "RuntimeError")):
+        def st_load_failing(data, err=err):
+            raise err
+        monkeypatch.setattr(export_read, "st_load", st_load_failing)
+        assert_export_error(path, rf"corrupted safetensors file \({reason}\)$")
 
 
 def test_model_that_does_not_fit(exported):

@@ -18,7 +18,7 @@ from cbp.cli import commands as cli
 from cbp.files.checkpoint import load_checkpoint
 from cbp.training import runs
 from cbp.training.train import CHECKPOINT_NAME, LOG_NAME, read_jsonl
-from cbp.zoo.gpt import CBP_SELECTION, GPT, KVCache, generate
+from cbp.zoo.gpt import CBP_SELECTION, GPT, KVCache, generate, gpt
 from cbp.zoo.tasks import LanguageModel
 from cbp.zoo.text import CharVocab, read_corpus
 
@@ -393,3 +393,9 @@ def test_compare_gpt_recipes_cells_results_file_and_table(compare_gpt, lm_runs, 
     bench.compare.save_results(results, other)
     with pytest.raises(ValueError, match="2 code versions"):
         bench.committed(results, size, methods, ("ternary",))
+
+
+def test_gpt_builder_takes_the_vocabulary_and_the_sizes():
+    model = gpt(37, context=8, layers=1, heads=2, width=16)
+    assert (model.wte.num_embeddings, model.wte.embedding_dim, model.wpe.num_embeddings) == (37, 16, 8)
+    assert len(model.blocks) == 1 and model.cfg.heads == 2

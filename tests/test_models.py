@@ -12,7 +12,15 @@ from safetensors.torch import save_file
 import cbp
 from cbp import CBPConfig, prepare, select_layers
 from cbp.files.checkpoint import save_checkpoint
-from cbp.zoo.models import ModelError, build_model, model_options, resnet20, torchvision_weights
+from cbp.zoo.models import (
+    ModelError,
+    _read_weights,
+    build_model,
+    load_weights,
+    model_options,
+    resnet20,
+    torchvision_weights,
+)
 
 # (name, input side): the smallest convenient size each architecture accepts
 SIZES = {"resnet20": 28, "resnet18": 32, "resnet50": 32, "googlenet": 64, "alexnet_bn": 64}
@@ -70,6 +78,22 @@ def test_alexnet_bn_structure():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.features) == 5
 
 
+@pytest.mark.parametrize(("name", "stem"), [("resnet18", "conv1"), ("googlenet", "conv1.conv")])
+def test_a_stem_rebuilt_for_other_input_keeps_torchvisions_geometry_and_init(name, stem):
+    """A 4-channel stem: torchvision's 7x7 stride-2 padding-3 conv without bias, He-initialised
+    for ReLU over its fan-out, std sqrt(2 / (64 * 7 * 7)) = 0.0253 (over its fan-in: 0.101)."""
+    torch.manual_seed(0)
+    model = build_model(name, 10, in_channels=4)
+    conv = model.get_submodule(stem)
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (
+        4, 64, (7, 7), (2, 2), (3, 3))
+    assert conv.bias is None
+    assert abs(conv.weight.std().item() / (2 / (64 * 7 * 7)) ** 0.5 - 1) < 0.1
+    if name == "googlenet":  # torchvision's own init elsewhere: truncated normal, std 0.01
+        inner = model.inception3a.branch1.conv.weight
+        assert abs(inner.std().item() / 0.01 - 1) < 0.1
+
+
 def _assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -88,27 +112,80 @@ def test_weights_round_trip(tmp_path):
         _assert_same_state(source, loaded)
 
 
+def test_safetensors_files_are_read_without_torch_load(tmp_path, monkeypatch):
+    """torch.load knows .safetensors files only in recent releases (cbp supports torch 2.1)."""
+    save_file({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
+
+    def old_torch_load(*args, **kwargs):
+        raise RuntimeError("invalid load key")
+    monkeypatch.setattr(torch, "load", old_torch_load)
+    state, _ = _read_weights(str(tmp_path / "w.safetensors"))
+    assert torch.equal(state["w"], torch.arange(3.0))
+
+
 def test_mismatched_weights(tmp_path):
     state = resnet20(num_classes=10, in_channels=1).state_dict()
-    torch.save(state, tmp_path / "w.pt")
-    with pytest.raises(ModelError, match="shape mismatches.*fc.weight"):
-        build_model("resnet20", 5, in_channels=1, weights=str(tmp_path / "w.pt"))
+    path = str(tmp_path / "w.pt")
+    torch.save(state, path)
+    with pytest.raises(ModelError) as info:  # 10 classes saved, 5 built: fc.weight and fc.bias
+        build_model("resnet20", 5, in_channels=1, weights=path)
+    assert str(info.value) == (f"weights {path} do not fit the model: "
+                               "2 shape mismatches (first: fc.weight)")
     del state["fc.bias"]
+    torch.save(state, tmp_path / "short.pt")  # a key missing, nothing else wrong
+    with pytest.raises(ModelError, match=r"short.pt do not fit the model: 1 missing keys "
+                                         r"\(first: fc.bias\)$"):
+        load_weights(resnet20(num_classes=10, in_channels=1), str(tmp_path / "short.pt"))
     state["extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "partial.pt")
     with pytest.raises(ModelError, match="1 missing keys .first: fc.bias.; 1 unexpected keys"):
         build_model("resnet20", 10, in_channels=1, weights=str(tmp_path / "partial.pt"))
 
 
+def test_load_weights_fills_a_model_built_elsewhere(tmp_path):
+    torch.manual_seed(1)
+    source = resnet20(num_classes=10, in_channels=1)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"model": source.state_dict(), "meta": {"model": "resnet20"}}, path)
+    target = resnet20(num_classes=10, in_channels=1)
+    assert load_weights(target, path) is target
+    _assert_same_state(source, target)
+
+
+def test_a_file_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    """A state_dict whose tensors were saved from "cuda:0" (the tag torch writes for each
+    storage, faked here) is read onto the CPU, whether or not this machine has a GPU."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"w": torch.ones(3)}, tmp_path / "gpu.pt")
+    state, meta = _read_weights(str(tmp_path / "gpu.pt"))
+    assert state["w"].device == torch.device("cpu") and torch.equal(state["w"], torch.ones(3))
+    assert meta == {}
+
+
 def test_unreadable_weights(tmp_path):
+    from safetensors.torch import load_file
+
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    (tmp_path / "empty.pt").write_bytes(b"")
     torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"fc.weight": torch.zeros(1), "step": 3}, tmp_path / "not_all_tensors.pt")
+    torch.save({1: torch.zeros(1)}, tmp_path / "int_keys.pt")
     for file, message in (("junk.safetensors", "cannot read"), ("junk.pt", "cannot read"),
-                          ("list.pt", "no state_dict"), ("missing.pt", "not found")):
+                          ("list.pt", "no state_dict"), ("missing.pt", "not found"),
+                          ("not_all_tensors.pt", "no state_dict"), ("int_keys.pt", "no state_dict")):
         with pytest.raises(ModelError, match=message) as info:
             build_model("resnet20", 10, in_channels=1, weights=str(tmp_path / file))
         assert "\n" not in str(info.value)
+    # the reason is the reader's own first line; an error without a message gives its type
+    with pytest.raises(Exception) as raised:
+        load_file(str(tmp_path / "junk.safetensors"))  # safetensors, not unpickling, reads it
+    for file, reason in (("junk.safetensors", str(raised.value).strip().splitlines()[0]),
+                         ("empty.pt", "EOFError")):  # torch.load raises EOFError()
+        with pytest.raises(ModelError) as info:
+            build_model("resnet20", 10, in_channels=1, weights=str(tmp_path / file))
+        assert str(info.value) == f"cannot read weights {tmp_path / file}: {reason}"
 
 
 class _WritesMarker:
@@ -121,13 +198,17 @@ class _WritesMarker:
         return open, (self.marker, "w")
 
 
-def test_pickle_that_runs_code_is_refused(tmp_path):
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     marker = str(tmp_path / "marker")
     pickle.loads(pickle.dumps(_WritesMarker(marker))).close()  # the payload is live...
     assert os.path.exists(marker)
     os.remove(marker)
     state = resnet20(in_channels=1).state_dict()
     torch.save({"model": state, "payload": _WritesMarker(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match="cannot read weights"):
+        build_model("resnet20", 10, in_channels=1, weights=str(tmp_path / "evil.pt"))
+    # torch.load unpickles anything when this is set, unless weights_only is passed explicitly
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(ModelError, match="cannot read weights"):
         build_model("resnet20", 10, in_channels=1, weights=str(tmp_path / "evil.pt"))
     assert not os.path.exists(marker)  # ...but loading weights never ran it
@@ -199,6 +280,9 @@ def test_torchvision_weights_are_the_papers(name, fake_download):
     if name == "googlenet":  # auxiliary heads dropped, input scaling of the published weights
         assert model.aux1 is None and model.transform_input is True
         assert not any(k.startswith("aux") for k in loaded)
+        # unless the options say otherwise
+        assert not build_model(name, 1000, 3, weights="torchvision",
+                               transform_input=False).transform_input
 
 
 def test_other_torchvision_weights_only_when_asked(fake_download):
@@ -211,6 +295,8 @@ def test_other_torchvision_weights_only_when_asked(fake_download):
     with pytest.raises(ModelError, match="no resnet50 weights 'V3'.*torchvision:IMAGENET1K_V1, "
                                          "torchvision:IMAGENET1K_V2"):
         build_model("resnet50", 1000, 3, weights="torchvision:V3")
+    with pytest.raises(ModelError, match="no resnet50 weights 'IMAGENET1K_V1:V2'"):  # one member
+        torchvision_weights("resnet50", "torchvision:IMAGENET1K_V1:V2")
     with pytest.raises(ModelError, match="no weights for alexnet_bn"):
         build_model("alexnet_bn", 1000, 3, weights="torchvision:IMAGENET1K_V1")
     assert fetched[3:] == []
