@@ -258,7 +258,8 @@ def test_progress_shows_steps_epochs_loss_and_headline_and_a_quiet_run_shows_not
     out, err = capsys.readouterr()
     for epoch in (1, 2):
         assert f"\repoch {epoch}:   0%|          | 0/{STEPS} [00:00<?, ?step/s]" in err
-        assert f"epoch {epoch}: 100%" not in err             # the epoch's bar is not left behind
+        after = err.split(f"\repoch {epoch}:")[-1].split("\repochs")[0]
+        assert "\r" + " " * 40 in after                      # the epoch's bar is cleared away
         first = losses[(epoch - 1) * STEPS]
         assert f"?step/s, loss={first:.3f}]" in err
     assert "\repochs:   0%|          | 0/2 [00:00<?, ?epoch/s]\n" in err
