@@ -399,3 +399,32 @@ def test_gpt_builder_takes_the_vocabulary_and_the_sizes():
     model = gpt(37, context=8, layers=1, heads=2, width=16)
     assert (model.wte.num_embeddings, model.wte.embedding_dim, model.wpe.num_embeddings) == (37, 16, 8)
     assert len(model.blocks) == 1 and model.cfg.heads == 2
+
+
+def test_two_tokens_are_causal_too_and_attention_dropout_acts_in_training_only():
+    """``is_causal`` is off only for a single token (nothing to hide); the attention's dropout
+    (``cfg.dropout``) draws a new mask per training forward and none in eval."""
+    torch.manual_seed(0)
+    model = gpt(11, context=16, layers=2, heads=2, width=32, dropout=0.5).eval()
+    x, y = torch.tensor([[1, 2]]), torch.tensor([[1, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, 0], model(y)[:, 0])   # the first sees itself only
+        torch.testing.assert_close(model(x), model(x))                # eval: no dropout
+        for module in model.modules():                                # all other dropout off
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        model.train()
+        assert not torch.allclose(model(x), model(x))                 # attention dropout only
+
+
+def test_residual_projections_start_scaled_by_depth_as_gpt2():
+    """GPT-2's initialisation: every weight N(0, 0.02), the residual projections (attention's and
+    the MLP's ``proj``) N(0, 0.02 / sqrt(2 * layers)) so that the residual stream's variance does
+    not grow with depth."""
+    torch.manual_seed(0)
+    layers = 8
+    model = gpt(11, context=16, layers=layers, heads=2, width=128)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            std = 0.02 / (2 * layers) ** 0.5 if name.endswith("proj.weight") else 0.02
+            assert p.std().item() == pytest.approx(std, rel=0.05), name
