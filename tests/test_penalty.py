@@ -254,8 +254,9 @@ def test_fit_prints_the_penalty_pass_it_chose(tmp_path, capsys):
     assert "estimated over 19 steps: eager " in said[0]
 
 
-def test_compiling_imports_inductor_quietly_for_all_but_a_gpu(monkeypatch):
-    """The in-process side of the test below: the quiet import runs when compiling for the CPU
+def test_the_inductor_import_is_quiet_for_every_device_but_a_gpu(monkeypatch):
+    """The in-process side of the test below (named so that the mutation selection, which leaves
+    out compiling tests, keeps it: it compiles nothing): the quiet import runs for the CPU
     (or any device but a GPU, whose machine has a CUDA runtime), not for a GPU."""
     imported = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
