@@ -26,35 +26,36 @@ def judged_equivalent(path: str = EQUIVALENTS) -> set[str]:
     return {name for name in lines if name and not name.startswith("#")}
 
 
+def _results(root: str) -> list[tuple[str, dict]]:
+    """``(module, {mutant_name: exit code})`` for every mutated module, in path order."""
+    metas = sorted(glob.glob(os.path.join(root, "cbp", "**", "*.py.meta"), recursive=True))
+    return [(os.path.relpath(meta, os.path.join(root, "cbp")).removesuffix(".py.meta"),
+             json.load(open(meta))["exit_code_by_key"]) for meta in metas]
+
+
 def survivors(root: str = "mutants") -> list[str]:
     """The mutants that survived (or had no test) and are not judged equivalent, by name."""
     equivalent = judged_equivalent()
-    return sorted(name for meta in glob.glob(os.path.join(root, "cbp", "**", "*.py.meta"),
-                                             recursive=True)
-                  for name, code in json.load(open(meta))["exit_code_by_key"].items()
+    return sorted(name for _, codes in _results(root) for name, code in codes.items()
                   if code in SURVIVED and name not in equivalent)
 
 
 def main(root: str = "mutants") -> None:
     equivalent = judged_equivalent()
     totals = [0, 0, 0]   # killed, counted, equivalent
-    survivors = []
     print(f"{'module':<24}{'killed':>8}{'counted':>9}{'score':>8}{'equiv':>7}{'non-eq':>8}")
-    for meta in sorted(glob.glob(os.path.join(root, "cbp", "**", "*.py.meta"), recursive=True)):
-        codes = json.load(open(meta))["exit_code_by_key"]
+    for module, codes in _results(root):
         killed = sum(code in KILLED for code in codes.values())
         lived = [name for name, code in codes.items() if code in SURVIVED]
         if killed + len(lived) == 0:
             continue
-        same = sum(name in equivalent for name in lived)
-        survivors += [name for name in lived if name not in equivalent]
-        row = (killed, killed + len(lived), same)
+        row = (killed, killed + len(lived), sum(name in equivalent for name in lived))
         totals = [a + b for a, b in zip(totals, row)]
-        name = os.path.relpath(meta, os.path.join(root, "cbp")).removesuffix(".py.meta")
-        print(_line(name, *row))
+        print(_line(module, *row))
     if totals[1]:
         print(_line("all", *totals))
-    print(f"\n{len(survivors)} survivors not judged equivalent:", *sorted(survivors), sep="\n  ")
+    left = survivors(root)
+    print(f"\n{len(left)} survivors not judged equivalent:", *left, sep="\n  ")
 
 
 def _line(name: str, killed: int, counted: int, same: int) -> str:
