@@ -21,18 +21,22 @@ from cbp.zoo.convnets import (
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 
-def _trace(model, x):
-    """Every leaf module's call in forward order: (module, output shape without the batch)."""
-    calls = []
-    leaves = [m for m in model.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, tuple(o.shape[1:]))))
-             for m in leaves]
+def _forward_hooked(model, x, modules, hook):
+    """One eval forward of ``x`` with ``hook`` on each of ``modules``, removed afterwards."""
+    hooks = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
             model.eval()(x)
     finally:
         for h in hooks:
             h.remove()
+
+
+def _trace(model, x):
+    """Every leaf module's call in forward order: (module, output shape without the batch)."""
+    calls = []
+    _forward_hooked(model, x, [m for m in model.modules() if not list(m.children())],
+                    lambda m, i, o: calls.append((m, tuple(o.shape[1:]))))
     return calls
 
 
@@ -56,15 +60,8 @@ def _assert_activations_in_place(model, x):
     one activation buffer a layer, not two, in the forward's peak memory (the only difference
     an out-of-place activation would make: the values and gradients are the same)."""
     same = []
-    hooks = [m.register_forward_hook(
-        lambda m, i, o: same.append(o.data_ptr() == i[0].data_ptr()))
-        for m in model.modules() if isinstance(m, _ACTIVATIONS)]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_hooked(model, x, [m for m in model.modules() if isinstance(m, _ACTIVATIONS)],
+                    lambda m, i, o: same.append(o.data_ptr() == i[0].data_ptr()))
     assert same and all(same), same
 
 
