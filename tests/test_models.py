@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import cbp
 from cbp import CBPConfig, prepare, select_layers
@@ -164,8 +164,6 @@ def test_a_file_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
 
 
 def test_unreadable_weights(tmp_path):
-    from safetensors.torch import load_file
-
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     (tmp_path / "empty.pt").write_bytes(b"")
