@@ -181,8 +181,13 @@ def test_auto_mode_takes_the_form_with_the_least_estimated_time(monkeypatch, pla
     """20 layers, an eager pass of 8 ms (a binary ResNet-20 on this CPU), 5 steps timed (the
     first untimed), then over the 5 steps done less: eager 8 ms a step; per-layer 8 s + (8/15 ms
     + 20 x 0.1 ms) a step; one-graph 20 x 3 s + 8/15 ms a step."""
-    calls = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn) or fn)
+    calls, runs = [], []
+
+    def compile_stub(fn, **options):   # the function and options compiled; each compiled call
+        calls.append((fn, options))
+        return lambda *args, **kwargs: runs.append(fn) or fn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_stub)
     kernel = PenaltyKernel(None, clock=FakeClock(0.008))
     kernel.plan(planned)
     assert run_kernel(kernel, 5, 20) == [] and kernel.decision is None
@@ -194,7 +199,10 @@ def test_auto_mode_takes_the_form_with_the_least_estimated_time(monkeypatch, pla
         f"{form}{' compiled in 0.0 s' if form != 'eager' else ''} (eager pass 8.0 ms/step measured; "
         f"estimated over {remaining} steps: eager {costs[0]:.0f} s, per-layer {costs[1]:.0f} s, "
         f"one-graph {costs[2]:.0f} s)")
-    assert calls == {"eager": [], "per-layer": [penalty_grad_], "one-graph": [penalty_grads_]}[form]
+    # compiled dynamic (one graph for every size); steps 6-25 ran it: per layer, or once a step
+    assert calls == {"eager": [], "per-layer": [(penalty_grad_, {"dynamic": True})],
+                     "one-graph": [(penalty_grads_, {"dynamic": True})]}[form]
+    assert len(runs) == {"eager": 0, "per-layer": 20 * 20, "one-graph": 20}[form]
 
 
 def test_auto_mode_in_a_loop_of_unknown_length_looks_again_as_it_grows(monkeypatch):

@@ -44,6 +44,12 @@ def test_the_training_loop_itself_refuses_a_mid_epoch_resume_with_another_plan()
     with pytest.raises(CheckpointError, match="stopped in epoch 2 after step 1.*batch_size 32 "
                                               "-> 64"):
         check_same_plan({"epoch": 1, "step": 1, "plan": plan}, _plan(run), "c")
+    run.seed = 3   # two changes, each named once; the unchanged ones are not
+    with pytest.raises(CheckpointError) as err:
+        check_same_plan({"epoch": 0, "step": 7, "plan": plan}, _plan(run), "c")
+    assert str(err.value) == ("c stopped in epoch 1 after step 7; it resumes exactly only with the "
+                              "same data order, but seed 0 -> 3, batch_size 32 -> 64: resume with "
+                              "the values it was started with")
 
 
 # ---- the logs, a fresh start, old checkpoints, a run's identity ----------------------------------

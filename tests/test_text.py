@@ -65,6 +65,19 @@ def test_vocabulary_and_windows_edges(tmp_path):
     assert len(notes) == 5 and notes.vocab.decode(notes[4][1]) == train[21:26]
 
 
+def test_the_corpus_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """A machine whose locale encoding is ASCII (``LANG=C`` without Python's UTF-8 mode) opens a
+    file without ``encoding=`` as ASCII; simulated here for the reader's ``open``."""
+    import cbp.zoo.text as text_module
+
+    def ascii_locale_open(path, *args, encoding=None, **kwargs):
+        return open(path, *args, encoding=encoding or "ascii", **kwargs)
+
+    monkeypatch.setattr(text_module, "open", ascii_locale_open, raising=False)
+    (tmp_path / "a_gut.txt").write_text("Æneas’ “farewell” — fin", encoding="utf-8")
+    assert read_corpus(str(tmp_path)) == "Æneas’ “farewell” — fin"
+
+
 def test_text_reader_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="no \\*_gut.txt text files"):
         read_corpus(str(tmp_path))
