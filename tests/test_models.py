@@ -123,7 +123,7 @@ def test_safetensors_files_are_read_without_torch_load(tmp_path, monkeypatch):
     assert torch.equal(state["w"], torch.arange(3.0))
 
 
-def test_mismatched_weights(tmp_path):
+def test_weights_that_do_not_fit_are_refused_naming_the_file_and_the_first_key(tmp_path):
     state = resnet20(num_classes=10, in_channels=1).state_dict()
     path = str(tmp_path / "w.pt")
     torch.save(state, path)
