@@ -68,8 +68,6 @@ def test_vocabulary_and_windows_edges(tmp_path):
 def test_the_corpus_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
     """A machine whose locale encoding is ASCII (``LANG=C`` without Python's UTF-8 mode) opens a
     file without ``encoding=`` as ASCII; simulated here for the reader's ``open``."""
-    import cbp.zoo.text as text_module
-
     def ascii_locale_open(path, *args, encoding=None, **kwargs):
         return open(path, *args, encoding=encoding or "ascii", **kwargs)
 
