@@ -5,10 +5,14 @@
 # cores for everything (longer on a busy machine), so it can be stopped and continued:
 #   scripts/mutation.sh [MODULE ...]   a fresh run; name modules to run fewer
 #                                      (e.g. core.levels files.packing training.train)
-#   scripts/mutation.sh --continue     go on with a stopped run: the results so far stand
+#   scripts/mutation.sh --continue     go on with a stopped run: the results so far stand (from
+#                                      mutants/, or from scripts/mutation-results.json when a
+#                                      fresh checkout has no mutants/)
 #   scripts/mutation.sh --survivors    run again only the survivors not judged equivalent, with
 #                                      the tests as they are now (after adding tests)
-# Results stay in mutants/; `mutmut results` lists the survivors, `mutmut show NAME` shows one.
+# Results stay in mutants/ and are recorded in scripts/mutation-results.json when the run ends or
+# is stopped (scripts/mutation_record.py; a fresh run's record replaces the previous one);
+# `mutmut results` lists the survivors, `mutmut show NAME` shows one.
 # A run continued or re-run maps test functions added since to what they call, but keeps its
 # record of which existing tests cover which function; a fresh run rebuilds that record.
 set -euo pipefail
@@ -16,6 +20,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1 CBP_COMPILE=0 HYPOTHESIS_PROFILE=mutation
 names=()
+if [ "${1:-}" = --continue ] || [ "${1:-}" = --survivors ]; then
+  [ -d mutants ] || "$PYTHON" scripts/mutation_record.py restore
+fi
 case "${1:-}" in
   --continue) ;;
   --survivors) mapfile -t names < <("$PYTHON" scripts/mutation_score.py --survivors)
@@ -23,5 +30,6 @@ case "${1:-}" in
   *) rm -rf mutants
      for module in "$@"; do names+=("cbp.$module.*"); done ;;
 esac
+trap '"$PYTHON" scripts/mutation_record.py save' EXIT
 "$PYTHON" scripts/mutmut_run.py run --max-children "${JOBS:-2}" "${names[@]}" | tail -n 3
 "$PYTHON" scripts/mutation_score.py
