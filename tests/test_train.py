@@ -12,18 +12,22 @@ import tiny_run
 import torch
 from torch.utils.data import TensorDataset
 
+from cbp.core.distributed import Context
+from cbp.core.oscillation import OscillationTracker
 from cbp.files.checkpoint import load_checkpoint
+from cbp.training import train
 from cbp.training.distill import Distillation
-from cbp.training.interrupts import Interrupted
+from cbp.training.interrupts import GracefulStop, Interrupted, poll
 from cbp.training.runs import (
     CHECKPOINT_NAME,
     HIST_NAME,
     LOG_NAME,
+    Position,
     histogram_layer,
     read_jsonl,
     weight_histogram,
 )
-from cbp.training.train import NonFiniteError, fit
+from cbp.training.train import NonFiniteError, Run, fit, train_epoch
 from cbp.zoo.data import epoch_batches, make_loader
 from cbp.zoo.tasks import Classification
 
@@ -288,3 +292,100 @@ def test_progress_shows_steps_epochs_loss_and_headline_and_a_quiet_run_shows_not
     run, _ = _tiny(tmp_path / "c")                                   # show_progress False
     fit(run)
     assert capsys.readouterr() == ("", "")
+
+
+# ---- train_epoch on its own: the sums, the steps of a resumed epoch, what each step does --------
+
+def _loader(run):
+    return make_loader(run.train_data, run.batch_size, train=True, seed=run.seed)
+
+
+def test_a_resumed_epoch_runs_only_its_remaining_steps_and_sums_in_float64_onto_the_earlier_sum(
+        tmp_path):
+    """epoch_iters 3 of a 4-batch pass, resumed after step 1: two steps, and the loss sum (kept in
+    float64 so a resumed epoch sums exactly as a whole one) adds them to the saved sum."""
+    run, losses = _tiny(tmp_path, epoch_iters=3)
+    before = torch.tensor(1e8 + 0.125, dtype=torch.float64)    # float32 would round it to 1e8
+    result = train_epoch(run, run.model, _loader(run), 0, Position(0, 1, before))
+    assert len(losses) == 2 and result.steps == 3
+    assert result.loss_sum.dtype == torch.float64 and result.own_loss_sum.dtype == torch.float64
+    assert float(result.loss_sum) == pytest.approx(1e8 + 0.125 + sum(losses), rel=1e-15, abs=1e-6)
+    assert result.loss == pytest.approx(float(result.loss_sum) / 3)
+    assert (result.stopped_at, result.signum) == (None, 0)
+
+
+def test_the_steps_step_a_separate_oscillation_tracker_once_each(tmp_path):
+    run, losses = _tiny(tmp_path)
+    run.lagrangian, run.oscillation = None, OscillationTracker(run.model)   # STE-style steps
+    train_epoch(run, run.model, _loader(run), 0)
+    assert len(losses) == STEPS and run.oscillation.steps == STEPS
+
+
+class _ConvWithSpare(torch.nn.Module):
+    """A conv net on 3-channel images, and a spare layer the loss never reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head, self.spare = (torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 3),
+                                            torch.nn.Linear(2, 2))
+        self.inputs = []
+        self.conv.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0]))
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_channels_last_feeds_nhwc_images_and_a_parameter_outside_the_loss_is_never_moved(tmp_path):
+    """With a gradient left from earlier computations, the spare layer's is set to None at the
+    first step, so weight decay and momentum leave it alone (zeroing it would decay it)."""
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 6, 6, generator=gen), torch.randint(0, 3, (32,),
+                                                                                  generator=gen))
+    model = _ConvWithSpare()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.5)
+    run = Run(model=model, optimizer=optimizer, train_data=data, val_data=data, out_dir=str(tmp_path),
+              epochs=1, batch_size=8, ctx=Context(0, 1, torch.device("cpu")), channels_last=True,
+              show_progress=False)
+    spare = model.spare.weight.detach().clone()
+    model.spare.weight.grad = torch.ones_like(spare)
+    head = model.head.weight.detach().clone()
+    train_epoch(run, model, _loader(run), 0)
+    assert len(model.inputs) == 4 and all(
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        for x in model.inputs)
+    assert torch.equal(model.spare.weight, spare) and model.spare.weight.grad is None
+    assert not torch.equal(model.head.weight, head)
+
+
+@pytest.fixture
+def two_processes_simulated(monkeypatch):
+    """train_epoch as each of two processes runs it, the collectives replaced by one process's
+    values: on CPU the loss flag and a caught signal are then read every NAN_CHECK_EVERY steps."""
+    monkeypatch.setattr(train, "poll", lambda stop, bad, world_size: poll(stop, bad, 1))
+    monkeypatch.setattr(train, "all_reduce_sum", lambda tensor: tensor)
+    return Context(0, 2, torch.device("cpu"))
+
+
+def test_across_processes_a_nan_is_read_every_n_steps_and_still_names_its_first_step(
+        tmp_path, two_processes_simulated):
+    run, losses = _tiny(tmp_path, epoch_iters=train.NAN_CHECK_EVERY + 5, bad_steps=(1, 5),
+                        ctx=two_processes_simulated)
+    with pytest.raises(NonFiniteError, match=" in epoch 1 at step 1$"):
+        train_epoch(run, run.model, _loader(run), 0)
+    assert len(losses) == train.NAN_CHECK_EVERY
+
+
+def test_across_processes_a_signal_stops_the_epoch_at_the_next_common_check(
+        tmp_path, two_processes_simulated):
+    run, losses = _tiny(tmp_path, epoch_iters=train.NAN_CHECK_EVERY + 5, ctx=two_processes_simulated)
+    stop = GracefulStop()
+    step = run.task.loss
+
+    def caught_at_step_3(output, target):
+        if len(losses) == 2:
+            stop.signum = signal.SIGTERM
+        return step(output, target)
+    run.task = type("Caught", (Classification,), {"loss": staticmethod(caught_at_step_3)})
+    result = train_epoch(run, run.model, _loader(run), 0, stop=stop)
+    assert (result.stopped_at, result.signum) == (train.NAN_CHECK_EVERY, signal.SIGTERM)
+    assert len(losses) == train.NAN_CHECK_EVERY
