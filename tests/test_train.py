@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from cbp.core.distributed import Context
 from cbp.core.oscillation import OscillationTracker
-from cbp.files.checkpoint import load_checkpoint
+from cbp.files.checkpoint import CheckpointError, load_checkpoint
 from cbp.training import train
 from cbp.training.distill import Distillation
 from cbp.training.interrupts import GracefulStop, Interrupted, poll
@@ -202,6 +202,33 @@ def test_a_signal_mid_epoch_checkpoints_that_step_and_the_resume_ends_where_a_wh
     resumed, rest = _tiny(out)
     fit(resumed, resume=True)
     assert len(rest) == STEPS - 2
+    assert_same_run(str(out), str(tmp_path / "whole"))
+
+
+def _plain_with_scheduler(out, **changes):
+    """The tiny run with plain steps (as pretraining takes them) and an lr halved every epoch."""
+    run, losses = _tiny(out, **changes)
+    run.lagrangian, run.meta["mode"] = None, "pretrain"
+    run.scheduler = torch.optim.lr_scheduler.StepLR(run.optimizer, step_size=1, gamma=0.5)
+    return run, losses
+
+
+def test_a_plain_run_resumed_mid_epoch_restores_its_lr_schedule_and_refuses_another_batch_size(
+        tmp_path, signals_raise, assert_same_run):
+    whole, _ = _plain_with_scheduler(tmp_path / "whole", epochs=3)
+    fit(whole)
+    out = tmp_path / "stopped"
+    run, _ = _plain_with_scheduler(out, epochs=3, kill_at=STEPS + 2)
+    with pytest.raises(Interrupted):
+        fit(run)
+    path = str(out / CHECKPOINT_NAME)
+    other, _ = _plain_with_scheduler(out, epochs=3, batch_size=8)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {path} stopped in epoch 2 after step 2"):
+        fit(other, resume=True)
+    resumed, rest = _plain_with_scheduler(out, epochs=3)
+    fit(resumed, resume=True)
+    assert len(rest) == 2 * STEPS - 2 and resumed.scheduler.last_epoch == 3
+    assert resumed.optimizer.param_groups[0]["lr"] == whole.optimizer.param_groups[0]["lr"] == 0.05 / 8
     assert_same_run(str(out), str(tmp_path / "whole"))
 
 
