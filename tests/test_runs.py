@@ -7,10 +7,13 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import tiny_run
 import torch
 
+from cbp import prepare
 from cbp.core.config import CBPConfig
-from cbp.files.checkpoint import FORMAT_V1, CheckpointError, WriteError
+from cbp.core.layers import quantized_layers
+from cbp.files.checkpoint import FORMAT_V1, CheckpointError, WriteError, save_checkpoint
 from cbp.training.runs import (
     CHECKPOINT_NAME,
     HIST_NAME,
@@ -24,10 +27,13 @@ from cbp.training.runs import (
     clear_run_dir,
     describe,
     keep_rows_up_to,
+    load_model,
+    load_pretrained,
     read_jsonl,
     restore_state,
 )
 from cbp.training.train import _plan
+from cbp.zoo.models import build_model
 
 
 def test_every_file_a_run_writes_is_one_it_owns(reference_run):
@@ -149,3 +155,53 @@ def test_a_pretraining_runs_lr_schedule_resumes_where_it_stood():
     assert fresh.last_epoch == 3 and fresh.get_last_lr() == scheduler.get_last_lr()
     fresh.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx((1 + math.cos(math.pi * 4 / 10)) / 2)
+
+
+def test_a_state_without_a_step_stands_at_its_epochs_end_and_v1_penalties_are_one_processs(
+        tmp_path):
+    """``step`` came with mid-epoch checkpoints; a v1 state (loss + penalty as ``epoch_sum``) is
+    read as one process's unless ``world_size`` says otherwise."""
+    run = tiny_run.build(str(tmp_path), "plain")
+    state = checkpoint_state(Position(2), run.meta, run.model, run.optimizer, run.lagrangian)
+    cbp_state = dict(state["cbp"])
+    penalty = float(cbp_state["penalty_sum"])
+    cbp_state["epoch_sum"] = cbp_state.pop("penalty_sum") + 5.0
+    del state["step"]
+    v1 = {**state, "format": FORMAT_V1, "cbp": cbp_state, "loss_sum": torch.tensor(3.0)}
+    pos = restore_state(v1, "c.pt", run.meta, run.model, run.optimizer, run.lagrangian)
+    assert (pos.epoch, pos.step, float(pos.loss_sum)) == (2, 0, 3.0)
+    assert float(run.lagrangian.state_dict()["penalty_sum"]) == pytest.approx(penalty + 2.0)
+
+
+def _resnet20_checkpoint(path, mode, tamper=False):
+    """A ResNet-20 checkpoint (CBP: ternary, layer1 excluded), with a misshapen head if ``tamper``."""
+    torch.manual_seed(0)
+    model, config = build_model("resnet20", 10, 1), CBPConfig("ternary", exclude=[r"^layer1\."])
+    if mode == "quantize":
+        prepare(model, config)
+    tensors = model.state_dict()
+    if tamper:
+        tensors["fc.weight"] = tensors["fc.weight"][:, :3]
+    meta = describe(mode, model, "resnet20", "fashion-mnist", 10, 1, [1, 28, 28],
+                    config if mode == "quantize" else None)
+    save_checkpoint({"meta": meta, "model": tensors, "epoch": 1}, str(path))
+    return model
+
+
+def test_a_checkpoints_model_is_rebuilt_with_its_exclusions_and_a_misfit_names_the_file(tmp_path):
+    source = _resnet20_checkpoint(tmp_path / "q.pt", "quantize")
+    model, _ = load_model(str(tmp_path / "q.pt"))
+    assert quantized_layers(model).keys() == quantized_layers(source).keys()
+    assert not any(name.startswith("layer1.") for name in quantized_layers(model))
+    for mode, load in (("quantize", load_model), ("pretrain", lambda p: load_pretrained(p, 10, 1))):
+        path = str(tmp_path / f"{mode}-bad.pt")
+        _resnet20_checkpoint(path, mode, tamper=True)
+        with pytest.raises(CheckpointError, match=f"^checkpoint {path} does not fit its model: "):
+            load(path)
+
+
+def test_describe_records_the_options_a_rebuild_needs():
+    model = torch.nn.Linear(2, 2)
+    model.transform_input = True          # as torchvision's GoogLeNet has it
+    meta = describe("pretrain", model, "googlenet", "imagefolder", 2, 3, [3, 8, 8])
+    assert meta["model_options"] == {"transform_input": True}
