@@ -22,7 +22,9 @@ RECORD = os.path.join(os.path.dirname(__file__), "mutation-results.json")
 
 
 def save(root: str = "mutants", path: str = RECORD) -> int:
-    """Record every decided mutant under ``root``; returns how many. Written whole or not at all."""
+    """Record every decided mutant under ``root``; returns how many. Written whole or not at all,
+    and not at all when nothing is decided (a run that stopped before its first mutant keeps the
+    record it started from)."""
     record, count = {}, 0
     for meta_path in sorted(glob.glob(os.path.join(root, "cbp", "**", "*.py.meta"), recursive=True)):
         meta = json.load(open(meta_path, encoding="utf-8"))
@@ -37,6 +39,8 @@ def save(root: str = "mutants", path: str = RECORD) -> int:
             count += 1
         if functions:
             record[os.path.relpath(meta_path, root).removesuffix(".meta")] = functions
+    if not count:
+        return 0
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as out:
         json.dump(record, out, indent=0, sort_keys=True, ensure_ascii=False)
