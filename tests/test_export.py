@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 import torch.nn as nn
-from conftest import prepared_net, small_net
+from conftest import prepared_net, small_net, tiny_gpt
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -25,6 +25,7 @@ from cbp.files.export import ExportError, checksum, export
 from cbp.files.export_read import load_packed
 from cbp.files.packing import grouping
 from cbp.files.summary import summary
+from cbp.zoo.gpt import CBP_SELECTION
 
 CUSTOM = (-1.0, -0.3, 0.0, 0.6, 1.5)
 LEVELS = ["binary", "ternary", "shift1", "shift2", CUSTOM,
@@ -442,6 +443,24 @@ def test_export_refuses_to_replace_a_file_that_is_not_an_export(tmp_path):
     assert path.read_bytes() == b"a run's checkpoint"
 
 
+def test_export_refuses_to_replace_a_file_it_cannot_read(tmp_path, monkeypatch):
+    """A file that cannot be read cannot be shown to be an earlier export: it is kept. (The tests
+    may run as root, which reads any file: the read error is raised by hand.)"""
+    path = tmp_path / "unreadable.safetensors"
+    path.write_bytes(b"somebody's file")
+    read_bytes = type(path).read_bytes
+    def denied(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+    monkeypatch.setattr(type(path), "read_bytes", denied)
+    with pytest.raises(ExportError, match=f"^refusing to replace {re.escape(str(path))}: "
+                                          r"it is not a cbp export \("):
+        export(prepared_net(), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"somebody's file"
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_degenerate_models_round_trip(tmp_path):
     """No tensors at all (a header-only file), and a weight with a zero-size dimension."""
@@ -473,3 +492,13 @@ def test_header_json_is_compact(tmp_path, exported):
     text = zlib.decompress(base64.b64decode(meta["layout"])).decode()
     for compact, value in ((raw, meta), (text, layout)):
         assert compact == json.dumps(value, separators=(",", ":"))
+
+
+def test_layout_is_compressed_at_zlibs_best_level(tmp_path):
+    """The layout in the header takes the fewest bytes zlib can make of it: a transformer's has
+    long repetitive keys, and zlib's default level leaves this one a byte (a base64 quad) longer."""
+    model = cbp.prepare(tiny_gpt(), cbp.CBPConfig("ternary", **CBP_SELECTION))
+    meta, _ = read_meta(export(model, tmp_path / "m.safetensors").read_bytes())
+    stored = base64.b64decode(meta["layout"])
+    text = zlib.decompress(stored)
+    assert len(stored) == len(zlib.compress(text, 9)) < len(zlib.compress(text))

@@ -108,6 +108,22 @@ def test_convert_gives_plain_layers_on_levels_with_identical_outputs(levels):
     assert cbp.quantized_layers(model)  # the original is untouched
 
 
+def test_convert_in_place_snaps_the_models_own_parameters():
+    """``inplace=True`` keeps every Parameter object: an optimizer made before ``convert`` still
+    fine-tunes the converted model (a fresh Parameter would be left out of it)."""
+    model = cbp.prepare(small_net(), cbp.CBPConfig())
+    before = dict(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain = cbp.convert(model, inplace=True)
+    assert plain is model
+    assert all(p is before.pop(k) for k, p in plain.named_parameters()) and not before
+    snapped = plain[3].weight.detach().clone()
+    assert len(snapped.unique()) == 2   # binary: on its two levels
+    F.cross_entropy(plain(torch.randn(4, 1, 9, 9)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    assert not torch.equal(plain[3].weight, snapped)
+
+
 def test_prepare_in_place_by_default_or_on_a_copy():
     net = small_net()
     float_weight = net[3].weight.detach().clone()
