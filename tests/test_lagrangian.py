@@ -198,6 +198,25 @@ def test_state_without_ascent_state_loads():
     for name, lam in lagrangian.multipliers.items():
         assert torch.equal(resumed.multipliers[name], lam)
 
+def test_load_state_dict_takes_the_old_epoch_sum_at_an_epochs_end_and_names_what_is_missing():
+    """An older cbp kept loss + penalty together as ``epoch_sum``: zero at an epoch's end (then it
+    is the penalty sum too), not separable in mid-epoch. A table that is no state names its gaps."""
+    config = cbp.CBPConfig()
+    _, _, lagrangian = build(config)
+    old = {key: value for key, value in lagrangian.state_dict().items() if key != "penalty_sum"}
+    _, _, resumed = build(config)
+    resumed._penalty_sum += 7.0
+    resumed.load_state_dict({**old, "epoch_sum": torch.zeros((), dtype=torch.float64)})
+    assert float(resumed.state_dict()["penalty_sum"]) == 0.0
+    with pytest.raises(ValueError, match="^this CBP state was saved in the middle of an epoch"):
+        resumed.load_state_dict({**old, "epoch_sum": torch.ones((), dtype=torch.float64)})
+    with pytest.raises(ValueError, match="^not a Lagrangian.state_dict\\(\\): penalty_sum missing$"):
+        resumed.load_state_dict(old)
+    with pytest.raises(ValueError, match="^not a Lagrangian.state_dict\\(\\): multipliers, g, p, "
+                                         "lagrangian_sum_pre, lr_dropped, penalty_sum missing$"):
+        resumed.load_state_dict({})
+
+
 def test_load_state_dict_rejects_another_model():
     config = cbp.CBPConfig()
     _, _, lagrangian = build(config)
