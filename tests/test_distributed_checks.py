@@ -135,3 +135,32 @@ def test_sync_batchnorm_converts_for_cuda_and_refuses_cpu():
         sync_batchnorm(model, Context(0, 1, torch.device("cpu")))
     synced = sync_batchnorm(model, Context(0, 1, torch.device("cuda", 0)))   # converts on CPU too
     assert isinstance(synced[1], nn.SyncBatchNorm) and synced[0] is model[0]
+
+
+def test_broadcast_buffers_gives_this_process_rank_0s_batchnorm_statistics(one_process_group,
+                                                                           monkeypatch):
+    """Played as rank 1: each broadcast from rank 0 (the real one-process call checks it) brings
+    rank 0's value of that buffer, running statistics and batch count alike."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    rank0 = {id(b): (torch.randint(0, 9, b.shape) if not b.is_floating_point() else torch.randn(b.shape))
+             for b in model.buffers()}
+    real = dist.broadcast
+
+    def from_rank0(tensor, src):
+        real(tensor, src=src)
+        if src == 0:
+            tensor.copy_(rank0[id(tensor)])
+    monkeypatch.setattr(dist, "broadcast", from_rank0)
+    cbp.core.distributed.broadcast_buffers(model)
+    assert len(rank0) == 3 and all(torch.equal(b, rank0[id(b)].to(b.dtype)) for b in model.buffers())
+
+
+@pytest.mark.parametrize(("value", "enabled"), [(None, False), ("", False), ("0", False), ("1", True),
+                                                ("yes", True)])
+def test_the_debug_checks_are_on_for_any_value_of_cbp_debug_but_empty_or_0(value, enabled,
+                                                                              monkeypatch):
+    if value is None:
+        monkeypatch.delenv(cbp.core.distributed.DEBUG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cbp.core.distributed.DEBUG_ENV, value)
+    assert cbp.core.distributed.debug_enabled() is enabled
