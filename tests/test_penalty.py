@@ -231,9 +231,12 @@ def test_a_plan_announced_mid_run_counts_from_the_step_it_was_made_at():
 
 
 def test_a_set_policy_decides_at_the_first_step(monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    """compile_penalty=True compiles the whole pass as one graph at the first step."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((fn, kw)) or fn)
     on, off = PenaltyKernel(True, clock=FakeClock(2.5)), PenaltyKernel(False)
     assert run_kernel(on, 3, 2) == [1] and run_kernel(off, 3, 2) == []
+    assert calls == [(penalty_grads_, {"dynamic": True})]
     assert on.decision == "one-graph compiled in 2.5 s (compile_penalty=True)"
     assert on.compile_seconds == 2.5   # the first call's time, kept: later calls are not timed
     assert off.decision == "eager (compile_penalty=False)"
