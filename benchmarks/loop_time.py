@@ -4,6 +4,7 @@
         .venv/bin/python benchmarks/loop_time.py                  # 4 cases x 6 runs, ~20 min on one core
     ... benchmarks/loop_time.py --case resnet20-pretrain --steps 50
     ... benchmarks/loop_time.py --profile gpt-quantize           # cProfile of cbp's side
+    python benchmarks/loop_time.py --device cuda                  # on a GPU (flags after ours go to cbp)
 
 Each case is a CLI command (``cbp pretrain``/``cbp quantize`` with the packaged ``demo`` or ``gpt``
 config, quantize from a randomly initialised ``--model``), cut to ``--steps`` steps in
@@ -98,10 +99,12 @@ def plain_fit(run: Run, resume: bool = False) -> list[dict]:
     if lagrangian is not None:
         lagrangian.plan(run.epochs * steps)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))   # passes, back to back
+    device = next(model.parameters()).device
     for _ in range(run.epochs):
         model.train()
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for x, y in itertools.islice(batches, steps):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
             loss.backward()
@@ -126,7 +129,9 @@ def plain_evaluate(run: Run) -> float:
     run.model.eval()
     language = run.task is LanguageModel
     loss = hits = 0.0
+    device = next(run.model.parameters()).device
     for x, y in DataLoader(run.val_data, batch_size=64 if language else 500):
+        x, y = x.to(device), y.to(device)
         out = run.model(x)
         loss += float(F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction="sum"))
         if not language:
@@ -154,6 +159,8 @@ def time_side(case: str, side: str, steps: int, epochs: int, extra: list[str],
         if profile is not None:
             profile.enable()
         rows = loop(run, resume)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()   # the GPU's queue drained: the loop's whole time
         if profile is not None:
             profile.disable()
         seconds.append(time.perf_counter() - tic)

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent GPU machine (see ../shared/GPU.md): versions, the test suite,
 # step time of ResNet-18 224x224 batch 256 on CUDA, torchrun on a paper config with a synthetic
-# ImageFolder (resume, evaluate), and the headline comparison with 10 paired seeds on the GPU.
+# ImageFolder (resume, evaluate), the headline comparison with 10 paired seeds on the GPU, and
+# (STEPS=loop, compile) the whole loop against a plain one and the penalty compile's share.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]   reports in OUT_DIR (default runs/gpu), also printed;
 #                                         data, runs and caches in WORK (default: a temp folder)
 #
 # Each step has its own time limit and a failure does not stop the next one. STEPS picks steps
-# (default "timing torchrun compare"; the tests always run); COMPARE_ARGS adds arguments to
-# compare.py (e.g. "--methods ste,cbp_1e-2"); cells already in gpu_carry/bench/results are reused. Without CUDA the
-# GPU steps are skipped, so it can be dry-run on a laptop. A machine without Debian's Fashion-MNIST
-# or without hypothesis gets them from gpu_carry/ (made by `bash scripts/gpu_check.sh --prepare`):
-# the four .gz files, hypothesis (pure Python), and the CPU-pretrained benchmark checkpoint, so
-# both machines' comparisons start from the very same weights.
+# (default "timing torchrun compare"; also "loop", "compile"; the tests always run, stopped at
+# DEADLINE_S seconds after the start when given and compare is not run); COMPARE_ARGS adds
+# arguments to compare.py (e.g. "--methods ste,cbp_1e-2"); cells already in gpu_carry/bench/results
+# are reused. Without CUDA the GPU steps are skipped, so it can be dry-run on a laptop. A machine
+# without Debian's Fashion-MNIST or without hypothesis gets them from gpu_carry/ (made by
+# `bash scripts/gpu_check.sh --prepare`): the four .gz files, hypothesis (pure Python), Shakespeare's
+# texts and the CPU-pretrained benchmark checkpoint (when this machine has one), so both machines'
+# comparisons start from the very same weights.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +24,10 @@ if [ "${1:-}" = "--prepare" ]; then
     mkdir -p gpu_carry/fashion-mnist gpu_carry/bench
     cp /usr/share/datasets/fashion-mnist/*.gz gpu_carry/fashion-mnist/
     .venv/bin/pip install -q --target gpu_carry/site hypothesis tomli
-    cp runs/bench/fp-mobilenet-n10000-e3-b128.safetensors gpu_carry/bench/
+    if [ -f runs/bench/fp-mobilenet-n10000-e3-b128.safetensors ]; then
+        cp runs/bench/fp-mobilenet-n10000-e3-b128.safetensors gpu_carry/bench/
+    fi
+    cp -r "$HOME/.cache/cbp/shakespeare" gpu_carry/ 2>/dev/null || true   # for the GPT's loop
     exit 0
 fi
 
@@ -34,6 +40,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -d gpu_carry/site ] && export PYTHONPATH=$PYTHONPATH:$PWD/gpu_carry/site
 [ -d gpu_carry/fashion-mnist ] && [ ! -d /usr/share/datasets/fashion-mnist ] \
     && export CBP_FASHION_MNIST_DIR=$PWD/gpu_carry/fashion-mnist
+if [ -d gpu_carry/shakespeare ] && [ ! -d "$HOME/.cache/cbp/shakespeare" ]; then
+    mkdir -p "$HOME/.cache/cbp" && cp -r gpu_carry/shakespeare "$HOME/.cache/cbp/"
+fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, report rc and wall time
     local name=$1 limit=$2 start
@@ -59,6 +68,18 @@ if [ "$HAS_CUDA" = 1 ]; then
     # 1. what CBP costs per step on the GPU, alone on the machine (timings first)
     step "step time, ResNet-18 224x224 batch 256" 150 \
         $PY benchmarks/step_time.py --device cuda --models resnet18 --image-size 224 --batch 256
+  fi
+
+  if wants loop; then
+    # cbp's whole training loop against a plain PyTorch loop (issue 27), alternated, median of 3
+    step "loop time, cbp / plain loop on CUDA" 150 \
+        $PY benchmarks/loop_time.py --steps 200 --epochs 2 --repeat 3 --device cuda
+  fi
+
+  if wants compile; then
+    # what the penalty pass's compile costs of a short run of a 20M-parameter transformer (issue 27)
+    step "penalty compile share, 20M transformer, 300 steps" 150 \
+        $PY benchmarks/compile_share.py --model gpt20m --steps 300 --device cuda --policies auto on eager
   fi
 
   if wants torchrun; then
@@ -92,16 +113,22 @@ EOF
     # parallel with the test suite (neither is a timing)
     cache=$WORK/bench
     mkdir -p "$cache" && cp -r gpu_carry/bench/. "$cache/" 2>/dev/null
-    (timeout $((COMPARE_SECONDS - 10)) $PY -m pytest -q -p no:cacheprovider > "$OUT_DIR/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT_DIR/pytest.log") &
+    # DEADLINE_S (seconds since the script began): the tests stop in time for the rest to report
+    tests_limit=$((COMPARE_SECONDS - 10))
+    if [ -n "${DEADLINE_S:-}" ] && ! wants compare; then
+        tests_limit=$((DEADLINE_S - SECONDS - 20))
+    fi
+    echo "=== pytest on the machine (limit ${tests_limit} s, log in $OUT_DIR/pytest.log) ==="
+    (timeout "$tests_limit" $PY -m pytest -q -p no:cacheprovider > "$OUT_DIR/pytest.log" 2>&1; echo "pytest rc=$?" >> "$OUT_DIR/pytest.log") &
     if wants compare; then
         # shellcheck disable=SC2086
         step "compare.py, 10 seeds on the GPU" "$COMPARE_SECONDS" \
             $PY benchmarks/compare.py --device cuda --seeds 10 --jobs 12 --cache "$cache" --reuse \
                 ${COMPARE_ARGS:-}
+        # the table of every cell that finished (also when cut short or run for some methods only)
+        $PY benchmarks/compare.py --device cuda --seeds 10 --cache "$cache" --cached \
+            --out "$OUT_DIR/compare-gpu.md" --json "$OUT_DIR/compare-gpu.json"
     fi
-    # the table of every cell that finished (also when cut short or run for some methods only)
-    $PY benchmarks/compare.py --device cuda --seeds 10 --cache "$cache" --cached \
-        --out "$OUT_DIR/compare-gpu.md" --json "$OUT_DIR/compare-gpu.json"
     wait
     tail -n 15 "$OUT_DIR/pytest.log"
 else
