@@ -23,7 +23,9 @@ if [ "${1:-}" = "--prepare" ]; then
     set -e
     mkdir -p gpu_carry/fashion-mnist gpu_carry/bench
     cp /usr/share/datasets/fashion-mnist/*.gz gpu_carry/fashion-mnist/
-    .venv/bin/pip install -q --target gpu_carry/site hypothesis tomli
+    # pure-Python wheels (newer hypothesis wheels hold code compiled for this Python alone)
+    .venv/bin/pip install -q --target gpu_carry/site --only-binary=:all: --platform any \
+        --python-version 3.10 --implementation py hypothesis tomli
     if [ -f runs/bench/fp-mobilenet-n10000-e3-b128.safetensors ]; then
         cp runs/bench/fp-mobilenet-n10000-e3-b128.safetensors gpu_carry/bench/
     fi
@@ -66,7 +68,7 @@ wants() { [[ " $STEPS " == *" $1 "* ]]; }
 if [ "$HAS_CUDA" = 1 ]; then
   if wants timing; then
     # 1. what CBP costs per step on the GPU, alone on the machine (timings first)
-    step "step time, ResNet-18 224x224 batch 256" 150 \
+    step "step time, ResNet-18 224x224 batch 256" 300 \
         $PY benchmarks/step_time.py --device cuda --models resnet18 --image-size 224 --batch 256
   fi
 

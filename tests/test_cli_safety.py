@@ -329,6 +329,8 @@ def test_resume_takes_the_runs_settings_and_reports_a_longer_run(
     assert cli.main(quantize_argv(out, 1)) == 0
     capsys.readouterr()
     # nothing but where the run is and how long it should now run: every setting from the run
-    assert cli.main(["quantize", "--out", out, "--resume", "--epochs", str(REFERENCE_EPOCHS)]) == 0
+    # (the device is the machine's, not the run's: on a machine with a GPU it would be CUDA)
+    assert cli.main(["quantize", "--out", out, "--resume", "--epochs", str(REFERENCE_EPOCHS),
+                     "--device", "cpu"]) == 0
     assert f"with --epochs {REFERENCE_EPOCHS} (it ran with 1)" in capsys.readouterr().err
     assert_same_run(out, reference_run)

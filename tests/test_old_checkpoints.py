@@ -60,10 +60,13 @@ def test_old_mid_epoch_checkpoint_resumes_to_the_old_result(rule, tmp_path):
     new = load_checkpoint(os.path.join(out, CHECKPOINT_NAME))
     ref = load_checkpoint(os.path.join(FIXTURES, f"{rule}-reference", CHECKPOINT_NAME))
     assert new["format"] == FORMAT and (new["epoch"], new["step"]) == (tiny_run.EPOCHS, 0)
+    # equal up to float rounding: the fixture's CPU and another CPU's kernels may round the last
+    # digits differently (an H200 machine's 16-core host did; a resume bug moves far more)
     for key, tensor in ref["model"].items():
-        assert torch.equal(new["model"][key], tensor), key
+        torch.testing.assert_close(new["model"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
     for name, lam in ref["cbp"]["multipliers"].items():
-        assert torch.equal(new["cbp"]["multipliers"][name], lam), name
+        torch.testing.assert_close(new["cbp"]["multipliers"][name], lam, rtol=1e-5, atol=1e-6,
+                                   msg=name)
     assert (new["cbp"]["g"], new["cbp"]["p"]) == (ref["cbp"]["g"], ref["cbp"]["p"]) == (3.0, 0)
     assert math.isinf(new["cbp"]["lagrangian_sum_pre"]) and float(new["cbp"]["penalty_sum"]) == 0
     old_rows = read_jsonl(os.path.join(FIXTURES, f"{rule}-reference", LOG_NAME))
