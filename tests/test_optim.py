@@ -165,3 +165,47 @@ def test_step_zero_grad_and_the_loss_sum_as_torch_optimizers_do():
     optimizer.lagrangian.plan = planned.append
     optimizer.plan(7)
     assert planned == [7]
+
+
+def test_cbps_state_follows_a_model_moved_after_the_optimizer_was_built():
+    """The Hugging Face Trainer moves the model to the GPU after the optimizer exists: the
+    multipliers, their Adam moments, the penalty and loss sums follow at the next step or sum
+    (checked here with the "meta" device, which every machine has); the multipliers stay the
+    tensors the ascent rule holds, and Adam's step counts stay where torch keeps them."""
+    net = model()
+    optimizer = wrapped(net)
+    lagrangian = optimizer.lagrangian
+    multipliers = dict(lagrangian.multipliers)
+    loss_sum = optimizer._loss_sum
+    assert lagrangian._ascent.state   # the initial update made Adam's moments on the CPU
+    net.to("meta")
+    assert lagrangian.device.type == "cpu"   # until the next step or epoch end
+    lagrangian.follow_the_model()
+    assert lagrangian.device.type == "meta" and lagrangian._penalty_sum.device.type == "meta"
+    for name, lam in lagrangian.multipliers.items():
+        assert lam is multipliers[name] and lam.device.type == "meta"
+    for state in lagrangian._ascent.state.values():
+        assert state["exp_avg"].device.type == state["exp_avg_sq"].device.type == "meta"
+        assert state["step"].device.type == "cpu"
+    optimizer.add_loss(torch.ones((), device="meta"))
+    assert optimizer._loss_sum is loss_sum and loss_sum.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_model_moved_to_the_gpu_after_the_optimizer_trains_as_one_built_there():
+    on_cpu_first, on_gpu = model(), model().cuda()
+    late = wrapped(on_cpu_first)
+    on_cpu_first.cuda()
+    early = wrapped(on_gpu)
+    for net, optimizer in ((on_cpu_first, late), (on_gpu, early)):
+        for _ in range(2):
+            for x, y in batches():
+                optimizer.zero_grad()
+                loss = F.cross_entropy(net(x.cuda()), y.cuda())
+                loss.backward()
+                optimizer.step()
+                optimizer.add_loss(loss)
+            optimizer.end_epoch()
+    for (name, a), b in zip(on_cpu_first.state_dict().items(), on_gpu.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert late.lagrangian.g == early.lagrangian.g

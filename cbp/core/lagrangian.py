@@ -146,6 +146,7 @@ class Lagrangian:
             raise TypeError("Lagrangian.step() takes no loss any more: call step() after "
                             "loss.backward(), sum the loss yourself and pass the sum to "
                             "end_epoch(loss_sum)")
+        self.follow_the_model()
         if all(layer.weight.grad is None for layer in self.layers.values()):
             warnings.warn("Lagrangian.step(): no quantized weight has a gradient, so this step "
                           "moves them by the penalty alone; call loss.backward() before step()",
@@ -162,6 +163,32 @@ class Lagrangian:
             self.optimizer.step()
         if cfg.weight_clamp is not None:
             _clamp_([layer.weight for layer in self.layers.values()], cfg.weight_clamp)
+
+    @property
+    def device(self) -> torch.device:
+        """Where CBP's state is: the quantized weights' device as of the last step or epoch end."""
+        return self._penalty_sum.device
+
+    @torch.no_grad()
+    def follow_the_model(self) -> None:
+        """Move CBP's state to the device the quantized weights are on now.
+
+        A framework may move the model after its optimizer was built (the Hugging Face Trainer
+        moves it to the GPU in its constructor), as torch's optimizers allow: their state is made
+        or moved next to the parameters. The multipliers move in place (the ascent rule holds
+        them), and so do the ascent rule's moments; its step counts stay where torch keeps them.
+        """
+        device = next(iter(self.layers.values())).weight.device
+        if device == self._penalty_sum.device:
+            return
+        for lam in self.multipliers.values():
+            torch.utils.swap_tensors(lam, lam.to(device))   # the same tensor, now on ``device``
+        if self._ascent is not None:
+            for state in self._ascent.state.values():
+                for key, value in state.items():
+                    if key != "step" and torch.is_tensor(value):
+                        state[key] = value.to(device)
+        self._penalty_sum = self._penalty_sum.to(device)
 
     # ---- per epoch ------------------------------------------------------------------------------
 
@@ -190,6 +217,7 @@ class Lagrangian:
             raise TypeError("Lagrangian.end_epoch(loss_sum) needs the epoch's summed training "
                             "loss: add loss.detach() up after each step() and pass the sum")
         cfg = self.config
+        self.follow_the_model()
         total = self._penalty_sum + torch.as_tensor(loss_sum, dtype=torch.float64,
                                                     device=self._penalty_sum.device)
         lagrangian_sum = float(all_reduce_mean(total))

@@ -116,7 +116,10 @@ class CBPOptimizer(torch.optim.Optimizer):
     # ---- the epoch clock --------------------------------------------------------------------------
 
     def add_loss(self, loss: torch.Tensor | float) -> None:
-        """Add one training forward's loss to this epoch's sum (no device synchronisation)."""
+        """Add one training forward's loss to this epoch's sum (no device synchronisation once
+        the model is where it trains: the sum follows the model as the Lagrangian does)."""
+        if self._loss_sum.device != self.lagrangian.device:
+            torch.utils.swap_tensors(self._loss_sum, self._loss_sum.to(self.lagrangian.device))
         self._loss_sum += torch.as_tensor(loss).detach().to(self._loss_sum)
 
     def end_epoch(self) -> EpochEnd:
