@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,8 +111,10 @@ def worker(out: str) -> None:
     teardown()
     # Threads the OS sees beyond Python's own: gloo's, if the process group outlived teardown
     native = len(os.listdir("/proc/self/task")) - threading.active_count()
+    names = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip()
+                   for t in os.listdir("/proc/self/task"))
     with open(os.path.join(out, f"native_threads{ctx.rank}.txt"), "w") as f:
-        f.write(str(native))
+        f.write(f"{native} {names}")   # the names say whose threads they are where one is left
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +179,8 @@ def test_teardown_frees_the_process_group_and_its_threads(runs):
     out, _ = runs
     for rank in (0, 1):
         with open(os.path.join(out, f"native_threads{rank}.txt")) as f:
-            assert f.read() == "0"
+            count, names = f.read().split(" ", 1)
+        assert count == "0", f"rank {rank}: {count} native threads left; all threads: {names}"
 
 
 def test_resume_under_two_processes_continues_exactly(runs):
