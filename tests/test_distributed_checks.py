@@ -23,6 +23,7 @@ from cbp.core.distributed import (
     _import_group_defaults,
     assert_same,
     check_in_sync,
+    setup,
     sync_batchnorm,
 )
 
@@ -164,3 +165,12 @@ def test_the_debug_checks_are_on_for_any_value_of_cbp_debug_but_empty_or_0(value
     else:
         monkeypatch.setenv(cbp.core.distributed.DEBUG_ENV, value)
     assert cbp.core.distributed.debug_enabled() is enabled
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU asked for")
+def test_setup_refuses_cuda_on_a_machine_without_one_and_takes_the_cpu_by_default(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="^--device cuda was asked for but no CUDA device"):
+            setup(device)
+    assert setup(None) == setup("cpu") == Context(0, 1, torch.device("cpu"))

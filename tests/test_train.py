@@ -416,3 +416,16 @@ def test_across_processes_a_signal_stops_the_epoch_at_the_next_common_check(
     result = train_epoch(run, run.model, _loader(run), 0, stop=stop)
     assert (result.stopped_at, result.signum) == (train.NAN_CHECK_EVERY, signal.SIGTERM)
     assert len(losses) == train.NAN_CHECK_EVERY
+
+
+def test_across_processes_the_epochs_mean_loss_counts_every_processs_steps(
+        tmp_path, two_processes_simulated, monkeypatch):
+    """Two processes with the same losses (the sum over processes is twice this one's): the mean
+    is this process's own, and its own sum stays its own."""
+    monkeypatch.setattr(train, "all_reduce_sum", lambda tensor: 2 * tensor)
+    run, losses = _tiny(tmp_path, epoch_iters=4, ctx=two_processes_simulated)
+    result = train_epoch(run, run.model, _loader(run), 0)
+    assert len(losses) == result.steps == 4
+    assert result.loss == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert float(result.own_loss_sum) == pytest.approx(sum(losses), rel=1e-6)
+    assert float(result.loss_sum) == pytest.approx(2 * sum(losses), rel=1e-6)
