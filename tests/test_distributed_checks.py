@@ -174,3 +174,41 @@ def test_setup_refuses_cuda_on_a_machine_without_one_and_takes_the_cpu_by_defaul
         with pytest.raises(ValueError, match="^--device cuda was asked for but no CUDA device"):
             setup(device)
     assert setup(None) == setup("cpu") == Context(0, 1, torch.device("cpu"))
+
+
+@pytest.fixture
+def under_torchrun(monkeypatch):
+    """``setup`` as one of two torchrun processes runs it, played in this process: joining the
+    group records its backend; the group then says rank 3 of 4 (whatever torchrun's variables)."""
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", backends.append)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(cbp.core.distributed, "_import_group_defaults", lambda: None)
+    return backends
+
+
+def test_under_torchrun_setup_joins_a_gloo_group_on_the_cpu(under_torchrun, monkeypatch):
+    assert setup("cpu") == Context(3, 4, torch.device("cpu")) and under_torchrun == ["gloo"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)   # joined already: not again
+    assert setup("cpu") == Context(3, 4, torch.device("cpu")) and under_torchrun == ["gloo"]
+
+
+def test_under_torchrun_setup_takes_the_gpu_of_its_local_rank(under_torchrun, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert setup(None) == Context(3, 4, torch.device("cuda", 0))   # LOCAL_RANK unset: GPU 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert setup("cuda") == Context(3, 4, torch.device("cuda", 1))
+    assert chosen == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert under_torchrun == ["nccl", "nccl"]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="^local rank 2 has no GPU: this node has 2; lower "
+                                         "--nproc_per_node$"):
+        setup("cuda")
+    assert len(chosen) == 2
