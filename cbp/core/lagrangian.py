@@ -73,8 +73,7 @@ class Lagrangian:
         self.p = 0
         self.lagrangian_sum_pre = math.inf
         self.lr_dropped = False
-        device = next(iter(self.layers.values())).weight.device
-        self._penalty_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._penalty_sum = torch.zeros((), dtype=torch.float64, device=self._weights_device())
         self._kernel = PenaltyKernel(config.compile_penalty)
         if config.use_constraint and config.initial_multiplier_update:
             self.update_multipliers()
@@ -169,6 +168,10 @@ class Lagrangian:
         """Where CBP's state is: the quantized weights' device as of the last step or epoch end."""
         return self._penalty_sum.device
 
+    def _weights_device(self) -> torch.device:
+        """The device the quantized weights are on now (a model may be moved at any time)."""
+        return next(iter(self.layers.values())).weight.device
+
     @torch.no_grad()
     def follow_the_model(self) -> None:
         """Move CBP's state to the device the quantized weights are on now.
@@ -178,7 +181,7 @@ class Lagrangian:
         or moved next to the parameters. The multipliers move in place (the ascent rule holds
         them), and so do the ascent rule's moments; its step counts stay where torch keeps them.
         """
-        device = next(iter(self.layers.values())).weight.device
+        device = self._weights_device()
         if device == self._penalty_sum.device:
             return
         for lam in self.multipliers.values():

@@ -47,9 +47,8 @@ class CBPOptimizer(torch.optim.Optimizer):
         # its own, and the wrapper must have exactly the base optimizer's.
         self.base_optimizer = base_optimizer
         self.lagrangian = Lagrangian(model, config, base_optimizer)
-        device = next(iter(self.lagrangian.layers.values())).weight.device
         # changed in place only: Lightning's optimizer wrapper holds a copy of this __dict__
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.lagrangian.device)
 
     def __getattr__(self, name: str):
         if name == "base_optimizer":   # not set yet (while unpickling): no recursion
