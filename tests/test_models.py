@@ -18,6 +18,7 @@ from cbp.zoo.models import (
     build_model,
     load_weights,
     model_options,
+    rebuild_model,
     resnet20,
     torchvision_weights,
 )
@@ -395,6 +396,12 @@ def test_googlenet_from_torchvisions_weights_file(tmp_path):
     with pytest.raises(ModelError, match="transform_input needs RGB input, not 1-channel input"):
         build_model("googlenet", 10, 1, transform_input=True)
 
+
+
+def test_rebuild_model_passes_recorded_options_and_defaults_without_them():
+    meta = {"model": "googlenet", "num_classes": 10, "in_channels": 3}
+    assert rebuild_model(meta).transform_input is True   # a checkpoint from before the options
+    assert rebuild_model({**meta, "model_options": {"transform_input": False}}).transform_input is False
 
 def test_every_model_name_has_one_builder():
     from cbp.zoo import models
