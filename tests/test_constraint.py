@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from cbp.core.constraint import constrained_mask, constraint, level_values, quantize, sawtooth, scaled_levels
+from cbp.core.constraint import (
+    constrained_mask, constraint, constraint_and_grad, level_values, quantize, sawtooth, scaled_levels,
+)
 from cbp.core.levels import LEVEL_SETS
 
 
@@ -53,6 +55,18 @@ def test_constraint_hand_values(name, g, w, expected):
     got = constraint(torch.tensor([w], dtype=torch.float64), levels(name), g).item()
     assert got == pytest.approx(expected)
 
+
+
+@pytest.mark.parametrize("name", [name for name, q in LEVEL_SETS.items() if len(q) > 2])
+def test_a_weight_on_an_interior_level_takes_the_interval_above_it(name):
+    """``[lo, hi)``: on a level the tent rises (slope +2) at g = 2, and at g = 1 that interval's
+    window frees it (the one below would not: its window ends before its upper level). Scale 1:
+    the levels are powers of two, so the window's edges fall on them exactly."""
+    q = levels(name)
+    interior = q[1:-1]
+    cs, grad = constraint_and_grad(interior, q, 2.0)
+    assert torch.all(cs == 0) and torch.all(grad == 2.0)
+    assert torch.all(constraint_and_grad(interior, q, 1.0)[1] == 0)
 
 @pytest.mark.parametrize("name", LEVEL_SETS)
 def test_g1_frees_the_whole_range_but_not_the_outer_arms(name):
