@@ -403,6 +403,11 @@ def test_rebuild_model_passes_recorded_options_and_defaults_without_them():
     assert rebuild_model(meta).transform_input is True   # a checkpoint from before the options
     assert rebuild_model({**meta, "model_options": {"transform_input": False}}).transform_input is False
 
+
+def test_build_model_takes_rgb_input_unless_told():
+    assert build_model("resnet18", 10).conv1.in_channels == 3
+    assert build_model("resnet18", 10, 1).conv1.in_channels == 1
+
 def test_every_model_name_has_one_builder():
     from cbp.zoo import models
 
