@@ -404,6 +404,17 @@ def test_rebuild_model_passes_recorded_options_and_defaults_without_them():
     assert rebuild_model({**meta, "model_options": {"transform_input": False}}).transform_input is False
 
 
+
+def test_weights_from_a_checkpoint_written_before_model_options_were_recorded(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("resnet20", 10, 1)
+    meta = {"mode": "pretrain", "dataset": "fashion_mnist", "num_classes": 10, "in_channels": 1,
+            "input_size": [1, 28, 28], "model": "resnet20"}   # no "model_options"
+    save_checkpoint({"meta": meta, "model": source.state_dict(), "epoch": 1}, str(tmp_path / "old.pt"))
+    loaded = build_model("resnet20", 10, 1, weights=str(tmp_path / "old.pt"))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
 def test_build_model_takes_rgb_input_unless_told():
     assert build_model("resnet18", 10).conv1.in_channels == 3
     assert build_model("resnet18", 10, 1).conv1.in_channels == 1

@@ -31,6 +31,7 @@ from cbp.training.runs import (
     load_pretrained,
     read_jsonl,
     restore_state,
+    weight_histogram,
 )
 from cbp.training.train import _plan
 from cbp.zoo.models import build_model
@@ -205,3 +206,16 @@ def test_describe_records_the_options_a_rebuild_needs():
     model.transform_input = True          # as torchvision's GoogLeNet has it
     meta = describe("pretrain", model, "googlenet", "imagefolder", 2, 3, [3, 8, 8])
     assert meta["model_options"] == {"transform_input": True}
+
+
+def test_weight_histogram_counts_w_over_the_scale_in_160_bins_over_plus_minus_1_6():
+    model = prepare(torch.nn.Sequential(torch.nn.Linear(4, 1, bias=False)),
+                    CBPConfig(levels="ternary", skip_first_last=False))
+    layer = model[0]
+    layer.cbp_scale.fill_(0.5)
+    with torch.no_grad():   # w / scale: -1.57 (bin 1), 0.01 (bin 80), 0.62 (bin 111), 10 (outside)
+        layer.weight.copy_(torch.tensor([[-0.785, 0.005, 0.31, 5.0]]))
+    expected = [0] * 160
+    expected[1] = expected[80] = expected[111] = 1
+    assert weight_histogram(model, "0", epoch=3) == {
+        "epoch": 3, "layer": "0", "range": 1.6, "counts": expected, "factors": [-1.0, 0.0, 1.0]}
