@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from cbp.core.constraint import (
-    constrained_mask, constraint, constraint_and_grad, level_values, quantize, sawtooth, scaled_levels,
+    constrained_mask,
+    constraint,
+    constraint_and_grad,
+    level_values,
+    quantize,
+    sawtooth,
+    scaled_levels,
 )
 from cbp.core.levels import LEVEL_SETS
 
