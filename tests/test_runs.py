@@ -26,11 +26,13 @@ from cbp.training.runs import (
     checkpoint_state,
     clear_run_dir,
     describe,
+    histogram_layer,
     keep_rows_up_to,
     load_model,
     load_pretrained,
     read_jsonl,
     restore_state,
+    trim_logs,
     weight_histogram,
 )
 from cbp.training.train import _plan
@@ -219,3 +221,19 @@ def test_weight_histogram_counts_w_over_the_scale_in_160_bins_over_plus_minus_1_
     expected[1] = expected[80] = expected[111] = 1
     assert weight_histogram(model, "0", epoch=3) == {
         "epoch": 3, "layer": "0", "range": 1.6, "counts": expected, "factors": [-1.0, 0.0, 1.0]}
+
+
+def test_histograms_follow_the_largest_quantized_layer_whatever_its_name():
+    model = prepare(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(8, 8), torch.nn.Linear(3, 3)),
+                    CBPConfig(skip_first_last=False))
+    assert histogram_layer(model) == "1"
+    assert histogram_layer(torch.nn.Linear(2, 2)) is None
+
+
+def test_trim_logs_drops_the_rows_after_the_checkpoint_from_both_logs(tmp_path):
+    for name in (LOG_NAME, HIST_NAME):
+        for epoch in (1, 2, 3):
+            append_row(str(tmp_path / name), {"epoch": epoch})
+    trim_logs(str(tmp_path), 2, torch.nn.Linear(2, 2), None, fresh=False)
+    for name in (LOG_NAME, HIST_NAME):
+        assert read_jsonl(str(tmp_path / name)) == [{"epoch": 1}, {"epoch": 2}], name
