@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import signal
+import time
 
 import pytest
 import tiny_run
@@ -122,6 +123,29 @@ def test_fit_logs_each_epoch_and_leaves_a_checkpoint_of_the_runs_end(tmp_path):
     assert state["meta"] == tiny_run.META and torch.equal(state["model"][f"{layer}.weight"],
                                                           run.model.get_submodule(layer).weight)
 
+
+
+def test_each_epochs_end_shares_rank_0s_buffers_checks_the_state_and_evaluates_as_it_trains(
+        tmp_path, monkeypatch):
+    """The calls a multi-process run depends on (tested across processes in test_distributed.py,
+    which mutation testing cannot see), with the debug checks on and channels-last data."""
+    run, _ = _tiny(tmp_path, epochs=1, channels_last=True)
+    calls = []
+    monkeypatch.setattr(train.distributed, "broadcast_buffers", lambda model: calls.append(("share", model)))
+    monkeypatch.setattr(train.distributed, "debug_enabled", lambda: True)
+    monkeypatch.setattr(train.distributed, "check_in_sync", lambda *args: calls.append(("check", *args)))
+    evaluate = run.task.evaluate
+
+    def spy(model, data, ctx, channels_last):
+        calls.append(("evaluate", model, channels_last))
+        return evaluate(model, data, ctx, channels_last=channels_last)
+    run.task = type("Spied", (run.task,), {"evaluate": staticmethod(spy)})
+    tic = time.perf_counter()
+    rows = fit(run)
+    assert calls == [("share", run.model),
+                     ("check", run.model, run.optimizer, run.lagrangian, run.ctx.device),
+                     ("evaluate", run.model, True)]
+    assert 0 < rows[0]["seconds"] < time.perf_counter() - tic
 
 def test_fit_refuses_data_that_make_no_full_batch(tmp_path):
     run, _ = _tiny(tmp_path, train_data=tiny_run.data(15, 1))
