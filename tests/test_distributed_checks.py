@@ -22,6 +22,7 @@ from cbp.core.distributed import (
     _fingerprint,
     _import_group_defaults,
     assert_same,
+    barrier,
     check_in_sync,
     setup,
     sync_batchnorm,
@@ -219,3 +220,17 @@ def test_under_torchrun_setup_takes_the_gpu_of_its_local_rank(under_torchrun, mo
                                          "--nproc_per_node$"):
         setup("cuda")
     assert len(chosen) == 2
+
+
+def test_barrier_names_this_processs_gpu_to_nccl_and_none_to_gloo(monkeypatch):
+    waited = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda device_ids=None: waited.append(device_ids))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend in ("nccl", "gloo"):
+        monkeypatch.setattr(dist, "get_backend", lambda backend=backend: backend)
+        barrier()
+    assert waited == [[3], None]
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)   # one process: nothing to wait for
+    barrier()
+    assert waited == [[3], None]

@@ -147,6 +147,35 @@ def test_each_epochs_end_shares_rank_0s_buffers_checks_the_state_and_evaluates_a
                      ("evaluate", run.model, True)]
     assert 0 < rows[0]["seconds"] < time.perf_counter() - tic
 
+
+def test_fit_starts_afresh_unless_it_resumes_from_a_checkpoint(tmp_path):
+    first, first_losses = _tiny(tmp_path, epochs=1)
+    fit(first)
+    again, losses = _tiny(tmp_path, epochs=1)
+    fit(again)   # no resume asked: the earlier run's files are replaced, the epoch trained again
+    assert len(losses) == len(first_losses) == STEPS
+    assert [row["epoch"] for row in read_jsonl(str(tmp_path / LOG_NAME))] == [1]
+    nothing_yet, losses = _tiny(tmp_path / "new", epochs=1)
+    fit(nothing_yet, resume=True)   # no checkpoint to resume from: from the start
+    assert len(losses) == STEPS
+
+
+def test_fit_reads_this_processs_shard_of_the_runs_seeded_order(tmp_path, monkeypatch):
+    run, _ = _tiny(tmp_path, seed=7, workers=0, ctx=Context(1, 2, torch.device("cpu")))
+    asked = []
+
+    class Built(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        asked.append((args, kwargs))
+        raise Built
+    monkeypatch.setattr(train, "make_loader", spy)
+    with pytest.raises(Built):
+        fit(run)
+    assert asked == [((run.train_data, run.batch_size),
+                      {"train": True, "seed": 7, "world_size": 2, "rank": 1, "num_workers": 0})]
+
 def test_fit_refuses_data_that_make_no_full_batch(tmp_path):
     run, _ = _tiny(tmp_path, train_data=tiny_run.data(15, 1))
     with pytest.raises(ValueError, match="^no training step: 15 training samples make no full "
