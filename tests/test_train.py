@@ -161,7 +161,7 @@ def test_fit_starts_afresh_unless_it_resumes_from_a_checkpoint(tmp_path):
 
 
 def test_fit_reads_this_processs_shard_of_the_runs_seeded_order(tmp_path, monkeypatch):
-    run, _ = _tiny(tmp_path, seed=7, workers=0, ctx=Context(1, 2, torch.device("cpu")))
+    run, _ = _tiny(tmp_path, seed=7, workers=2, ctx=Context(1, 2, torch.device("cpu")))
     asked = []
 
     class Built(Exception):
@@ -174,7 +174,7 @@ def test_fit_reads_this_processs_shard_of_the_runs_seeded_order(tmp_path, monkey
     with pytest.raises(Built):
         fit(run)
     assert asked == [((run.train_data, run.batch_size),
-                      {"train": True, "seed": 7, "world_size": 2, "rank": 1, "num_workers": 0})]
+                      {"train": True, "seed": 7, "world_size": 2, "rank": 1, "num_workers": 2})]
 
 def test_fit_refuses_data_that_make_no_full_batch(tmp_path):
     run, _ = _tiny(tmp_path, train_data=tiny_run.data(15, 1))
@@ -482,3 +482,24 @@ def test_across_processes_the_epochs_mean_loss_counts_every_processs_steps(
     assert result.loss == pytest.approx(sum(losses) / 4, rel=1e-6)
     assert float(result.own_loss_sum) == pytest.approx(sum(losses), rel=1e-6)
     assert float(result.loss_sum) == pytest.approx(2 * sum(losses), rel=1e-6)
+
+
+def test_across_processes_fit_trains_through_ddp(tmp_path, two_processes_simulated, monkeypatch):
+    """DistributedDataParallel (a stand-in here: its gradient averaging needs a group) wraps the
+    model, with no device for a CPU run, and every training step goes through it."""
+    built, forwards = [], []
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, module, device_ids):
+            super().__init__()
+            self.module = module
+            built.append(device_ids)
+
+        def forward(self, x):
+            forwards.append(x.shape[0])
+            return self.module(x)
+    monkeypatch.setattr(train, "DistributedDataParallel", Wrapped)
+    run, losses = _tiny(tmp_path, epochs=1, ctx=two_processes_simulated)
+    fit(run)
+    assert built == [None] and len(losses) == STEPS
+    assert forwards == [8] * STEPS   # each process: half of each batch of 16
