@@ -21,6 +21,7 @@ from cbp.core.distributed import (
     OutOfSyncError,
     _fingerprint,
     _import_group_defaults,
+    all_reduce_sum,
     assert_same,
     barrier,
     check_in_sync,
@@ -234,3 +235,9 @@ def test_barrier_names_this_processs_gpu_to_nccl_and_none_to_gloo(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)   # one process: nothing to wait for
     barrier()
     assert waited == [[3], None]
+
+
+def test_all_reduce_sum_adds_every_processs_values_in_place(one_process_group, monkeypatch):
+    two_ranks(monkeypatch, lambda: all_reduce_sum(torch.tensor([1.0, 2.0])))
+    mine = torch.tensor([10.0, 20.0])
+    assert all_reduce_sum(mine) is mine and torch.equal(mine, torch.tensor([11.0, 22.0]))

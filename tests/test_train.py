@@ -219,6 +219,11 @@ def test_lower_lr_goes_back_to_the_last_checkpoint_with_a_lower_learning_rate(tm
     err = capsys.readouterr().err.splitlines()
     assert [line.rsplit(" ", 1)[1] for line in err] == ["0.1", "0.01", "0.001"]
     assert all("going back to epoch 0, step 0" in line for line in err)
+    # NaN before the first checkpoint, after a good step: the start kept in memory is the start as
+    # it was (its first loss again), not as that step left the weights
+    run, losses = _tiny(tmp_path / "c", bad_steps=(2,), on_nan="lower-lr")
+    fit(run)
+    assert losses[2] == losses[0] != losses[1]
 
 
 def test_nan_weights_stop_the_run_at_the_epochs_end(tmp_path):
@@ -253,8 +258,10 @@ def test_a_signal_mid_epoch_checkpoints_that_step_and_the_resume_ends_where_a_wh
     assert float(state["loss_sum"]) == pytest.approx(sum(losses[STEPS:]))
     assert len(read_jsonl(str(out / LOG_NAME))) == 1
     resumed, rest = _tiny(out)
+    planned, plan = [], resumed.lagrangian.plan   # the steps the compile policy is told follow
+    resumed.lagrangian.plan = lambda steps: (planned.append(steps), plan(steps))
     fit(resumed, resume=True)
-    assert len(rest) == STEPS - 2
+    assert len(rest) == STEPS - 2 and planned == [STEPS - 2]
     assert_same_run(str(out), str(tmp_path / "whole"))
 
 
