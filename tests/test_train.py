@@ -187,6 +187,9 @@ def test_fit_refuses_data_that_make_no_full_batch(tmp_path):
 def test_epoch_iters_sets_the_steps_of_an_epoch(tmp_path):
     run, losses = _tiny(tmp_path, epochs=1, epoch_iters=6)
     assert fit(run)[0]["steps"] == 6 and len(losses) == 6
+    # data of exactly one batch: the epoch still runs its 6 steps, passing over it 6 times
+    run, losses = _tiny(tmp_path / "one", epochs=1, epoch_iters=6, train_data=tiny_run.data(16, 0))
+    assert fit(run)[0]["steps"] == 6 and len(losses) == 6
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_checkpoint_kept(tmp_path):
