@@ -181,6 +181,12 @@ def test_damaged_foreign_and_unsafe_files_are_refused_naming_why(tmp_path):
     assert str(unsafe.value) == (f"refusing to load {path}: it would call fractions.Fraction "
                                  "when unpickled, and cbp never runs code from a file")
     assert refused_as_unsafe(unsafe.value.__cause__)
+    # torch's own default (safe since torch 2.6) turned off by the environment, as torch < 2.6
+    # had it: still refused, because cbp asks for weights_only itself
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+        with pytest.raises(CheckpointError, match="^refusing to load .* fractions.Fraction"):
+            load_checkpoint(path)
     assert not refused_as_unsafe(pickle.UnpicklingError("invalid load key, 'x'."))
     assert not refused_as_unsafe(RuntimeError("Weights only load failed"))
     assert unsafe_reason(pickle.UnpicklingError("Weights only load failed")) == (

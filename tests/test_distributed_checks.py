@@ -21,6 +21,7 @@ from cbp.core.distributed import (
     OutOfSyncError,
     _fingerprint,
     _import_group_defaults,
+    all_reduce_mean,
     all_reduce_sum,
     assert_same,
     barrier,
@@ -241,3 +242,10 @@ def test_all_reduce_sum_adds_every_processs_values_in_place(one_process_group, m
     two_ranks(monkeypatch, lambda: all_reduce_sum(torch.tensor([1.0, 2.0])))
     mine = torch.tensor([10.0, 20.0])
     assert all_reduce_sum(mine) is mine and torch.equal(mine, torch.tensor([11.0, 22.0]))
+
+
+def test_all_reduce_mean_averages_every_processs_values_in_place(one_process_group, monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    two_ranks(monkeypatch, lambda: all_reduce_mean(torch.tensor([1.0, 2.0])))
+    mine = torch.tensor([3.0, 6.0])
+    assert all_reduce_mean(mine) is mine and torch.equal(mine, torch.tensor([2.0, 4.0]))
