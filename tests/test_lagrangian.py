@@ -253,6 +253,8 @@ def test_epoch_sum_includes_lambda_times_cs_by_hand():
     assert end.lagrangian_sum == pytest.approx(1.0 + 2 * penalty, rel=1e-6)
     lagrangian.step()                                # the next epoch starts from zero
     assert lagrangian.end_epoch(0.5).lagrangian_sum == pytest.approx(0.5 + penalty, rel=1e-6)
+    # a Python float is summed in float64, as the loop's sum is: 100000001 has no float32
+    assert lagrangian.end_epoch(100_000_001.0).lagrangian_sum == 100_000_001.0
 
 
 def hand_epochs(model, optimizer, lagrangian, losses, steps=2):
