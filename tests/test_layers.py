@@ -274,3 +274,12 @@ def test_an_empty_selection_names_the_rules_that_are_on():
         "turns it off), filter_fn, include ['0', '1'], exclude ['^1$']")
     with pytest.raises(ValueError, match=r"passes the selection: include \['9'\]$"):
         cbp.prepare(three, cbp.CBPConfig(skip_first_last=False, include=["9"]))
+
+
+def test_param_groups_decay_conv_and_linear_weights_and_skip_frozen_and_repeated_ones():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)                 # frozen: in no group, its bias still is
+    decay, no_decay = cbp.param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert decay["params"] == [model[2].weight]
+    assert no_decay["params"] == [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
