@@ -330,3 +330,12 @@ def test_lagrangian_refuses_an_empty_state_and_the_old_api_and_warns_without_bac
     assert not torch.equal(model[2].weight, before)
     with pytest.raises(TypeError, match=r"end_epoch\(loss_sum\) needs the epoch's summed"):
         lagrangian.end_epoch()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_state_is_float32_multipliers_and_a_float64_penalty_sum_whatever_the_models_dtype(dtype):
+    config = cbp.CBPConfig(levels="binary")
+    model = cbp.prepare(three_linear().to(dtype), config)
+    state = cbp.Lagrangian(model, config).state_dict()
+    assert {lam.dtype for lam in state["multipliers"].values()} == {torch.float32}
+    assert state["penalty_sum"].dtype == torch.float64
