@@ -283,3 +283,12 @@ def test_param_groups_decay_conv_and_linear_weights_and_skip_frozen_and_repeated
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     assert decay["params"] == [model[2].weight]
     assert no_decay["params"] == [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
+
+
+def test_an_all_zero_bare_layer_is_refused_as_the_model_itself():
+    layer = nn.Linear(4, 2)
+    with torch.no_grad():
+        layer.weight.zero_()
+    with pytest.raises(ValueError, match=r"^layer the model itself has all-zero weights \(scale "
+                                         r"mean\|W\| = 0\), so it cannot be quantized$"):
+        cbp.prepare(layer, cbp.CBPConfig(skip_first_last=False))
