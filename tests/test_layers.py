@@ -37,6 +37,8 @@ def test_selection_by_filter_fn_and_regexes():
     model = torchvision.models.resnet18()
     only_downsample = cbp.CBPConfig(filter_fn=lambda m, name: "downsample" in name)
     assert len(cbp.select_layers(model, only_downsample)) == 3
+    by_module = cbp.CBPConfig(filter_fn=lambda m, name: m.kernel_size == (1, 1))   # the same three
+    assert cbp.select_layers(model, by_module) == cbp.select_layers(model, only_downsample)
     layer4 = cbp.CBPConfig(include=[r"^layer4\."], exclude=[r"downsample"])
     assert cbp.select_layers(model, layer4) == [
         "layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"]
