@@ -62,7 +62,6 @@ def test_constraint_hand_values(name, g, w, expected):
     assert got == pytest.approx(expected)
 
 
-
 @pytest.mark.parametrize("name", [name for name, q in LEVEL_SETS.items() if len(q) > 2])
 def test_a_weight_on_a_level_takes_the_interval_above_it_and_the_top_level_the_last(name):
     """``[lo, hi)``: on a level the tent rises (slope +2) at g = 2, and at g = 1 that interval's
@@ -77,6 +76,7 @@ def test_a_weight_on_a_level_takes_the_interval_above_it_and_the_top_level_the_l
     # the top one (the outer arms start beyond them)
     cs, grad = constraint_and_grad(q[[0, -1]], q, 2.0)
     assert torch.all(cs == 0) and grad.tolist() == [2.0, -2.0]
+
 
 @pytest.mark.parametrize("name", LEVEL_SETS)
 def test_g1_frees_the_whole_range_but_not_the_outer_arms(name):

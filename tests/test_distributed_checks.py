@@ -179,12 +179,12 @@ def test_setup_refuses_cuda_on_a_machine_without_one_and_takes_the_cpu_by_defaul
     assert setup(None) == setup("cpu") == Context(0, 1, torch.device("cpu"))
 
 
-
 def test_one_process_setup_takes_the_gpu_when_asked_or_available(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert setup(None) == setup("cuda") == Context(0, 1, torch.device("cuda"))
     assert setup("cpu") == Context(0, 1, torch.device("cpu"))
+
 
 @pytest.fixture
 def under_torchrun(monkeypatch):

@@ -174,7 +174,6 @@ def test_state_dict_round_trip_resumes_bit_identically(rule):
         assert torch.equal(lagrangian.multipliers[k], resumed_lagr.multipliers[k])
 
 
-
 def test_no_constraint_state_round_trips():
     """STE-only holds no multiplier and no ascent state; its clock still resumes."""
     config = cbp.CBPConfig(use_constraint=False, p_max=3)
@@ -197,6 +196,7 @@ def test_state_without_ascent_state_loads():
     assert (resumed.p, resumed.lagrangian_sum_pre) == (1, lagrangian.lagrangian_sum_pre)
     for name, lam in lagrangian.multipliers.items():
         assert torch.equal(resumed.multipliers[name], lam)
+
 
 def test_load_state_dict_takes_the_old_epoch_sum_at_an_epochs_end_and_names_what_is_missing():
     """An older cbp kept loss + penalty together as ``epoch_sum``: zero at an epoch's end (then it

@@ -397,12 +397,10 @@ def test_googlenet_from_torchvisions_weights_file(tmp_path):
         build_model("googlenet", 10, 1, transform_input=True)
 
 
-
 def test_rebuild_model_passes_recorded_options_and_defaults_without_them():
     meta = {"model": "googlenet", "num_classes": 10, "in_channels": 3}
     assert rebuild_model(meta).transform_input is True   # a checkpoint from before the options
     assert rebuild_model({**meta, "model_options": {"transform_input": False}}).transform_input is False
-
 
 
 def test_weights_from_a_checkpoint_written_before_model_options_were_recorded(tmp_path):
@@ -415,9 +413,11 @@ def test_weights_from_a_checkpoint_written_before_model_options_were_recorded(tm
     for name, tensor in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
+
 def test_build_model_takes_rgb_input_unless_told():
     assert build_model("resnet18", 10).conv1.in_channels == 3
     assert build_model("resnet18", 10, 1).conv1.in_channels == 1
+
 
 def test_every_model_name_has_one_builder():
     from cbp.zoo import models

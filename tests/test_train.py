@@ -124,7 +124,6 @@ def test_fit_logs_each_epoch_and_leaves_a_checkpoint_of_the_runs_end(tmp_path):
                                                           run.model.get_submodule(layer).weight)
 
 
-
 def test_each_epochs_end_shares_rank_0s_buffers_checks_the_state_and_evaluates_as_it_trains(
         tmp_path, monkeypatch):
     """The calls a multi-process run depends on (tested across processes in test_distributed.py,
@@ -175,6 +174,7 @@ def test_fit_reads_this_processs_shard_of_the_runs_seeded_order(tmp_path, monkey
         fit(run)
     assert asked == [((run.train_data, run.batch_size),
                       {"train": True, "seed": 7, "world_size": 2, "rank": 1, "num_workers": 2})]
+
 
 def test_fit_refuses_data_that_make_no_full_batch(tmp_path):
     run, _ = _tiny(tmp_path, train_data=tiny_run.data(15, 1))
