@@ -2,15 +2,17 @@
 KV cache, side by side in one process.
 
 "without" is the loop ``cbp.generate`` ran before it had a cache: the whole last-``context``
-window through the (prepared) model for every token. Weights are random: the speed does not
-depend on them. Run it on one quiet core:
+window through the (prepared) model for every token. "with cache" is ``cbp.generate`` with its
+default ``context_shift=1`` (the same text, checked); "shift N" with ``context_shift=N`` (other text
+past the context). Weights are random: the speed does not depend on them. Run it on one quiet core:
 
-    taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/generate_time.py --tokens 300
+    taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/generate_time.py --tokens 300 --shifts 32 64
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -36,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3, help="alternated runs; medians reported")
+    parser.add_argument("--shifts", type=int, nargs="*", default=[],
+                        help="also time generate with these context shifts (> 1)")
     args = parser.parse_args()
     torch.manual_seed(0)
     prompt = torch.randint(0, 65, (1, 6))    # "ROMEO:" is 6 characters
@@ -43,16 +47,22 @@ def main() -> None:
         model = gpt(65)                       # the Shakespeare vocabulary: 65 characters
         if label == "ternary":
             cbp.prepare(model, cbp.CBPConfig("ternary", **CBP_SELECTION))
-        times: dict[str, list[float]] = {"without cache": [], "with cache": []}
+        sides = {"without cache": generate_without_cache, "with cache": generate,
+                 **{f"shift {n}": functools.partial(generate, context_shift=n) for n in args.shifts}}
+        times: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(args.repeats):
-            for name, fn in (("without cache", generate_without_cache), ("with cache", generate)):
+            for name, fn in sides.items():
                 start = time.perf_counter()
                 out = fn(model, prompt, args.tokens, seed=0)
                 times[name].append(time.perf_counter() - start)
-            assert torch.equal(out, generate_without_cache(model, prompt, args.tokens, seed=0))
-        before, after = (statistics.median(t) for t in times.values())
-        print(f"{label:8} {args.tokens} tokens: without cache {before:.2f} s, with cache "
-              f"{after:.2f} s, {before / after:.1f}x (median of {args.repeats}, same text)")
+                if name == "with cache":
+                    assert torch.equal(out, generate_without_cache(model, prompt, args.tokens, 0))
+        before = statistics.median(times["without cache"])
+        print(f"{label:8} {args.tokens} tokens, median of {args.repeats}: without cache "
+              f"{before:.2f} s; " + "; ".join(
+                  f"{name} {statistics.median(t):.2f} s ({before / statistics.median(t):.1f}x)"
+                  for name, t in times.items() if name != "without cache")
+              + " (with cache: the same text)")
 
 
 if __name__ == "__main__":

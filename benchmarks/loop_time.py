@@ -64,6 +64,7 @@ few minutes of wall time for runs of short epochs (the GPT config's 20-step CBP 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import itertools
 import pstats
@@ -76,9 +77,12 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from cbp.cli import training as cli_training
 from cbp.cli.options import parse_args
+from cbp.core.oscillation import OscillationTracker
+from cbp.training import train
 from cbp.training.train import Run, fit
 from cbp.zoo.tasks import LanguageModel
 
@@ -89,6 +93,18 @@ CASES = {  # name: the CLI command it times (before the size flags)
     "gpt-quantize": ["quantize", "--config", "gpt", "--model", "gpt"],
 }
 VAL_LIMIT = {"resnet20": 1000}   # the GPT configs set their own (200 and 16 windows)
+
+# cbp's extras, each replaced by nothing for a "cbp without PART" side (--without): what it costs
+WITHOUT = {
+    "checkpoint": lambda: mock.patch.object(train, "_save", lambda *args: None),
+    "tracker": lambda: mock.patch.object(OscillationTracker, "step", lambda self: None),
+    "report": lambda: mock.patch.object(train.metrics, "report", lambda model: {}),
+    "histogram": lambda: mock.patch.object(train, "weight_histogram",
+                                           lambda model, layer, epoch: {}),
+    "poll": lambda: mock.patch.object(train, "poll", lambda stop, bad, world: (0, -1)),
+    "bars": lambda: mock.patch.object(train, "tqdm",
+                                      lambda *a, **k: tqdm(*a, **{**k, "disable": True})),
+}
 
 
 def plain_fit(run: Run, resume: bool = False) -> list[dict]:
@@ -150,8 +166,11 @@ def case_argv(case: str, steps: int, epochs: int, out: str, extra: list[str]) ->
 
 def time_side(case: str, side: str, steps: int, epochs: int, extra: list[str],
               profile: cProfile.Profile | None = None) -> float:
-    """Seconds of one side's loop for ``case``, in a run the CLI builds (setup and plots untimed)."""
-    loop = fit if side == "cbp" else plain_fit
+    """Seconds of one side's loop for ``case``, in a run the CLI builds (setup and plots untimed).
+
+    ``side``: "plain", "cbp", or "cbp without A+B" (those parts of ``WITHOUT`` made no-ops)."""
+    loop = plain_fit if side == "plain" else fit
+    parts = side.split(" without ")[1].split("+") if " without " in side else []
     seconds = []
 
     def timed(run: Run, resume: bool = False) -> list[dict]:
@@ -166,25 +185,29 @@ def time_side(case: str, side: str, steps: int, epochs: int, extra: list[str],
         seconds.append(time.perf_counter() - tic)
         return rows
 
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as patches:
         args = parse_args(case_argv(case, steps, epochs, f"{out}/run", extra))
-        with (mock.patch.object(cli_training, "fit", timed),
-              mock.patch.object(cli_training, "plot_run", lambda d: None)):
-            cli_training.run_training(args)
+        patches.enter_context(mock.patch.object(cli_training, "fit", timed))
+        patches.enter_context(mock.patch.object(cli_training, "plot_run", lambda d: None))
+        for part in parts:
+            patches.enter_context(WITHOUT[part]())
+        cli_training.run_training(args)
     return seconds[0]
 
 
 def compare(cases: list[str], steps: int, epochs: int, repeat: int,
-            extra: list[str] = ()) -> dict:
-    """Per case: each side's seconds (alternated cbp, plain, cbp, ...) and median(cbp)/median(plain)."""
+            extra: list[str] = (), without: list[str] = ()) -> dict:
+    """Per case: each side's seconds (alternated cbp, plain, [cbp without ...], cbp, ...) and
+    median(cbp)/median(plain); ``ratios`` has every side's median over plain's."""
     results = {}
     for case in cases:
-        times = {"cbp": [], "plain": []}
+        times = {"cbp": [], "plain": [], **{f"cbp without {w}": [] for w in without}}
         for _ in range(repeat):
             for side in times:
                 times[side].append(time_side(case, side, steps, epochs, list(extra)))
-        ratio = statistics.median(times["cbp"]) / statistics.median(times["plain"])
-        results[case] = {**times, "ratio": ratio}
+        plain = statistics.median(times["plain"])
+        ratios = {side: statistics.median(t) / plain for side, t in times.items()}
+        results[case] = {**times, "ratio": ratios["cbp"], "ratios": ratios}
     return results
 
 
@@ -197,8 +220,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per side (median)")
     parser.add_argument("--profile", choices=list(CASES),
                         help="profile cbp's side of this case instead of timing both")
+    parser.add_argument("--without", action="append", default=[], metavar="PART[+PART]",
+                        help="also time cbp with these extras made no-ops (repeatable; parts: "
+                             f"{', '.join(WITHOUT)}): what each costs")
     args, extra = parser.parse_known_args()   # the rest goes to the cbp command
+    for parts in args.without:
+        if unknown := set(parts.split("+")) - set(WITHOUT):
+            parser.error(f"--without: unknown part(s) {', '.join(sorted(unknown))}")
     if args.profile:
+        if "cuda" in extra:   # CUDA's start and cuDNN's first choices happen outside the profile
+            time_side(args.profile, "cbp", args.steps, args.epochs, extra)
         profile = cProfile.Profile()
         time_side(args.profile, "cbp", args.steps, args.epochs, extra, profile)
         stats = pstats.Stats(profile, stream=sys.stdout)
@@ -210,11 +241,16 @@ def main() -> None:
           f"in {args.epochs} epochs, {args.repeat} runs per side, alternated")
     print(f"{'case':20} {'cbp s (median)':>15} {'plain s (median)':>17} {'cbp/plain':>10}")
     for case in args.case or list(CASES):   # each row as soon as its case is measured
-        r = compare([case], args.steps, args.epochs, args.repeat, extra)[case]
+        r = compare([case], args.steps, args.epochs, args.repeat, extra, args.without)[case]
         print(f"{case:20} {statistics.median(r['cbp']):15.2f} "
               f"{statistics.median(r['plain']):17.2f} {r['ratio']:10.3f}"
               f"   cbp {' '.join(f'{s:.2f}' for s in r['cbp'])},"
               f" plain {' '.join(f'{s:.2f}' for s in r['plain'])}", flush=True)
+        for side in args.without:
+            side = f"cbp without {side}"
+            print(f"  {side:35} {statistics.median(r[side]):8.2f} s, / plain "
+                  f"{r['ratios'][side]:.3f}   runs {' '.join(f'{s:.2f}' for s in r[side])}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 # The one prepared check for a lent GPU machine (see ../shared/GPU.md): versions, the test suite,
 # step time of ResNet-18 224x224 batch 256 on CUDA, torchrun on a paper config with a synthetic
 # ImageFolder (resume, evaluate), the headline comparison with 10 paired seeds on the GPU, and
-# (STEPS=loop, compile) the whole loop against a plain one and the penalty compile's share.
+# (STEPS=loop, loopparts, compile) the whole loop against a plain one, what each of cbp's extras
+# costs of it, and the penalty compile's share.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]   reports in OUT_DIR (default runs/gpu), also printed;
 #                                         data, runs and caches in WORK (default: a temp folder)
 #
 # Each step has its own time limit and a failure does not stop the next one. STEPS picks steps
-# (default "timing torchrun compare"; also "loop", "compile"; the tests always run, stopped at
+# (default "timing torchrun compare"; also "loop", "loopparts", "compile"; the tests always run, stopped at
 # DEADLINE_S seconds after the start when given and compare is not run); COMPARE_ARGS adds
 # arguments to compare.py (e.g. "--methods ste,cbp_1e-2"); cells already in gpu_carry/bench/results
 # are reused. Without CUDA the GPU steps are skipped, so it can be dry-run on a laptop. A machine
@@ -76,6 +77,16 @@ if [ "$HAS_CUDA" = 1 ]; then
     # cbp's whole training loop against a plain PyTorch loop (issue 27), alternated, median of 3
     step "loop time, cbp / plain loop on CUDA" 150 \
         $PY benchmarks/loop_time.py --steps 200 --epochs 2 --repeat 3 --device cuda
+  fi
+
+  if wants loopparts; then
+    # what each of cbp's extras costs of the loop on the GPU: cbp with it made a no-op (issue 27)
+    step "loop time on CUDA, cbp without its parts" 260 \
+        $PY benchmarks/loop_time.py --steps 200 --epochs 2 --repeat 3 --case resnet20-pretrain \
+            --case gpt-pretrain --case resnet20-quantize --without checkpoint --without bars+poll \
+            --without checkpoint+bars+poll+histogram+tracker+report --device cuda
+    step "profile of cbp's loop on CUDA, ResNet-20 pretrain" 60 \
+        $PY benchmarks/loop_time.py --profile resnet20-pretrain --steps 200 --epochs 2 --device cuda
   fi
 
   if wants compile; then

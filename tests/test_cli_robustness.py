@@ -82,6 +82,21 @@ def test_generate_samples_at_the_lowest_temperature_it_accepts(gpt_run, capsys):
     assert len(capsys.readouterr().out.rstrip("\n")) == 6
 
 
+def test_generate_takes_a_context_shift_within_the_models_context(gpt_run, capsys):
+    root, _ = gpt_run
+    ckpt = str(root / "fp" / CHECKPOINT_NAME)
+    flag_refused(capsys, ["generate", ckpt, "--context-shift", "0"], "--context-shift")
+    fails(capsys, ["generate", ckpt, "--context-shift", "129"],
+          "context shift must be between 1 and the model's context, 128; got 129")
+    texts = []
+    for shift in ("1", "64"):   # 140 characters: past the context of 128
+        capsys.readouterr()
+        assert cli.main(["generate", ckpt, "--prompt", "O", "--tokens", "140",
+                         "--context-shift", shift]) == 0
+        texts.append(capsys.readouterr().out[:-1])   # print ends it with one newline
+    assert [len(t) for t in texts] == [141, 141] and texts[0][:129] == texts[1][:129]
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda s: s["meta"].update(vocab=s["meta"]["vocab"][:-1]), "meta.vocab"),   # one token short
     (lambda s: s["meta"].update(vocab=list(s["meta"]["vocab"])), "meta.vocab"),

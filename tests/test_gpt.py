@@ -292,6 +292,44 @@ def test_the_kv_cache_samples_what_the_whole_window_samples_also_past_the_contex
         assert torch.equal(out, _generate_without_cache(model, idx, 40, seed, **options))
 
 
+@pytest.mark.parametrize("shift", [1, 5, TINY.context])
+def test_a_context_shift_drops_the_oldest_tokens_at_once_and_reads_the_rest_again(shift,
+                                                                                 monkeypatch):
+    """A 3-token prompt, 40 tokens, a 16-token context: while the text fits, the whole of it;
+    then the window starts at ``shift * ceil((length - 16) / shift)``. The cache is read afresh
+    only when the window moves: a read of 17 - shift tokens every ``shift`` tokens."""
+    model, idx, context = tiny_gpt(seed=3).eval(), torch.tensor([[4, 1, 7]]), TINY.context
+    expected, gen = idx, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(40):
+            length = expected.shape[1]
+            start = 0 if length <= context else shift * math.ceil((length - context) / shift)
+            logits = model(expected[:, start:])[:, -1]
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)
+            expected = torch.cat([expected, nxt], dim=1)
+    reads, forward = [], GPT.forward
+
+    def counting(self, x, cache=None):
+        if cache.length == 0:   # a fresh cache: the window read again
+            reads.append(x.shape[1])
+        return forward(self, x, cache)
+    monkeypatch.setattr(GPT, "forward", counting)
+    assert torch.equal(generate(model, idx, 40, seed=0, context_shift=shift), expected)
+    assert reads == [3] + [context - shift + 1] * math.ceil((43 - 1 - context) / shift)
+
+
+def test_a_prompt_longer_than_the_context_starts_at_a_full_window():
+    model, idx = tiny_gpt(seed=3).eval(), torch.arange(20)[None] % 11
+    assert torch.equal(generate(model, idx, 5, seed=2), _generate_without_cache(model, idx, 5, 2))
+
+
+@pytest.mark.parametrize("shift", [0, -1, TINY.context + 1])
+def test_a_context_shift_outside_the_context_is_refused(shift):
+    with pytest.raises(ValueError, match="context shift must be between 1 and the model's "
+                                         f"context, 16; got {shift}"):
+        generate(tiny_gpt(), torch.tensor([[1]]), 2, context_shift=shift)
+
+
 def test_a_cached_forward_gives_the_logits_of_the_whole_sequence():
     model = tiny_gpt().eval()
     x = torch.randint(0, 11, (2, 16))

@@ -81,7 +81,8 @@ def run_generate(args: argparse.Namespace) -> str:
         raise ValueError("--prompt must hold at least one character")
     prompt = vocab.encode(args.prompt)[None]
     text = vocab.decode(generate(model, prompt, args.tokens, seed=args.seed,
-                                 temperature=args.temperature, top_k=args.top_k)[0])
+                                 temperature=args.temperature, top_k=args.top_k,
+                                 context_shift=args.context_shift)[0])
     print(text)
     return text
 

@@ -198,6 +198,10 @@ def build_parsers(description: str = "") -> tuple[argparse.ArgumentParser, dict[
     p.add_argument("--temperature", type=temperature, default=1.0,
                    help="divides the logits: below 1 likelier tokens, above 1 more random (>= 0.001)")
     p.add_argument("--top-k", type=at_least(1), help="sample from the k likeliest characters only")
+    p.add_argument("--context-shift", type=at_least(1), default=1, metavar="N",
+                   help="past the context, drop the oldest N characters at once and read the rest "
+                        "again: 1 (default) keeps the whole context for every character; e.g. 64 "
+                        "samples other text, several times faster")
 
     p = sub.add_parser("export", help="bit-packed safetensors file of a CBP checkpoint")
     p.add_argument("checkpoint")

@@ -9,7 +9,8 @@ attention projection float for no reason, and keeps the head float only because 
 last).
 
 Generation keeps a :class:`KVCache`: each new token runs through the model alone, attending to the
-keys and values of the tokens before it, instead of re-running the whole window every step.
+keys and values of the tokens before it, instead of re-running the whole window every step (past
+the context, see :func:`generate`'s ``context_shift``).
 """
 
 from __future__ import annotations
@@ -142,30 +143,39 @@ def gpt(vocab_size: int, **sizes) -> GPT:
 
 @torch.no_grad()
 def generate(model: nn.Module, idx: torch.Tensor, tokens: int, seed: int = 0,
-             temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+             temperature: float = 1.0, top_k: int | None = None,
+             context_shift: int = 1) -> torch.Tensor:
     """``idx`` (1, t) followed by ``tokens`` sampled tokens; the same for the same seed.
 
-    Each token is drawn from the model's prediction after the last ``context`` tokens. Sampling
-    draws from its own ``torch.Generator`` seeded with ``seed``, so the text does not depend on
-    (or disturb) the global random state.
+    Each token is drawn from the model's prediction after the tokens of a window: all of them
+    while they fit the context. When the next token would not fit, the oldest ``context_shift``
+    tokens leave the window. Sampling draws from its own ``torch.Generator`` seeded with ``seed``,
+    so the text does not depend on (or disturb) the global random state.
 
-    While the text fits the context, a :class:`KVCache` runs each new token alone. Past it, the
-    window slides one token per step and every token's position changes, so each step re-runs the
-    whole window, as it would without a cache: the cache changes the speed, never the text.
+    A :class:`KVCache` runs each new token alone. When the window moves, every token in it gets a
+    new position (learned absolute position embeddings), so the window is read again into a fresh
+    cache. ``context_shift=1`` (the default) keeps the whole context for every token, as nanoGPT's
+    loop does, and so re-reads the whole window for every token past the context: the cache saves
+    nothing there. A larger shift re-reads once every ``context_shift`` tokens, each token seeing
+    between ``context - context_shift + 1`` and ``context`` tokens (llama.cpp's "context shift"
+    drops half): other text, much faster past the context (``benchmarks/generate_time.py``).
     A prepared model samples from a converted copy: the same weights, snapped once, not per token.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    context = model.cfg.context
+    if not 1 <= context_shift <= context:
+        raise ValueError(f"context shift must be between 1 and the model's context, {context}; "
+                         f"got {context_shift}")
     model = convert(model) if quantized_layers(model) else model
     model.eval()
-    context = model.cfg.context
-    cache = KVCache(len(model.blocks))
+    start, cache = 0, KVCache(len(model.blocks))   # the window is idx[:, start:]
     generator = torch.Generator(device=idx.device).manual_seed(seed)
     for _ in range(tokens):
-        if idx.shape[1] > context:
-            logits = model(idx[:, -context:])
-        else:   # the prompt into the empty cache, then the token sampled last
-            logits = model(idx[:, cache.length:], cache)
+        if idx.shape[1] - start > context:   # a long prompt starts at a full window
+            start = max(start + context_shift, idx.shape[1] - context)
+            cache = KVCache(len(model.blocks))
+        logits = model(idx[:, start + cache.length:], cache)   # the window, then one at a time
         logits = logits[:, -1, :].float() / temperature
         if top_k is not None:
             kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
