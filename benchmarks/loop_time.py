@@ -4,6 +4,7 @@
         .venv/bin/python benchmarks/loop_time.py                  # 4 cases x 6 runs, ~20 min on one core
     ... benchmarks/loop_time.py --case resnet20-pretrain --steps 50
     ... benchmarks/loop_time.py --profile gpt-quantize           # cProfile of cbp's side
+    ... benchmarks/loop_time.py --without checkpoint --without bars+poll   # also cbp without those
     python benchmarks/loop_time.py --device cuda                  # on a GPU (flags after ours go to cbp)
 
 Each case is a CLI command (``cbp pretrain``/``cbp quantize`` with the packaged ``demo`` or ``gpt``

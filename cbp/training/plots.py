@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..zoo.tasks import Classification, task_of  # noqa: E402
-from .runs import (  # noqa: E402
+from ..zoo.tasks import Classification, task_of
+from .runs import (
     CURVES_PNG,
     HIST_NAME,
     HISTOGRAMS_PNG,
@@ -20,6 +16,15 @@ from .runs import (  # noqa: E402
     OSCILLATIONS_PNG,
     read_jsonl,
 )
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a picture is drawn: it costs
+    ~0.4 s, which every ``cbp`` command (``generate``, ``evaluate``) would otherwise pay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
@@ -30,6 +35,7 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
                          if task_of(rows[0]) is Classification
                          else ("val_loss", "loss (nats per character)", "validation loss"))
     cbp_run = "g" in rows[0]
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3 if cbp_run else 1, figsize=(13 if cbp_run else 5, 3.6),
                              squeeze=False)
     ax = axes[0, 0]
@@ -55,6 +61,7 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
 def plot_oscillations(rows: list[dict], path: str, title: str = "") -> None:
     """Per epoch: level flips and oscillations per step; late flippers and net level changes."""
     epochs = [r["epoch"] for r in rows]
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     ax = axes[0]
     ax.plot(epochs, [r["flips_per_step"] for r in rows], marker=".", label="level flips")
@@ -82,6 +89,7 @@ def plot_histograms(hists: list[dict], path: str, panels: int = 5) -> None:
     picks = sorted({hists[round(i * (len(hists) - 1) / (panels - 1))]["epoch"]
                     for i in range(panels)}) if len(hists) > 1 else [hists[0]["epoch"]]
     chosen = [h for h in hists if h["epoch"] in picks]
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen), 3), squeeze=False,
                              sharey=False)
     for ax, h in zip(axes[0], chosen):
