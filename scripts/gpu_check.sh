@@ -12,7 +12,8 @@
 # (default "timing torchrun compare"; also "loop", "loopparts", "compile"; the tests always run, stopped at
 # DEADLINE_S seconds after the start when given and compare is not run); COMPARE_ARGS adds
 # arguments to compare.py (e.g. "--methods ste,cbp_1e-2"); cells already in gpu_carry/bench/results
-# are reused. Without CUDA the GPU steps are skipped, so it can be dry-run on a laptop. A machine
+# are reused; LOOP_ARGS adds cbp flags to loop_time.py's runs (e.g. "--checkpoint-every 3600").
+# Without CUDA the GPU steps are skipped, so it can be dry-run on a laptop. A machine
 # without Debian's Fashion-MNIST or without hypothesis gets them from gpu_carry/ (made by
 # `bash scripts/gpu_check.sh --prepare`): the four .gz files, hypothesis (pure Python), Shakespeare's
 # texts and the CPU-pretrained benchmark checkpoint (when this machine has one), so both machines'
@@ -76,7 +77,7 @@ if [ "$HAS_CUDA" = 1 ]; then
   if wants loop; then
     # cbp's whole training loop against a plain PyTorch loop (issue 27), alternated, median of 3
     step "loop time, cbp / plain loop on CUDA" 150 \
-        $PY benchmarks/loop_time.py --steps 200 --epochs 2 --repeat 3 --device cuda
+        $PY benchmarks/loop_time.py --steps 200 --epochs 2 --repeat 3 --device cuda ${LOOP_ARGS:-}
   fi
 
   if wants loopparts; then
@@ -84,7 +85,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     step "loop time on CUDA, cbp without its parts" 260 \
         $PY benchmarks/loop_time.py --steps 200 --epochs 2 --repeat 3 --case resnet20-pretrain \
             --case gpt-pretrain --case resnet20-quantize --without checkpoint --without bars+poll \
-            --without checkpoint+bars+poll+histogram+tracker+report --device cuda
+            --without checkpoint+bars+poll+histogram+tracker+report --device cuda ${LOOP_ARGS:-}
     step "profile of cbp's loop on CUDA, ResNet-20 pretrain" 60 \
         $PY benchmarks/loop_time.py --profile resnet20-pretrain --steps 200 --epochs 2 --device cuda
   fi

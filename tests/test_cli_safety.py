@@ -323,6 +323,16 @@ def test_resume_refuses_changed_settings_naming_every_flag(reference_run, quanti
     assert snapshot(reference_run) == before
 
 
+def test_checkpoint_every_changes_when_checkpoints_are_written_not_the_run(
+        quantize_argv, reference_run, assert_same_run, tmp_path):
+    """A run writing its epoch ends at most hourly (the last one all the same), resumed with a
+    checkpoint every epoch (a setting a resume may change): the reference run, step for step."""
+    out = str(tmp_path / "run")
+    assert cli.main(quantize_argv(out, 1, "--checkpoint-every", "3600")) == 0
+    assert cli.main(quantize_argv(out, REFERENCE_EPOCHS, "--resume", "--checkpoint-every", "0")) == 0
+    assert_same_run(out, reference_run)
+
+
 def test_resume_takes_the_runs_settings_and_reports_a_longer_run(
         quantize_argv, reference_run, assert_same_run, tmp_path, capsys):
     out = str(tmp_path / "run")

@@ -2,6 +2,7 @@
 and files, a NaN (stop, or back with a lower learning rate), a signal and the resume after it."""
 
 import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -513,3 +514,86 @@ def test_across_processes_fit_trains_through_ddp(tmp_path, two_processes_simulat
     fit(run)
     assert built == [None] and len(losses) == STEPS
     assert forwards == [8] * STEPS   # each process: half of each batch of 16
+
+
+# ---- checkpoint_every: epoch-end checkpoints at most once per so many seconds --------------------
+
+def _ticking(monkeypatch) -> list[int]:
+    """``fit``'s clock (``time.monotonic``) ticks 1 s per epoch; returns the epochs it saves."""
+    clock, saves = [0.0], []
+    epoch, save = train.train_epoch, train._save
+
+    def one_second_each(*args, **kwargs):
+        clock[0] += 1.0
+        return epoch(*args, **kwargs)
+
+    def recorded(run, pos, path):
+        saves.append(pos.epoch)
+        save(run, pos, path)
+    monkeypatch.setattr(train, "train_epoch", one_second_each)
+    monkeypatch.setattr(train, "_save", recorded)
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    return saves
+
+
+@pytest.mark.parametrize("every, saved", [(0.0, [1, 2, 3, 4, 5]), (2.5, [3, 5]), (3600, [5])])
+def test_checkpoint_every_writes_an_epochs_end_once_that_long_has_passed(
+        tmp_path, monkeypatch, every, saved):
+    """Epochs of 1 s: with 2.5 s the ends of epochs 3 (3 s after the start) and 5 (the last,
+    always); every epoch is logged whichever are saved."""
+    saves = _ticking(monkeypatch)
+    run, _ = _tiny(tmp_path, epochs=5, checkpoint_every=every)
+    rows = fit(run)
+    assert saves == saved and load_checkpoint(str(tmp_path / CHECKPOINT_NAME))["epoch"] == 5
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in read_jsonl(str(tmp_path / LOG_NAME))] \
+        == [1, 2, 3, 4, 5]
+
+
+def test_a_signal_at_an_epochs_end_writes_the_checkpoint_checkpoint_every_skipped(
+        tmp_path, signals_raise):
+    run, losses = _tiny(tmp_path, epochs=3, kill_at=STEPS, checkpoint_every=3600)
+    with pytest.raises(Interrupted, match="after epoch 1"):
+        fit(run)
+    assert load_checkpoint(str(tmp_path / CHECKPOINT_NAME))["epoch"] == 1
+
+
+def test_a_nan_retry_behind_skipped_checkpoints_logs_each_epoch_once(tmp_path, capsys):
+    """NaN in epoch 3 and no checkpoint yet (checkpoint_every): back to the start, the rows of
+    epochs 1 and 2 dropped before they are logged again."""
+    run, losses = _tiny(tmp_path, epochs=3, bad_steps=(2 * STEPS + 2,), on_nan="lower-lr",
+                        checkpoint_every=3600)
+    rows = fit(run)
+    assert "going back to epoch 0, step 0" in capsys.readouterr().err
+    assert len(losses) == 2 * STEPS + 2 + 3 * STEPS
+    assert [r["epoch"] for r in read_jsonl(str(tmp_path / LOG_NAME))] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [h["epoch"] for h in read_jsonl(str(tmp_path / HIST_NAME))] == [0, 1, 2, 3]
+
+
+def test_a_run_the_cbp_schedule_ends_early_saves_its_end_whatever_checkpoint_every(
+        tmp_path, monkeypatch):
+    saves = _ticking(monkeypatch)
+    run, _ = _tiny(tmp_path, epochs=5, checkpoint_every=3600)
+    end_epoch = run.lagrangian.end_epoch
+
+    def g_past_the_stop_after_epoch_1(loss_sum):   # the schedule ends with epoch 1
+        result = end_epoch(loss_sum)
+        run.lagrangian.config = dataclasses.replace(run.lagrangian.config, stop_once_g_exceeds=1)
+        run.lagrangian.g = 2.0
+        return result
+    run.lagrangian.end_epoch = g_past_the_stop_after_epoch_1
+    assert [r["epoch"] for r in fit(run)] == [1] and saves == [1]
+
+
+def test_every_process_saves_when_rank_0s_clock_says_so(tmp_path, monkeypatch):
+    run, _ = _tiny(tmp_path, checkpoint_every=0, ctx=Context(1, 2, torch.device("cpu")))
+    assert train._checkpoint_due(run, last_epoch=False, since=0)   # 0: every epoch, no vote
+    run.checkpoint_every = 10
+    assert not train._checkpoint_due(run, last_epoch=False, since=11)   # rank 1's clock alone
+    assert train._checkpoint_due(run, last_epoch=True, since=0)
+    monkeypatch.setattr(train, "all_reduce_sum", lambda due: due + 1)   # rank 0 says "due"
+    assert train._checkpoint_due(run, last_epoch=False, since=0)
+    run.ctx = Context(0, 2, torch.device("cpu"))
+    monkeypatch.setattr(train, "all_reduce_sum", lambda due: due)
+    assert train._checkpoint_due(run, last_epoch=False, since=10)
+    assert not train._checkpoint_due(run, last_epoch=False, since=9.9)

@@ -54,7 +54,7 @@ QUANTIZE_FLAGS = {
     "--no-channels-last": [], "--on-nan": ["lower-lr"], "--quiet": [], "--limit": ["40"],
     "--val-limit": ["24"], "--device": ["cpu"], "--g-increments": ["5:2,inf:7"],
     "--compile-penalty": [], "--distill": [], "--distill-alpha": ["0.8"],
-    "--distill-temperature": ["3"], "--scale": ["per-channel"],
+    "--distill-temperature": ["3"], "--scale": ["per-channel"], "--checkpoint-every": ["30"],
 }
 ELSEWHERE = {"--from", "--model", "--weights", "--data", "--data-dir", "--download",
              "--image-size", "--out", "--resume", "--overwrite", "--config", "--sync-bn",
@@ -108,6 +108,7 @@ def test_every_quantize_flag_reaches_the_run(runs, pretrained, tiny_fashion, tmp
     assert (run.epochs, run.epoch_iters, run.batch_size, run.seed) == (3, 2, 16, 5)
     assert (run.workers, run.channels_last, run.on_nan, run.show_progress) == (1, False,
                                                                               "lower-lr", False)
+    assert run.checkpoint_every == 30
     assert (len(run.train_data), len(run.val_data)) == (40, 24)
     assert run.ctx.device == torch.device("cpu") and run.scheduler is None
     assert run.meta["levels"] == "custom" and run.meta["skip_first_last"] is False
@@ -142,7 +143,7 @@ def test_quantize_defaults_are_the_papers(runs, pretrained, tiny_fashion, tmp_pa
     decay, _ = run.optimizer.param_groups
     assert (decay["lr"], decay["momentum"], decay["weight_decay"]) == (1e-3, 0.9, 1e-4)
     assert (run.epochs, run.batch_size, run.epoch_iters, run.on_nan) == (1000, 256, None, "stop")
-    assert run.distillation is None
+    assert run.distillation is None and run.checkpoint_every == 0   # a checkpoint every epoch
 
 
 def test_the_best_recipe_reaches_the_run(runs, pretrained, tiny_fashion, tmp_path):

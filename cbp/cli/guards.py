@@ -30,12 +30,13 @@ from .options import build_parsers
 
 # Settings that are not the run's to keep: where it is written, how it is shown, the machine.
 NOT_RECORDED = frozenset({"command", "out", "resume", "overwrite", "config", "quiet", "device"})
-# Recorded, yet a resumed run may change them: where its inputs are now, how long it runs, and
-# with how many loader processes. (The pretrained source matters only at the start: a resumed
-# run takes its model from the checkpoint. A distilled run reloads its teacher from --teacher or
-# --from, which may have moved: the checkpoint's teacher_sha256 checks it is the same file.)
+# Recorded, yet a resumed run may change them: where its inputs are now, how long it runs, with
+# how many loader processes, and how often it writes checkpoints. (The pretrained source matters
+# only at the start: a resumed run takes its model from the checkpoint. A distilled run reloads its
+# teacher from --teacher or --from, which may have moved: the checkpoint's teacher_sha256 checks
+# it is the same file.)
 MAY_CHANGE_ON_RESUME = frozenset({"epochs", "data_dir", "download", "workers", "on_nan",
-                                  "from_checkpoint", "weights", "teacher"})
+                                  "checkpoint_every", "from_checkpoint", "weights", "teacher"})
 
 
 def _say(message: str) -> None:

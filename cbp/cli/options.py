@@ -127,6 +127,10 @@ def _common(flags: Flags, *, lr: float, weight_decay: float, batch_size: int, ep
     flags.add(g, "--on-nan", choices=("stop", "lower-lr"), default="stop",
               help="when the loss becomes NaN/inf: stop, or go back to the last checkpoint "
                    "with the learning rate times 0.1 (at most 3 times)")
+    flags.add(g, "--checkpoint-every", type=at_least(0), default=0, metavar="SECONDS",
+              help="write an epoch's end checkpoint only once SECONDS have passed since the last "
+                   "(the last epoch's and a stopped run's always): for epochs of a second or two, "
+                   "where a checkpoint is a large share; 0 (default): every epoch")
     flags.add(g, "--quiet", action="store_true", help="no progress bars")
     flags.add(g, "--config", help="TOML file (or packaged config name) with the same keys")
 

@@ -142,7 +142,7 @@ def _train(args: argparse.Namespace) -> list[dict]:
               lagrangian=lagrangian, scheduler=scheduler, epoch_iters=args.epoch_iters,
               seed=args.seed, workers=args.workers, channels_last=args.channels_last,
               meta=meta, show_progress=not args.quiet, on_nan=args.on_nan, task=task,
-              distillation=distillation)
+              distillation=distillation, checkpoint_every=args.checkpoint_every)
     rows = fit(run, resume=resume)
     if ctx.is_main and rows:   # the plots first: they show nothing the re-estimation changes
         plot_run(args.out)

@@ -3,8 +3,8 @@
 One plain loop: per epoch, ``steps`` batches (a full pass, or ``epoch_iters``), then the CBP
 end-of-epoch rule (or the lr scheduler when pretraining), evaluation on the whole validation set,
 a JSONL log row, a weight histogram of one layer, and an atomically written checkpoint (what they
-hold: :mod:`cbp.training.runs`). With ``resume`` it continues from the last checkpoint exactly where the
-run stopped.
+hold: :mod:`cbp.training.runs`; with ``checkpoint_every`` at most one per that many seconds). With
+``resume`` it continues from the last checkpoint exactly where the run stopped.
 
 SIGINT/SIGTERM stop it after the current step with a checkpoint of that step (epoch, step within
 it, the epoch's loss sum so far; the sampler's order depends only on seed and epoch, so the rest
@@ -84,6 +84,9 @@ class Run:
     track_oscillations: bool = True
     # a frozen teacher whose outputs the loss also matches (cbp.training.distill); None: the task loss only
     distillation: Distillation | None = None
+    # seconds of wall time between epoch-end checkpoints; 0: every epoch. The last epoch's, and
+    # one where a signal stops the run, are always written (see _checkpoint_due)
+    checkpoint_every: float = 0.0
 
 
 NAN_CHECK_EVERY = 20  # steps between loss checks where a check costs a sync or a collective
@@ -202,6 +205,22 @@ def _load_state(run: Run, state: dict, source: str) -> Position:
                          run.scheduler, run.ctx.world_size, run.oscillation, _plan(run))
 
 
+def _checkpoint_due(run: Run, last_epoch: bool, since: float) -> bool:
+    """Whether an epoch's end writes a checkpoint: always with ``checkpoint_every`` 0 and at the
+    run's last epoch; else once ``checkpoint_every`` seconds have passed since the last one (or
+    the start), as rank 0's clock says (a checkpoint is written by all processes or none).
+
+    A checkpoint costs a fixed time (on a lent H200, ~0.1-0.3 s of an epoch end for ResNet-20:
+    README › Speed), a large share of epochs of a second; skipping some costs nothing but the
+    epochs a crash would repeat on ``--resume``.
+    """
+    if run.checkpoint_every <= 0 or last_epoch:
+        return True
+    due = torch.tensor(float(run.ctx.is_main and since >= run.checkpoint_every),
+                       device=run.ctx.device)
+    return bool(all_reduce_sum(due) > 0)
+
+
 def _finite(model: nn.Module) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
 
@@ -271,6 +290,8 @@ def _retrying_nan(run: Run, pos: Position, start: dict | None, ckpt_path: str,
             retry += 1
             pos = (restore(run, ckpt_path) if os.path.exists(ckpt_path)
                    else _load_state(run, start, "the start of the run"))
+            if run.ctx.is_main:   # rows of epochs after it (checkpoint_every skips some) go
+                trim_logs(run.out_dir, pos.epoch, run.model, histogram_layer(run.model), False)
             factor = NAN_LR_FACTOR ** retry
             for group in run.optimizer.param_groups:
                 group["lr"] *= factor
@@ -290,7 +311,7 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
         return rows
     epochs = tqdm(range(pos.epoch, run.epochs), initial=pos.epoch, total=run.epochs,
                   desc="epochs", unit="epoch", disable=not (run.show_progress and ctx.is_main))
-    said = None
+    said, saved_at = None, time.monotonic()
     for epoch in epochs:
         tic = time.perf_counter()
         done = train_epoch(run, net, loader, epoch, pos if epoch == pos.epoch else None, stop)
@@ -336,13 +357,20 @@ def _epochs(run: Run, net: nn.Module, loader: DataLoader, pos: Position, stop: G
                 append_row(hist_path, weight_histogram(run.model, hist_layer, epoch + 1))
             shown = {run.task.headline: f"{row[run.task.headline]:.3f}"}
             epochs.set_postfix(**shown, **({"g": row["g"]} if "g" in row else {}))
-        _save(run, Position(epoch + 1), ckpt_path)  # none reads it while rank 0 still writes it
+        finished = run.lagrangian is not None and run.lagrangian.finished
+        saved = _checkpoint_due(run, finished or epoch + 1 == run.epochs,
+                                time.monotonic() - saved_at)
+        if saved:
+            _save(run, Position(epoch + 1), ckpt_path)  # none reads it while rank 0 still writes it
+            saved_at = time.monotonic()
         rows.append(row)
-        if run.lagrangian is not None and run.lagrangian.finished:
+        if finished:
             break
-        # A signal that came during the epoch's end: the checkpoint just written holds it all.
+        # A signal that came during the epoch's end: a checkpoint of this epoch's end holds it all.
         signum, _ = poll(stop, torch.full((), -1, device=ctx.device), ctx.world_size)
         if signum and epoch + 1 < run.epochs:
+            if not saved:
+                _save(run, Position(epoch + 1), ckpt_path)
             raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; "
                               f"{ckpt_path} holds that state: continue with --resume", signum)
     epochs.close()
