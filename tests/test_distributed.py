@@ -224,18 +224,21 @@ def test_distillation_under_two_processes_matches_one_and_resumes_mid_epoch(runs
 
 
 def test_cli_quantize_under_torchrun(tmp_path):
-    """`torchrun -m cbp quantize`: a BatchNorm ResNet-20, rank 0 writes, debug check passes."""
+    """`torchrun -m cbp quantize`: a BatchNorm ResNet-20, rank 0 writes, debug check passes; with
+    --checkpoint-every the processes agree to skip epoch 1's checkpoint and write epoch 2's."""
     out = tmp_path / "run"
     args = ["-m", "cbp", "quantize", "--model", "resnet20", "--data", "fashion-mnist",
             "--limit", "64", "--val-limit", "51", "--batch-size", "16", "--epochs", "2",
-            "--epoch-iters", "2", "--device", "cpu", "--quiet", "--out", str(out)]
+            "--epoch-iters", "2", "--device", "cpu", "--quiet", "--out", str(out),
+            "--checkpoint-every", "3600"]
     proc = subprocess.run([*TORCHRUN, *args], env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["steps"] == 2 for r in rows)
     for r in rows:   # accuracy counts over all 51 validation images
         assert r["top1"] * 51 / 100 == pytest.approx(round(r["top1"] * 51 / 100))
-    assert load_checkpoint(str(out / CHECKPOINT_NAME))["meta"]["levels"] == "binary"
+    state = load_checkpoint(str(out / CHECKPOINT_NAME))
+    assert state["meta"]["levels"] == "binary" and state["epoch"] == 2
     assert (out / "curves.png").is_file()
     evaluate = ["-m", "cbp", "evaluate", str(out / CHECKPOINT_NAME), "--val-limit", "51",
                 "--device", "cpu"]
