@@ -1,8 +1,8 @@
 """What a context shift costs in quality: a language-model checkpoint's validation loss by how many
 characters of context each prediction sees.
 
-``cbp generate --context-shift N`` (``cbp.generate(..., context_shift=N)``) re-reads its window once
-every N tokens past the context instead of every token: each token then sees between
+``cbp generate --context-shift N`` (``cbp.zoo.gpt.generate(..., context_shift=N)``) re-reads its
+window once every N tokens past the context instead of every token: each token then sees between
 ``context - N + 1`` and ``context`` tokens, each about equally often. Teacher-forced on the
 validation windows, the loss at position ``p`` of a window is the loss with ``p + 1`` tokens of
 context, so the loss a shift gives is the mean over positions ``context - N`` ... ``context - 1``;
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="the Shakespeare folder (default: cbp's cache)")
     parser.add_argument("--limit", type=int, help="validation windows at most (default: all)")
     args = parser.parse_args()
-    model, meta = load_model(args.checkpoint)
+    model, _ = load_model(args.checkpoint)
     data, _, _ = load_dataset("shakespeare", args.data_dir, train=False, limit=args.limit)
     per_position = loss_by_position(model, data)
     context = per_position.numel()

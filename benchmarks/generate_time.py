@@ -1,8 +1,8 @@
 """Seconds to sample text from the demo GPT (cbp/configs/gpt.toml's model), with and without cbp's
 KV cache, side by side in one process.
 
-"without" is the loop ``cbp.generate`` ran before it had a cache: the whole last-``context``
-window through the (prepared) model for every token. "with cache" is ``cbp.generate`` with its
+"without" is the loop ``cbp.zoo.gpt.generate`` ran before it had a cache: the whole
+last-``context`` window through the (prepared) model for every token. "with cache" is ``generate`` with its
 default ``context_shift=1`` (the same text, checked); "shift N" with ``context_shift=N`` (other text
 past the context). Weights are random: the speed does not depend on them. Run it on one quiet core:
 
