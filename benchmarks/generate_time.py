@@ -2,9 +2,10 @@
 KV cache, side by side in one process.
 
 "without" is the loop ``cbp.zoo.gpt.generate`` ran before it had a cache: the whole
-last-``context`` window through the (prepared) model for every token. "with cache" is ``generate`` with its
-default ``context_shift=1`` (the same text, checked); "shift N" with ``context_shift=N`` (other text
-past the context). Weights are random: the speed does not depend on them. Run it on one quiet core:
+last-``context`` window through the (prepared) model for every token. "with cache" is
+``generate`` with its default ``context_shift=1`` (the same text, checked); "shift N" with
+``context_shift=N`` (other text past the context). Weights are random: the speed does not depend
+on them. Run it on one quiet core:
 
     taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/generate_time.py --tokens 300 --shifts 32 64
 """
