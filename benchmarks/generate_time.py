@@ -59,10 +59,11 @@ def main() -> None:
                 if name == "with cache":
                     assert torch.equal(out, generate_without_cache(model, prompt, args.tokens, 0))
         before = statistics.median(times["without cache"])
-        print(f"{label:8} {args.tokens} tokens, median of {args.repeats}: without cache "
-              f"{before:.2f} s; " + "; ".join(
-                  f"{name} {statistics.median(t):.2f} s ({before / statistics.median(t):.1f}x)"
-                  for name, t in times.items() if name != "without cache")
+        print(f"{label:8} {args.tokens} tokens, median (min-max) of {args.repeats}: without cache "
+              f"{before:.2f} s ({min(times['without cache']):.2f}-{max(times['without cache']):.2f}); "
+              + "; ".join(f"{name} {statistics.median(t):.2f} s ({min(t):.2f}-{max(t):.2f}), "
+                          f"{before / statistics.median(t):.1f}x"
+                          for name, t in times.items() if name != "without cache")
               + " (with cache: the same text)")
 
 
